@@ -1,0 +1,50 @@
+"""hf_finetune: the MMClassification fine-tuning tutorial on the Hugging Face stack.
+
+Public API:
+    load_recipe(path, cfg_options=None)  -> merged, validated recipe (a plain dict)
+    build_datasets(recipe, data_root=None) -> datasets.DatasetDict (train / val / test)
+    build_model(recipe, id2label=None)   -> FinetuneResNetForImageClassification
+    build_trainer(recipe, ...)           -> transformers.Trainer
+
+Importing the package registers the model with AutoConfig / AutoModelForImageClassification.
+"""
+
+from hf_finetune.errors import CheckpointError, DataError, RecipeError, TrainingError, UserError
+from hf_finetune.recipe import load_recipe
+try:  # TEMPORARY while models/ is being written
+    from hf_finetune.models import (  # registers the Auto classes
+        FinetuneResNetConfig,
+        FinetuneResNetForImageClassification,
+        build_model,
+    )
+except ImportError:
+    pass
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "load_recipe",
+    "build_datasets",
+    "build_model",
+    "build_trainer",
+    "FinetuneResNetConfig",
+    "FinetuneResNetForImageClassification",
+    "UserError",
+    "RecipeError",
+    "DataError",
+    "CheckpointError",
+    "TrainingError",
+]
+
+
+def __getattr__(name):
+    # datasets and the Trainer are imported when first asked for.
+    if name == "build_datasets":
+        from hf_finetune.data import build_datasets
+
+        return build_datasets
+    if name == "build_trainer":
+        from hf_finetune.training import build_trainer
+
+        return build_trainer
+    raise AttributeError(f"module 'hf_finetune' has no attribute {name!r}")

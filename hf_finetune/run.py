@@ -1,0 +1,151 @@
+"""Entry point: `accelerate launch hf_finetune/run.py RECIPE` (also `hf-finetune RECIPE`).
+
+Flags follow mmcls `tools/train.py`. Two more subcommands share the entry point:
+`hf-finetune push WORK_DIR REPO_ID` and `hf-finetune export WORK_DIR OUT_DIR`.
+"""
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+if __name__ == "__main__" and not __package__:
+    # Run as a file (`python hf_finetune/run.py`, `accelerate launch hf_finetune/run.py`):
+    # make the package importable and hand over to the module.
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from hf_finetune.run import main
+
+    sys.exit(main())
+
+from hf_finetune.errors import RecipeError, UserError
+
+logger = logging.getLogger("hf_finetune")
+
+HUB_COMMANDS = ("push", "export")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="hf-finetune",
+        description="Fine-tune an image classifier from a JSON recipe "
+        "(also: `hf-finetune push WORK_DIR REPO_ID`, `hf-finetune export WORK_DIR OUT_DIR`).",
+    )
+    parser.add_argument("recipe", help="recipe JSON file, e.g. recipes/cifar10.json")
+    parser.add_argument(
+        "--cfg-options",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override recipe keys after merging, e.g. optim_wrapper.optimizer.lr=0.02 "
+        "train_dataloader.dataset.pipeline.0.padding=2 (VALUE is JSON when it parses)",
+    )
+    parser.add_argument("--work-dir", help="output folder (default: work_dirs/<recipe name>)")
+    parser.add_argument(
+        "--data-root", help="dataset folder for every split (a local CIFAR-10 copy, etc.)"
+    )
+    parser.add_argument(
+        "--resume",
+        nargs="?",
+        const="auto",
+        metavar="CHECKPOINT",
+        help="resume training: from CHECKPOINT, or the latest checkpoint in the work dir",
+    )
+    parser.add_argument(
+        "--eval-only",
+        nargs="?",
+        const="auto",
+        metavar="CHECKPOINT",
+        help="evaluate on the test split and exit: CHECKPOINT (a checkpoint or saved model "
+        "folder), or the work dir's final model",
+    )
+    parser.add_argument(
+        "--auto-scale-lr",
+        action="store_true",
+        help="scale the LR by total batch / auto_scale_lr.base_batch_size (as mmcls)",
+    )
+    parser.add_argument("--push-to-hub", metavar="REPO_ID", help="push the result to a Hub repo")
+    parser.add_argument(
+        "--print-recipe",
+        action="store_true",
+        help="print the fully merged recipe as JSON and exit",
+    )
+    return parser
+
+
+def apply_cli_flags(recipe, args):
+    """Fold command-line flags into the recipe, so the saved recipe says what ran."""
+    if args.data_root:
+        for split in ("train_dataloader", "val_dataloader", "test_dataloader"):
+            dataset = recipe.get(split, {}).get("dataset")
+            if isinstance(dataset, dict):
+                dataset["data_root"] = args.data_root
+    if args.auto_scale_lr:
+        recipe.setdefault("auto_scale_lr", {})["enable"] = True
+    if args.push_to_hub:
+        training_args = recipe.setdefault("training_args", {})
+        training_args["push_to_hub"] = True
+        training_args["hub_model_id"] = args.push_to_hub
+    if args.resume:
+        recipe["resume"] = True
+    recipe["work_dir"] = default_work_dir(args, recipe)
+    return recipe
+
+
+def default_work_dir(args, recipe):
+    if args.work_dir:
+        return args.work_dir
+    if recipe.get("work_dir"):
+        return recipe["work_dir"]
+    name = os.path.splitext(os.path.basename(args.recipe))[0]
+    return os.path.join("work_dirs", name)
+
+
+def _rank():
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0)
+
+
+def _report(error):
+    """One line on stderr; a recipe error is identical on every rank, so rank 0 says it."""
+    rank = _rank()
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if isinstance(error, RecipeError) and rank != 0:
+        return
+    prefix = f"[rank {rank}] " if world > 1 else ""
+    print(f"{prefix}error: {error}", file=sys.stderr, flush=True)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in HUB_COMMANDS:
+        from hf_finetune import hub
+
+        return hub.main(argv)
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(format="[hf_finetune] %(message)s", level=logging.INFO)
+    try:
+        from hf_finetune.recipe import load_recipe, redact
+
+        recipe = apply_cli_flags(load_recipe(args.recipe, args.cfg_options), args)
+        if args.print_recipe:
+            print(json.dumps(redact(recipe), indent=2))
+            return 0
+
+        from hf_finetune import training
+
+        if args.eval_only:
+            training.evaluate_only(recipe, checkpoint=args.eval_only)
+        else:
+            training.train(recipe, resume=args.resume)
+        return 0
+    except UserError as error:
+        _report(error)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print("interrupted; checkpoints already written are intact", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""Optimizer groups and LR schedules against hand computations (mmcls/mmengine semantics)."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from hf_finetune.errors import RecipeError
+from hf_finetune.optim import build_lr_scheduler, build_optimizer
+from hf_finetune.training import BatchPlan, plan_batches, updates_per_epoch
+
+SGD = {"type": "SGD", "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4}
+
+
+def lrs_over(recipe, updates_per_epoch, total, lr=0.1):
+    """The LR each optimizer update uses, as the Trainer steps the scheduler."""
+    param = nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=lr)
+    scheduler = build_lr_scheduler(optimizer, recipe, updates_per_epoch, total)
+    seen = []
+    for _ in range(total):
+        seen.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return seen
+
+
+def test_multistep_by_epoch_changes_at_the_first_update_of_the_milestone_epoch():
+    recipe = {"param_scheduler": {"type": "MultiStepLR", "by_epoch": True, "milestones": [2, 3],
+                                  "gamma": 0.1}}
+    lrs = lrs_over(recipe, updates_per_epoch=3, total=12)
+    expected = [0.1] * 6 + [0.01] * 3 + [0.001] * 3  # epochs 0,1 | 2 | 3
+    assert lrs == pytest.approx(expected)
+
+
+def test_tutorial_schedule_drops_at_epoch_15():
+    recipe = {"param_scheduler": {"type": "MultiStepLR", "by_epoch": True, "milestones": [15],
+                                  "gamma": 0.1}}
+    lrs = lrs_over(recipe, updates_per_epoch=4, total=4 * 17, lr=0.01)
+    assert lrs[15 * 4 - 1] == pytest.approx(0.01)
+    assert lrs[15 * 4] == pytest.approx(0.001)
+
+
+def test_step_lr_by_iteration():
+    recipe = {"param_scheduler": {"type": "StepLR", "by_epoch": False, "step_size": 4, "gamma": 0.5}}
+    lrs = lrs_over(recipe, updates_per_epoch=100, total=10)
+    assert lrs == pytest.approx([0.1 * 0.5 ** (i // 4) for i in range(10)])
+
+
+def test_cosine_by_epoch_is_piecewise_constant_and_converted_is_smooth():
+    epoch_wise = {"param_scheduler": {"type": "CosineAnnealingLR", "by_epoch": True, "T_max": 4,
+                                      "eta_min": 0.0}}
+    lrs = lrs_over(epoch_wise, updates_per_epoch=2, total=8)
+    expected = [0.1 * (1 + math.cos(math.pi * (i // 2) / 4)) / 2 for i in range(8)]
+    assert lrs == pytest.approx(expected)
+
+    smooth = {"param_scheduler": dict(epoch_wise["param_scheduler"], convert_to_iter_based=True)}
+    lrs = lrs_over(smooth, updates_per_epoch=2, total=8)
+    assert lrs == pytest.approx([0.1 * (1 + math.cos(math.pi * i / 8)) / 2 for i in range(8)])
+
+
+def test_linear_warmup_then_multistep_multiply():
+    recipe = {"param_scheduler": [
+        {"type": "LinearLR", "by_epoch": False, "start_factor": 0.25, "begin": 0, "end": 4},
+        {"type": "MultiStepLR", "by_epoch": True, "milestones": [2], "gamma": 0.1},
+    ]}
+    lrs = lrs_over(recipe, updates_per_epoch=3, total=9)
+    warm = [0.25, 0.5, 0.75, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]  # total_iters = end - begin - 1 = 3
+    step = [1, 1, 1, 1, 1, 1, 0.1, 0.1, 0.1]
+    assert lrs == pytest.approx([0.1 * w * s for w, s in zip(warm, step)])
+
+
+def test_constant_lr_and_begin_offsets():
+    recipe = {"param_scheduler": {"type": "ConstantLR", "by_epoch": True, "factor": 0.5,
+                                  "begin": 1, "end": 3}}
+    lrs = lrs_over(recipe, updates_per_epoch=2, total=10)
+    # epoch 0 untouched, epoch 1 halved, epoch 2 (= end - 1) restored, then held.
+    assert lrs == pytest.approx([0.1, 0.1, 0.05, 0.05, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1])
+
+
+def test_bad_scheduler_values_are_recipe_errors():
+    with pytest.raises(RecipeError, match="param_scheduler.milestones: required"):
+        lrs_over({"param_scheduler": {"type": "MultiStepLR"}}, 2, 4)
+    with pytest.raises(RecipeError, match=r"param_scheduler.1.end: must be larger"):
+        lrs_over({"param_scheduler": [{"type": "ConstantLR"},
+                                      {"type": "LinearLR", "begin": 3, "end": 2}]}, 2, 4)
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+        self.frozen = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 2)
+        for p in self.frozen.parameters():
+            p.requires_grad = False
+
+
+def groups_by_param(optimizer, model):
+    names = {id(p): n for n, p in model.named_parameters()}
+    return {names[id(p)]: (g["lr"], g["weight_decay"]) for g in optimizer.param_groups
+            for p in g["params"]}
+
+
+def test_paramwise_cfg_and_frozen_parameters():
+    model = Tiny()
+    recipe = {"optim_wrapper": {
+        "optimizer": SGD,
+        "paramwise_cfg": {"custom_keys": {"head": {"lr_mult": 10.0, "decay_mult": 0.0}},
+                          "norm_decay_mult": 0.0, "bias_decay_mult": 0.5},
+    }}
+    optimizer = build_optimizer(model, recipe)
+    got = groups_by_param(optimizer, model)
+    assert "frozen.weight" not in got and "frozen.bias" not in got
+    assert got["head.weight"] == pytest.approx((1.0, 0.0))
+    assert got["head.bias"] == pytest.approx((1.0, 0.0))  # custom key beats bias_decay_mult
+    assert got["bn.weight"] == pytest.approx((0.1, 0.0))
+    assert got["bn.bias"] == pytest.approx((0.1, 0.0))  # norm rule beats the bias rule
+    assert got["stem.weight"] == pytest.approx((0.1, 1e-4))
+    assert got["stem.bias"] == pytest.approx((0.1, 0.5e-4))
+    assert optimizer.defaults["momentum"] == 0.9
+
+
+def test_weight_decay_on_every_trainable_parameter_by_default():
+    model = Tiny()
+    optimizer = build_optimizer(model, {"optim_wrapper": {"optimizer": {"type": "AdamW", "lr": 1e-3,
+                                                                         "weight_decay": 0.05}}})
+    assert isinstance(optimizer, torch.optim.AdamW)
+    assert set(groups_by_param(optimizer, model).values()) == {(1e-3, 0.05)}
+
+
+# --- batch sizes ---------------------------------------------------------------------------
+
+
+def recipe_with_batch(total=128, per_device=16, accumulation=None, scale=False):
+    recipe = {"train_cfg": {"total_batch_size": total}, "train_dataloader": {"batch_size": per_device},
+              "val_dataloader": {"batch_size": per_device},
+              "optim_wrapper": {"optimizer": dict(SGD, lr=0.01)},
+              "auto_scale_lr": {"base_batch_size": 128, "enable": scale}}
+    if accumulation:
+        recipe["optim_wrapper"]["accumulative_counts"] = accumulation
+    return recipe
+
+
+@pytest.mark.parametrize("world, accumulation, per_device", [(1, 1, 128), (2, 1, 64), (8, 1, 16),
+                                                             (8, 2, 8)])
+def test_total_batch_holds_on_any_number_of_processes(world, accumulation, per_device):
+    plan = plan_batches(recipe_with_batch(accumulation=accumulation), num_processes=world)
+    assert plan.per_device == per_device and plan.total == 128
+    assert plan.per_device * world * accumulation == 128
+    assert plan.lr == 0.01
+
+
+def test_indivisible_total_batch_is_an_error():
+    with pytest.raises(RecipeError, match="train_cfg.total_batch_size: 128 is not divisible by 3"):
+        plan_batches(recipe_with_batch(), num_processes=3)
+
+
+def test_without_total_the_loader_batch_is_per_device_and_auto_scale_lr_scales():
+    plan = plan_batches(recipe_with_batch(total=None, per_device=16, scale=True), num_processes=2)
+    assert (plan.per_device, plan.total) == (16, 32)
+    assert plan.lr == pytest.approx(0.01 * 32 / 128)
+
+
+def test_updates_per_epoch_matches_sharded_batches():
+    plan = BatchPlan(world_size=2, per_device=4, accumulation=1, total=8, per_device_eval=4,
+                     lr=0.1, base_lr=0.1)
+    assert updates_per_epoch(37, plan) == 5  # 10 batches of 4 (last partial) over 2 ranks
+    assert updates_per_epoch(37, plan, drop_last=True) == 5  # 9 batches -> 5 on rank 0
+    plan.accumulation = 2
+    assert updates_per_epoch(37, plan) == 3
