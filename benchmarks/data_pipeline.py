@@ -1,0 +1,189 @@
+"""Images/s of the CIFAR-10 train pipeline at 224 px, ours against the per-sample baseline.
+
+Train pipeline: RandomCrop(32, padding=4) -> RandomFlip(0.5) -> Resize(224) -> PackClsInputs.
+
+- ours: the real path. A synthetic CIFAR-like copy is written to disk in the
+  official layout (tarball, as downloaded) and, separately, in the Hub's layout
+  (save_to_disk with PNG images, like uoft-cs/cifar10); build_datasets turns
+  each into a datasets.Dataset (Arrow, memory-mapped) with the batched uint8
+  transform; build_dataloader fetches whole batches. Timed: Arrow read + image
+  decode + transform + loader, until the batch is in the training loop's hands.
+- baseline: what the transformers image-classification example does: the
+  datasets Image feature decodes to PIL, a per-sample PIL pipeline, ToTensor-style
+  float conversion and normalisation on the CPU, then the default batching
+  (Dataset.__getitems__ splits the batch, collate_fn stacks it again).
+
+Single process, one torch thread; then DataLoader workers = 2.
+Run: python benchmarks/data_pipeline.py [--num-images 5000] [--baseline-images 1024]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+TRAIN_PIPELINE = [
+    {"type": "RandomCrop", "crop_size": 32, "padding": 4},
+    {"type": "RandomFlip", "prob": 0.5, "direction": "horizontal"},
+    {"type": "Resize", "scale": 224},
+    {"type": "PackClsInputs"},
+]
+MEAN = torch.tensor([123.675, 116.28, 103.53]).view(3, 1, 1) / 255.0
+STD = torch.tensor([58.395, 57.12, 57.375]).view(3, 1, 1) / 255.0
+
+
+def baseline_transform(example_batch):
+    """transformers example style: per-sample PIL ops, then float tensor and normalisation."""
+    from PIL import Image, ImageOps
+
+    pixel_values = []
+    for image in example_batch["img"]:
+        image = ImageOps.expand(image.convert("RGB"), border=4, fill=0)
+        top, left = random.randint(0, 8), random.randint(0, 8)
+        image = image.crop((left, top, left + 32, top + 32))
+        if random.random() < 0.5:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        image = image.resize((224, 224), Image.Resampling.BILINEAR)
+        tensor = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+        pixel_values.append((tensor - MEAN) / STD)
+    example_batch["pixel_values"] = pixel_values
+    return example_batch
+
+
+def baseline_collate(examples):
+    return {"pixel_values": torch.stack([e["pixel_values"] for e in examples]),
+            "labels": torch.tensor([e["label"] for e in examples])}
+
+
+def time_loader(loader, max_images: int) -> float:
+    """Images/s iterating loader for about max_images images.
+
+    The clock starts when the first batch arrives, so worker start-up (paid once
+    per run, or once per epoch without persistent workers) is not counted.
+    """
+    seen, start = 0, None
+    for batch in loader:
+        if start is None:
+            start = time.perf_counter()
+            continue
+        seen += batch["labels"].shape[0]
+        if seen >= max_images:
+            break
+    return seen / (time.perf_counter() - start)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--num-images", type=int, default=5000, help="synthetic train images (ours runs them all)")
+    parser.add_argument("--baseline-images", type=int, default=1024, help="images timed for the slow baseline")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--work-dir", default=None, help="where to write the data (default: a temporary folder)")
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(1)
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="hf_finetune_bench_"))
+    os.environ["HF_DATASETS_CACHE"] = str(work / "cache")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import datasets
+
+    from hf_finetune.data import build_dataloader, build_datasets, write_cifar10_tarball, write_save_to_disk
+    from hf_finetune.data.decode import decode_image
+    from hf_finetune.data.transforms import build_pipeline
+
+    datasets.disable_progress_bars()
+    n, bs = args.num_images, args.batch_size
+    t0 = time.perf_counter()
+    write_cifar10_tarball(work / "tarball", n_train=n, n_test=bs, seed=0)
+    write_save_to_disk(work / "hub_layout", n_train=n, n_test=bs, seed=0)
+    print(f"wrote {n} synthetic 32x32 images twice under {work} ({time.perf_counter() - t0:.1f} s)")
+
+    def recipe(root):
+        return {"train_dataloader": {"dataset": {"type": "CIFAR10", "data_root": str(root), "split": "train",
+                                                 "pipeline": TRAIN_PIPELINE}}}
+
+    t0 = time.perf_counter()
+    local = build_datasets(recipe(work / "tarball"))["train"]
+    print(f"build_datasets, first run (converts the tarball to the Arrow cache): {time.perf_counter() - t0:.2f} s")
+    t0 = time.perf_counter()
+    local = build_datasets(recipe(work / "tarball"))["train"]
+    print(f"build_datasets, second run (cache reused): {time.perf_counter() - t0:.2f} s")
+    hub_layout = build_datasets(recipe(work / "hub_layout"))["train"]
+
+    results = []
+
+    def ours(name, ds, workers, contiguous=False):
+        loader = build_dataloader(ds, bs, shuffle=True, drop_last=True, num_workers=workers, seed=0)
+        if contiguous:
+            rate = time_loader(({"pixel_values": b["pixel_values"].contiguous(), "labels": b["labels"]}
+                                for b in loader), n)
+        else:
+            rate = time_loader(loader, n)
+        results.append((name, workers, rate))
+        print(f"  {name:<58} workers={workers}: {rate:9.0f} images/s", flush=True)
+        return rate
+
+    print("\nstage breakdown, one thread, batches of", bs)
+    raw = local.with_format(None).cast_column("img", datasets.Image(decode=False))
+    raw_png = hub_layout.with_format(None).cast_column("img", datasets.Image(decode=False))
+    idx = list(range(bs))
+    for label, fn in [
+        ("Arrow fetch of a batch (no decode)", lambda: raw[idx]),
+        ("+ decode, our cache (PPM)", lambda: [decode_image(x) for x in raw[idx]["img"]]),
+        ("+ decode, Hub layout (PNG)", lambda: [decode_image(x) for x in raw_png[idx]["img"]]),
+    ]:
+        fn()
+        start, reps = time.perf_counter(), 20
+        for _ in range(reps):
+            fn()
+        print(f"  {label:<58} {bs * reps / (time.perf_counter() - start):9.0f} images/s")
+    steps = build_pipeline(TRAIN_PIPELINE)
+    batch = torch.randint(0, 256, (bs, 32, 32, 3), dtype=torch.uint8)
+    for step in steps[:-1]:
+        start, reps = time.perf_counter(), 20
+        for _ in range(reps):
+            out = step(batch.clone())
+        print(f"  {type(step).__name__ + ' alone':<58} {bs * reps / (time.perf_counter() - start):9.0f} images/s")
+        batch = out
+
+    print("\nend to end (Arrow + decode + transform + loader), one thread")
+    ours_local = ours("ours, local copy (tarball -> Arrow cache)", local, 0)
+    ours_png = ours("ours, Hub layout (PNG in Arrow)", hub_layout, 0)
+    ours("ours, local copy, pixel_values made NCHW-contiguous", local, 0, contiguous=True)
+
+    base_ds = datasets.load_from_disk(str(work / "hub_layout"))["train"]
+    base_ds.set_transform(baseline_transform)
+    base_loader = torch.utils.data.DataLoader(base_ds, batch_size=bs, shuffle=True, collate_fn=baseline_collate)
+    base = time_loader(base_loader, args.baseline_images)
+    print(f"  {'baseline, per-sample PIL + float normalise (Hub layout)':<58} workers=0: {base:9.0f} images/s")
+
+    print(f"\nwith DataLoader workers = {args.workers} (each worker one thread)")
+    ours_local_w = ours("ours, local copy (tarball -> Arrow cache)", local, args.workers)
+    ours_png_w = ours("ours, Hub layout (PNG in Arrow)", hub_layout, args.workers)
+    base_loader = torch.utils.data.DataLoader(base_ds, batch_size=bs, shuffle=True, collate_fn=baseline_collate,
+                                              num_workers=args.workers)
+    base_w = time_loader(base_loader, args.baseline_images * args.workers)
+    print(f"  {'baseline, per-sample PIL + float normalise (Hub layout)':<58} workers={args.workers}: "
+          f"{base_w:9.0f} images/s")
+
+    print("\nsummary")
+    print(f"  one thread: ours {ours_local:.0f} (local copy) / {ours_png:.0f} (Hub layout) images/s, "
+          f"baseline {base:.0f} images/s -> {ours_local / base:.1f}x / {ours_png / base:.1f}x")
+    print(f"  workers={args.workers}: ours {ours_local_w:.0f} / {ours_png_w:.0f} images/s, baseline {base_w:.0f} "
+          f"images/s -> {ours_local_w / base_w:.1f}x / {ours_png_w / base_w:.1f}x")
+    print(f"  targets: >= 10000 images/s per core: local {'met' if ours_local >= 10000 else 'MISSED'}, "
+          f"Hub layout {'met' if ours_png >= 10000 else 'MISSED'}; >= 20x baseline: local "
+          f"{'met' if ours_local >= 20 * base else 'MISSED'}, Hub layout {'met' if ours_png >= 20 * base else 'MISSED'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""DataLoader that fetches whole batches, and the seeding that keeps augmentation honest.
+
+The sampler is a BatchSampler used as the DataLoader's ``sampler`` with
+``batch_size=None``: each step the loader calls ``dataset[list_of_indices]``
+once, the dataset's batched transform builds the batch tensor, and that tensor
+IS the batch (no split into samples and re-stacking; see DESIGN.md). accelerate
+recognises a BatchSampler there and shards it per process.
+
+Randomness of the pipeline:
+- in DataLoader workers it draws from the worker's global torch RNG. torch seeds
+  it per worker from a base seed drawn from the loader's generator at every
+  epoch; our worker_init_fn mixes in the process rank so DDP ranks differ too.
+- in the main process (num_workers=0) it draws from a generator re-seeded at
+  every epoch from (seed, epoch, rank) when the batch sampler starts.
+Both are reproducible for a given seed and differ per epoch, worker and rank.
+"""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
+
+from ..errors import RecipeError
+from .runtime import mix_seed, process_rank, set_pipeline_generator
+
+
+class EpochSeededBatchSampler(BatchSampler):
+    """A BatchSampler that re-seeds the main-process pipeline RNG at each epoch."""
+
+    def __init__(self, sampler, batch_size: int, drop_last: bool, seed: int = 0):
+        super().__init__(sampler, batch_size, drop_last)
+        self.seed = seed
+        self._epochs_started = 0
+
+    def __iter__(self):
+        # Trainer/accelerate call set_epoch on the sampler they use; fall back to our own count.
+        epoch = getattr(self.sampler, "epoch", None)
+        epoch = self._epochs_started if epoch is None else epoch
+        self._epochs_started += 1
+        set_pipeline_generator(torch.Generator().manual_seed(mix_seed(self.seed, epoch, process_rank(), 0x5EED)))
+        return super().__iter__()
+
+
+def seed_worker(worker_id: int) -> None:
+    """worker_init_fn: make each (rank, worker, epoch) stream distinct and reproducible.
+
+    torch.initial_seed() here is base_seed + worker_id, base_seed being drawn from
+    the loader's generator each epoch (once, for persistent workers).
+    """
+    seed = mix_seed(torch.initial_seed(), process_rank())
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    set_pipeline_generator(None)
+
+
+def return_batch(batch):
+    """collate_fn: the transform already built the batch."""
+    return batch
+
+
+class WholeBatches(torch.utils.data.Dataset):
+    """Hands the DataLoader's list of indices to the dataset in one call.
+
+    torch's fetcher calls ``__getitems__(indices)`` when a dataset has it; ``datasets``
+    would split the batch it built into per-sample dicts there, and collate would stack
+    them again. Here the batch the transform built is returned as it is.
+    """
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitems__(self, indices):
+        return self.dataset[list(indices)]
+
+    def __getitem__(self, index):
+        return self.dataset[[index]]
+
+
+def build_dataloader(dataset, batch_size: int, *, shuffle: bool = False, drop_last: bool = False,
+                     num_workers: int = 0, pin_memory: bool = False, persistent_workers: bool = False,
+                     prefetch_factor: int | None = None, seed: int = 0, key: str = "dataloader") -> DataLoader:
+    """A torch DataLoader over ``dataset`` (built by build_datasets) yielding
+    {"pixel_values": uint8 [B,3,H,W], "labels": int64 [B]}.
+
+    ``sampler`` is a BatchSampler (RandomSampler with a generator seeded by
+    ``seed`` when shuffling, else SequentialSampler) and ``batch_size`` is None.
+    ``key`` prefixes error messages (e.g. "train_dataloader").
+    """
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise RecipeError(f"{key}.batch_size: expected an int >= 1, got {batch_size!r}")
+    if not isinstance(num_workers, int) or isinstance(num_workers, bool) or num_workers < 0:
+        raise RecipeError(f"{key}.num_workers: expected an int >= 0, got {num_workers!r}")
+    if prefetch_factor is not None and (not isinstance(prefetch_factor, int) or prefetch_factor < 1):
+        raise RecipeError(f"{key}.prefetch_factor: expected an int >= 1, got {prefetch_factor!r}")
+    if shuffle:
+        sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(mix_seed(seed, 0x5A3B1E)))
+    else:
+        sampler = SequentialSampler(dataset)
+    batches = EpochSeededBatchSampler(sampler, batch_size, drop_last, seed=seed)
+    workers = num_workers > 0
+    # A plain batch_sampler (not a BatchSampler passed as `sampler`): accelerate shards it per
+    # process and skips into it on resume on every number of processes.
+    return DataLoader(
+        WholeBatches(dataset),
+        batch_sampler=batches,
+        collate_fn=return_batch,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=bool(persistent_workers) and workers,
+        prefetch_factor=(prefetch_factor or 2) if workers else None,
+        worker_init_fn=seed_worker if workers else None,
+        generator=torch.Generator().manual_seed(mix_seed(seed, 0x10ADE5)),
+    )

@@ -1,0 +1,77 @@
+"""Per-process state shared by the batch transform and the DataLoader.
+
+Two things cross the boundary between the dataset transform and the loader:
+the random stream the pipeline draws from, and errors raised inside DataLoader
+worker processes (which torch re-raises in the main process with the worker's
+whole traceback glued into the message).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import torch
+
+from ..errors import DataError
+
+
+class BatchDataError(DataError):
+    """A DataError raised while building a batch; survives DataLoader workers.
+
+    torch re-raises a worker's exception in the main process as
+    ``type(exc)("Caught X in DataLoader worker process N.\\nOriginal Traceback ...")``.
+    This constructor recognises that text and keeps only the original message,
+    so the user sees the same one-line error with or without workers.
+    """
+
+    def __init__(self, message: str = ""):
+        super().__init__(_strip_worker_traceback(message, type(self)))
+
+
+def _strip_worker_traceback(message: str, cls: type) -> str:
+    if not (isinstance(message, str) and message.startswith("Caught ") and "Original Traceback" in message):
+        return message
+    marker = f"{cls.__module__}.{cls.__qualname__}: "
+    start = message.rfind(marker)
+    if start < 0:
+        return message
+    return message[start + len(marker):].rstrip("\n")
+
+
+def process_rank() -> int:
+    """Global rank of this process: torch.distributed if initialised, else $RANK, else 0."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+def mix_seed(*parts: int) -> int:
+    """A well-spread 63-bit seed from several integers (seed, epoch, rank, ...)."""
+    digest = hashlib.blake2b(repr(tuple(int(p) for p in parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+# The generator the pipeline draws from in the main process (num_workers=0).
+# Tagged with the pid that created it: a forked worker inherits the object but
+# must not use it, or every worker would replay the same stream.
+_pipeline_generator: tuple[int, torch.Generator] | None = None
+
+
+def set_pipeline_generator(generator: torch.Generator | None) -> None:
+    global _pipeline_generator
+    _pipeline_generator = None if generator is None else (os.getpid(), generator)
+
+
+def pipeline_generator() -> torch.Generator | None:
+    """Generator for pipeline draws; None means torch's global RNG.
+
+    Inside DataLoader workers this is always None: the worker's global RNG is
+    seeded by torch per worker and per epoch (and per rank by our worker_init_fn).
+    """
+    if _pipeline_generator is None or _pipeline_generator[0] != os.getpid():
+        return None
+    return _pipeline_generator[1]

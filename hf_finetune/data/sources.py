@@ -1,0 +1,363 @@
+"""Where a split's images come from: a local copy, the Hub, or synthetic data.
+
+Every source ends as a ``datasets.Dataset`` with an ``Image`` column and a label
+column. Local CIFAR copies (tarball, extracted batches folder, image folder)
+are converted once into an Arrow cache under the datasets cache directory,
+keyed by the source files' path, size and mtime, and memory-mapped after that.
+A ``save_to_disk`` directory already is Arrow and is used in place.
+
+The converted cache stores each image as binary PPM inside the ``Image``
+feature: lossless, readable by PIL like any image, and decoding it is a copy
+(PNG decoding costs more than the whole rest of the pipeline at 32 px).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import socket
+import threading
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from urllib.parse import urlparse
+
+import datasets
+
+from ..errors import DataError
+from . import cifar
+from .decode import decode_image, encode_ppm
+from .synthetic import synthetic_dataset
+
+logger = logging.getLogger(__name__)
+
+CACHE_VERSION = 1  # bump when the converted layout changes
+HUB_PROBE_TIMEOUT_S = 5.0
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".ppm", ".pgm", ".pbm", ".tif", ".tiff", ".webp"}
+ACCEPTED_FORMATS = (
+    f"{cifar.TARBALL_NAME}, the extracted {cifar.BATCHES_DIR}/ folder, a datasets save_to_disk directory, "
+    "or an image folder <root>/<class>/<image>.png (or <root>/<split>/<class>/<image>.png)"
+)
+
+# Cache directories this process converted (tests read it to tell a conversion from a reuse).
+CONVERSIONS: list[str] = []
+
+
+# ---------------------------------------------------------------- cache location
+
+def datasets_cache_dir() -> Path:
+    """The datasets cache directory, honouring HF_DATASETS_CACHE / HF_HOME set after import."""
+    if os.environ.get("HF_DATASETS_CACHE"):
+        return Path(os.environ["HF_DATASETS_CACHE"]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "datasets"
+    return Path(datasets.config.HF_DATASETS_CACHE).expanduser()
+
+
+def _fingerprint(*parts) -> str:
+    return hashlib.sha256(json.dumps([CACHE_VERSION, *parts], default=str).encode()).hexdigest()[:16]
+
+
+def _file_stamp(path: Path) -> list:
+    st = path.stat()
+    return [str(path), st.st_size, st.st_mtime_ns]
+
+
+def _cached_conversion(kind: str, fingerprint: str, convert) -> datasets.DatasetDict:
+    """Load the converted DatasetDict for this fingerprint, converting first if absent.
+
+    Written to a private temporary folder and renamed into place, so concurrent
+    processes (DDP ranks) never read a half-written cache; the last rename loses
+    and its copy is discarded.
+    """
+    root = datasets_cache_dir() / "hf_finetune"
+    target = root / f"{kind}-{fingerprint}"
+    if not (target / "dataset_dict.json").is_file():
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = root / f".{target.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
+        try:
+            convert().save_to_disk(str(tmp))
+            try:
+                os.rename(tmp, target)
+                CONVERSIONS.append(str(target))
+            except OSError:
+                if not (target / "dataset_dict.json").is_file():
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return datasets.load_from_disk(str(target))
+
+
+# ---------------------------------------------------------------- local copies
+
+def _has_image_file(folder: Path) -> bool:
+    try:
+        with os.scandir(folder) as it:
+            return any(e.is_file() and Path(e.name).suffix.lower() in IMAGE_EXTENSIONS for e in it)
+    except OSError:
+        return False
+
+
+def _class_dirs(folder: Path) -> list[Path]:
+    return sorted(d for d in folder.iterdir() if d.is_dir() and _has_image_file(d))
+
+
+def _imagefolder_layout(root: Path) -> dict[str, Path]:
+    """{split: folder of class folders}; {"*": root} when root itself holds the class folders."""
+    splits = {d.name: d for d in sorted(root.iterdir()) if d.is_dir() and _class_dirs(d)}
+    if splits:
+        return splits
+    return {"*": root} if _class_dirs(root) else {}
+
+
+def find_local_copy(root: Path) -> tuple[str, Path] | None:
+    """(format, path) of the local copy at root, None if root does not exist.
+
+    Raises DataError when root exists but holds none of the known formats.
+    Preference when several are present: the ones that need no or the cheapest conversion first.
+    """
+    if not root.exists():
+        return None
+    if root.is_file():
+        if root.name.endswith((".tar.gz", ".tgz", ".tar")):
+            return "tarball", root
+        raise DataError(f"data_root {root} is a file but not a CIFAR-10 tarball; accepted: {ACCEPTED_FORMATS}")
+    if (root / "dataset_dict.json").is_file() or (root / "state.json").is_file():
+        return "save_to_disk", root
+    for folder in (root / cifar.BATCHES_DIR, root):
+        if any((folder / name).is_file() for name in cifar.TRAIN_FILES + cifar.TEST_FILES):
+            return "batches", folder
+    if (root / cifar.TARBALL_NAME).is_file():
+        return "tarball", root / cifar.TARBALL_NAME
+    if _imagefolder_layout(root):
+        return "imagefolder", root
+    entries = sorted(p.name + ("/" if p.is_dir() else "") for p in root.iterdir())
+    found = ", ".join(entries[:12]) + (f", ... ({len(entries)} entries)" if len(entries) > 12 else "")
+    raise DataError(f"data_root {root} holds no dataset in a known format (found: {found or 'nothing, it is empty'}). "
+                    f"Accepted: {ACCEPTED_FORMATS}")
+
+
+def _arrays_to_dataset_dict(splits: dict, label_names: list[str]) -> datasets.DatasetDict:
+    features = datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(names=label_names)})
+    return datasets.DatasetDict({
+        split: datasets.Dataset.from_dict(
+            {"img": [{"bytes": encode_ppm(a), "path": None} for a in images], "label": labels.tolist()},
+            features=features)
+        for split, (images, labels) in splits.items()
+    })
+
+
+def _convert_batches(kind: str, path: Path) -> datasets.DatasetDict:
+    if kind == "tarball":
+        fingerprint = _fingerprint(kind, _file_stamp(path.resolve()))
+        return _cached_conversion("cifar10-tarball", fingerprint,
+                                  lambda: _arrays_to_dataset_dict(*cifar.read_tarball(path)))
+    names = cifar.TRAIN_FILES + cifar.TEST_FILES + (cifar.META_FILE,)
+    stamps = [_file_stamp(path.resolve() / n) for n in names if (path / n).is_file()]
+    return _cached_conversion("cifar10-batches", _fingerprint(kind, stamps),
+                              lambda: _arrays_to_dataset_dict(*cifar.read_batches_folder(path)))
+
+
+def _convert_imagefolder(root: Path) -> datasets.DatasetDict:
+    layout = _imagefolder_layout(root)
+    classes = sorted({d.name for folder in layout.values() for d in _class_dirs(folder)})
+    files = {}
+    for split, folder in layout.items():
+        files[split] = [(f, classes.index(d.name)) for d in _class_dirs(folder)
+                        for f in sorted(d.iterdir()) if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS]
+    stamps = [[str(f.relative_to(root)), f.stat().st_size, f.stat().st_mtime_ns] for fl in files.values() for f, _ in fl]
+
+    def convert():
+        features = datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(names=classes)})
+        return datasets.DatasetDict({
+            ("all" if split == "*" else split): datasets.Dataset.from_dict(
+                {"img": [{"bytes": f.read_bytes(), "path": str(f.relative_to(root))} for f, _ in fl],
+                 "label": [label for _, label in fl]},
+                features=features)
+            for split, fl in files.items()
+        })
+
+    return _cached_conversion("imagefolder", _fingerprint("imagefolder", str(root.resolve()), stamps), convert)
+
+
+def _reencode_split(ds: datasets.Dataset, image_column: str, label_column: str) -> datasets.Dataset:
+    """Same rows with every decodable image stored as PPM (undecodable ones keep their bytes,
+    so on_corrupt still sees them)."""
+    ds = ds.select_columns([image_column, label_column]).cast_column(image_column, datasets.Image(decode=False))
+    images = []
+    for batch in ds.iter(batch_size=1000):
+        for item in batch[image_column]:
+            try:
+                images.append({"bytes": encode_ppm(decode_image(item)), "path": None})
+            except Exception:
+                images.append(item)
+    label = ds.features[label_column]
+    features = datasets.Features({"img": datasets.Image(), "label": label})
+    labels = ds.with_format("arrow")[label_column].to_pylist()
+    return datasets.Dataset.from_dict({"img": images, "label": labels}, features=features)
+
+
+def _convert_hub_download(loaded: datasets.DatasetDict, identity: tuple, image_column: str, label_column: str):
+    """The Hub download re-encoded into our PPM cache (small images only: CIFAR10 type).
+
+    PNG decoding costs more than the whole rest of the pipeline at 32 px; paying
+    it once here instead of every epoch is what keeps the loader fast.
+    """
+    for ds in loaded.values():
+        if image_column not in ds.features or label_column not in ds.features or not isinstance(
+                ds.features[image_column], datasets.Image):
+            return loaded, False  # leave it: the column check names the problem
+    stamps = {split: ([_file_stamp(Path(f["filename"])) for f in ds.cache_files] or ds._fingerprint)
+              for split, ds in loaded.items()}
+    fingerprint = _fingerprint("hub", identity, image_column, label_column, stamps)
+    converted = _cached_conversion("hub-reencoded", fingerprint, lambda: datasets.DatasetDict(
+        {split: _reencode_split(ds, image_column, label_column) for split, ds in loaded.items()}))
+    return converted, True
+
+
+def _load_save_to_disk(path: Path):
+    try:
+        return datasets.load_from_disk(str(path))
+    except Exception as exc:
+        raise DataError(f"cannot load the save_to_disk directory {path}: {exc}") from exc
+
+
+# ---------------------------------------------------------------- the Hub
+
+def _env_offline() -> bool:
+    return any(os.environ.get(v, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+               for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _hub_endpoint() -> str:
+    from huggingface_hub import constants
+
+    return os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
+
+
+def hub_reachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
+    """One TCP connect to the Hub endpoint, bounded in time (DNS included).
+
+    Without this, an unreachable Hub costs minutes of HTTP retries before
+    datasets gives up.
+    """
+    url = urlparse(_hub_endpoint())
+    port = url.port or (443 if url.scheme == "https" else 80)
+    result = []
+
+    def probe():
+        try:
+            socket.create_connection((url.hostname, port), timeout=timeout).close()
+            result.append(True)
+        except OSError:
+            result.append(False)
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout + 1.0)
+    return bool(result and result[0])
+
+
+@contextmanager
+def _forced_offline():
+    """Make datasets / huggingface_hub use only their local cache (no network calls)."""
+    from huggingface_hub import constants
+
+    saved = datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE = saved
+
+
+def load_hub_dataset(hub_id: str, config_name, revision, no_copy_hint: str) -> datasets.DatasetDict:
+    """load_dataset(hub_id, config_name, revision) failing fast when the Hub is out of reach.
+
+    Offline (env vars set, or the endpoint does not answer): only the local
+    datasets cache is tried, and a miss is a DataError carrying no_copy_hint.
+    """
+    offline_reason = None
+    if _env_offline():
+        offline_reason = "offline mode is on (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE)"
+    elif not hub_reachable():
+        offline_reason = f"the Hub ({_hub_endpoint()}) cannot be reached"
+    where = f"'{hub_id}'" + (f" (config {config_name!r})" if config_name else "") + (
+        f" at revision {revision!r}" if revision else "")
+    try:
+        if offline_reason:
+            with _forced_offline():
+                loaded = datasets.load_dataset(hub_id, config_name, revision=revision,
+                                               cache_dir=str(datasets_cache_dir()))
+        else:
+            loaded = datasets.load_dataset(hub_id, config_name, revision=revision,
+                                           cache_dir=str(datasets_cache_dir()))
+    except Exception as exc:
+        if offline_reason or isinstance(exc, ConnectionError):
+            raise DataError(f"cannot load dataset {where}: {offline_reason or exc}, and it is not in the local "
+                            f"datasets cache ({datasets_cache_dir()}). {no_copy_hint}") from exc
+        raise DataError(f"cannot load dataset {where} from the Hub: {exc}") from exc
+    if isinstance(loaded, datasets.Dataset):
+        loaded = datasets.DatasetDict({"train": loaded})
+    return loaded
+
+
+# ---------------------------------------------------------------- per-build loader
+
+class SourceLoader:
+    """Loads each distinct source once per build, so splits that share one share its Arrow data."""
+
+    def __init__(self):
+        self._loaded: dict[tuple, object] = {}
+
+    def _once(self, key: tuple, load):
+        if key not in self._loaded:
+            self._loaded[key] = load()
+        return self._loaded[key]
+
+    def local(self, root: Path, split: str, key: str) -> tuple[datasets.Dataset, str, bool] | None:
+        """(split, description, converted by us) from the local copy at root; None if root does not exist."""
+        found = find_local_copy(root)
+        if found is None:
+            return None
+        kind, path = found
+        if kind == "save_to_disk":
+            loaded = self._once(("save_to_disk", str(path.resolve())), lambda: _load_save_to_disk(path))
+            description = f"save_to_disk directory {path}"
+            if isinstance(loaded, datasets.Dataset):
+                return loaded, description, False  # a single split: used for whichever split is asked
+        elif kind == "imagefolder":
+            loaded = self._once(("imagefolder", str(path.resolve())), lambda: _convert_imagefolder(path))
+            description = f"image folder {path}"
+            if list(loaded) == ["all"]:
+                return loaded["all"], description + " (no split subfolders: the same images serve every split)", True
+        else:
+            loaded = self._once((kind, str(path.resolve())), lambda: _convert_batches(kind, path))
+            description = f"CIFAR-10 {'tarball' if kind == 'tarball' else 'batches folder'} {path}"
+        if split not in loaded:
+            raise DataError(f"split {split!r} not found in {description}; available: {', '.join(loaded)} "
+                            f"(set {key}.split)")
+        return loaded[split], f"{description}, split {split!r}", kind != "save_to_disk"
+
+    def hub(self, hub_id: str, config_name, revision, split: str, key: str, hint: str, *,
+            reencode_columns: tuple[str, str] | None = None) -> tuple[datasets.Dataset, str, bool]:
+        """(split, description, converted by us). reencode_columns=(image, label) re-encodes
+        the download into the PPM cache, columns renamed img/label."""
+        identity = (hub_id, config_name, revision)
+        loaded = self._once(("hub", *identity), lambda: load_hub_dataset(hub_id, config_name, revision, hint))
+        converted = False
+        if reencode_columns:
+            loaded, converted = self._once(("hub-reencoded", *identity, *reencode_columns),
+                                           lambda: _convert_hub_download(loaded, identity, *reencode_columns))
+        description = f"Hub dataset {hub_id!r}" + (f" ({config_name})" if config_name else "")
+        if split not in loaded:
+            raise DataError(f"split {split!r} not found in {description}; available: {', '.join(loaded)} "
+                            f"(set {key}.split)")
+        return loaded[split], f"{description}, split {split!r}", converted
+
+    def synthetic(self, num_samples: int, seed: int, split: str) -> tuple[datasets.Dataset, str]:
+        return (synthetic_dataset(num_samples, seed, split),
+                f"synthetic CIFAR-10 (num_samples {num_samples}, seed {seed}, split {split!r})")
