@@ -11,14 +11,11 @@ Importing the package registers the model with AutoConfig / AutoModelForImageCla
 
 from hf_finetune.errors import CheckpointError, DataError, RecipeError, TrainingError, UserError
 from hf_finetune.recipe import load_recipe
-try:  # TEMPORARY while models/ is being written
-    from hf_finetune.models import (  # registers the Auto classes
-        FinetuneResNetConfig,
-        FinetuneResNetForImageClassification,
-        build_model,
-    )
-except ImportError:
-    pass
+from hf_finetune.models import (  # registers the Auto classes
+    FinetuneResNetConfig,
+    FinetuneResNetForImageClassification,
+    build_model,
+)
 
 __version__ = "0.1.0"
 

@@ -1,0 +1,207 @@
+"""The main job end to end on generated data: the real entry point, 1 and 2 processes."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hf_finetune.run import main
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PIPE_TRAIN = [{"type": "RandomCrop", "crop_size": 32, "padding": 4},
+              {"type": "RandomFlip", "prob": 0.5, "direction": "horizontal"},
+              {"type": "PackClsInputs"}]
+PIPE_TEST = [{"type": "PackClsInputs"}]
+
+
+def tiny_recipe(tmp_path, **overrides):
+    """cifar10.json shrunk: ResNet-18, 32 px, generated data, a few updates."""
+    def dataset(n, seed, pipeline):
+        return {"type": "SyntheticCIFAR10", "num_samples": n, "seed": seed, "pipeline": pipeline}
+
+    recipe = {
+        "_base_": [os.path.join(REPO, "recipes", "cifar10.json")],
+        "model": {"backbone": {"depth": 18, "init_cfg": None},
+                  "head": {"in_channels": 512}},
+        "train_dataloader": {"num_workers": 0, "dataset": dataset(48, 0, PIPE_TRAIN)},
+        "val_dataloader": {"num_workers": 0, "dataset": dataset(37, 1, PIPE_TEST)},
+        "test_dataloader": {"num_workers": 0, "dataset": dataset(37, 1, PIPE_TEST)},
+        "train_cfg": {"max_epochs": 3, "total_batch_size": 8},
+        "param_scheduler": {"type": "MultiStepLR", "by_epoch": True, "milestones": [1, 2],
+                            "gamma": 0.5},
+        "default_hooks": {"logger": {"interval": 1}},
+        "randomness": {"seed": 0},
+    }
+    for key, value in overrides.items():
+        recipe[key] = value
+    path = tmp_path / "tiny.json"
+    path.write_text(json.dumps(recipe))
+    return str(path)
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def lr_by_step(work_dir):
+    state = read_json(os.path.join(work_dir, "trainer_state.json"))
+    return {e["step"]: e["learning_rate"] for e in state["log_history"] if "learning_rate" in e}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """One full single-process run through the entry point, shared by several tests."""
+    tmp = tmp_path_factory.mktemp("run")
+    work_dir = str(tmp / "work")
+    assert main([tiny_recipe(tmp), "--work-dir", work_dir]) == 0
+    return tmp, work_dir
+
+
+def test_single_process_run_writes_the_work_dir(finished_run):
+    _, work_dir = finished_run
+    for name in ("model.safetensors", "config.json", "recipe.json", "all_results.json",
+                 "trainer_state.json", "confusion_matrix.json"):
+        assert os.path.isfile(os.path.join(work_dir, name)), name
+    results = read_json(os.path.join(work_dir, "all_results.json"))
+    for key in ("eval_accuracy_top1", "eval_accuracy_top5", "test_accuracy_top1", "train_loss"):
+        assert key in results
+        assert 0.0 <= results[key] <= (1.0 if "accuracy" in key else 1e9)
+    # Every test image counted exactly once (37 is not a multiple of the batch).
+    assert results["test_num_samples"] == 37
+    matrix = read_json(os.path.join(work_dir, "confusion_matrix.json"))["matrix"]
+    assert sum(map(sum, matrix)) == 37
+    # Checkpoints every epoch (6 updates each), the recipe saved with the seed it ran with.
+    checkpoints = sorted(d for d in os.listdir(work_dir) if d.startswith("checkpoint-"))
+    assert checkpoints == ["checkpoint-12", "checkpoint-18", "checkpoint-6"]
+    assert read_json(os.path.join(work_dir, "recipe.json"))["randomness"]["seed"] == 0
+
+
+def test_lr_follows_the_epoch_schedule(finished_run):
+    _, work_dir = finished_run
+    lrs = lr_by_step(work_dir)
+    # 48 images / batch 8 = 6 updates per epoch; LR halves at the start of epochs 1 and 2.
+    # The Trainer logs, at `step`, the LR that update (1-based) ran with.
+    assert sorted(lrs) == list(range(1, 19))
+    for step, lr in lrs.items():
+        epoch = (step - 1) // 6
+        assert lr == pytest.approx(0.01 * 0.5 ** epoch), step
+
+
+def test_frozen_stages_do_not_change(finished_run):
+    tmp, work_dir = finished_run
+    from transformers import set_seed
+
+    from hf_finetune import build_model, load_recipe
+
+    set_seed(0)  # the run seeds model initialisation the same way
+    initial = build_model(load_recipe(tiny_recipe(tmp))).state_dict()
+    trained = load_file(os.path.join(work_dir, "model.safetensors"))
+    frozen = [k for k in trained if k.startswith(("backbone.embedder.", "backbone.encoder.stages.0.",
+                                                  "backbone.encoder.stages.1."))]
+    trainable = [k for k in trained if k.startswith("backbone.encoder.stages.3.")]
+    assert frozen and trainable
+    for key in frozen:  # weights and BatchNorm statistics of stem + stages 1-2
+        assert torch.equal(trained[key], initial[key]), key
+    assert any(not torch.equal(trained[k], initial[k]) for k in trainable)
+
+
+def test_eval_only_reproduces_the_test_metrics(finished_run, capsys):
+    tmp, work_dir = finished_run
+    results = read_json(os.path.join(work_dir, "all_results.json"))
+    assert main([tiny_recipe(tmp), "--work-dir", work_dir, "--eval-only"]) == 0
+    evaluated = read_json(os.path.join(work_dir, "test_results.json"))
+    assert evaluated["test_accuracy_top1"] == pytest.approx(results["test_accuracy_top1"])
+    assert evaluated["test_num_samples"] == 37
+
+
+def test_resume_continues_exactly(finished_run, tmp_path):
+    tmp, work_dir = finished_run
+    resumed = str(tmp_path / "resumed")
+    shutil.copytree(os.path.join(work_dir, "checkpoint-6"), os.path.join(resumed, "checkpoint-6"))
+    # An interrupted save: a newer folder without its state must be skipped, not trusted.
+    os.makedirs(os.path.join(resumed, "checkpoint-9"))
+    (tmp_path / "resumed" / "checkpoint-9" / "config.json").write_text("{}")
+    assert main([tiny_recipe(tmp), "--work-dir", resumed, "--resume"]) == 0
+    full = load_file(os.path.join(work_dir, "model.safetensors"))
+    again = load_file(os.path.join(resumed, "model.safetensors"))
+    for key in full:
+        assert torch.allclose(full[key].float(), again[key].float(), atol=1e-5), key
+    assert lr_by_step(resumed).items() >= {k: v for k, v in lr_by_step(work_dir).items() if k > 6}.items()
+
+
+def test_resume_from_another_architecture_is_refused(finished_run, tmp_path, capsys):
+    tmp, work_dir = finished_run
+    other = str(tmp_path / "other")
+    shutil.copytree(os.path.join(work_dir, "checkpoint-6"), os.path.join(other, "checkpoint-6"))
+    code = main([tiny_recipe(tmp), "--work-dir", other, "--resume",
+                 "--cfg-options", "model.backbone.depth=34"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "depth" in err and "18" in err and "34" in err
+
+
+def test_num_classes_must_match_the_dataset(tmp_path, capsys):
+    code = main([tiny_recipe(tmp_path), "--work-dir", str(tmp_path / "w"),
+                 "--cfg-options", "model.head.num_classes=5", "model.head.topk=[1]"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "5" in err and "10" in err and "num_classes" in err
+
+
+def test_training_args_may_not_override_recipe_keys(tmp_path, capsys):
+    code = main([tiny_recipe(tmp_path), "--cfg-options", "training_args.learning_rate=0.1"])
+    assert code == 2
+    assert "optim_wrapper.optimizer.lr" in capsys.readouterr().err
+
+
+def test_unwritable_work_dir(tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    code = main([tiny_recipe(tmp_path), "--work-dir", str(blocker / "out")])
+    assert code == 2
+    assert "not writable" in capsys.readouterr().err
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_good_checkpoints(tmp_path, capsys):
+    work_dir = str(tmp_path / "nan")
+    code = main([tiny_recipe(tmp_path), "--work-dir", work_dir, "--cfg-options",
+                 "param_scheduler={\"type\":\"MultiStepLR\",\"milestones\":[1],\"gamma\":1e30}"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "NaN/inf" in err and "update" in err
+    # Epoch 0 was healthy and its checkpoint is complete; nothing later was written.
+    assert sorted(d for d in os.listdir(work_dir) if d.startswith("checkpoint-")) == ["checkpoint-6"]
+    weights = load_file(os.path.join(work_dir, "checkpoint-6", "model.safetensors"))
+    assert all(torch.isfinite(t.float()).all() for t in weights.values())
+
+
+def run_launch(args, tmp_path, processes):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    command = [sys.executable, "-m", "accelerate.commands.launch"]
+    if processes > 1:
+        command += ["--multi_gpu", "--num_processes", str(processes)]
+    else:
+        command += ["--num_processes", "1"]
+    command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                "--main_process_port", "29531", os.path.join(REPO, "hf_finetune", "run.py")] + args
+    return subprocess.run(command, capture_output=True, text=True, timeout=400, env=env, cwd=tmp_path)
+
+
+def test_two_process_ddp_on_cpu_matches_the_single_process_schedule(finished_run, tmp_path):
+    tmp, single_dir = finished_run
+    work_dir = str(tmp_path / "ddp")
+    proc = run_launch([tiny_recipe(tmp), "--work-dir", work_dir], tmp_path, processes=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # Same total batch: 8 = 4 per device x 2 processes, so the same updates and LR per step.
+    assert "batch: 8 total = 4 per device x 2 process(es)" in proc.stderr
+    assert lr_by_step(work_dir) == pytest.approx(lr_by_step(single_dir))
+    results = read_json(os.path.join(work_dir, "all_results.json"))
+    assert results["test_num_samples"] == 37  # no sample counted twice by the padding
+    state = read_json(os.path.join(work_dir, "trainer_state.json"))
+    assert state["global_step"] == 18
