@@ -352,10 +352,6 @@ def test_to_rgb_remote_code_model_with_processor_matches_uint8_input(work_dir):
     with torch.no_grad():
         expected = ours(pixel_values=uint8_batch(images)).logits
         got = ours(pixel_values=pixels).logits
-        flipped = ours(pixel_values=pixels.flip(1)).logits
-    if not torch.allclose(got, expected, atol=1e-4, rtol=1e-4) and torch.allclose(flipped, expected, atol=1e-4,
-                                                                                    rtol=1e-4):
-        pytest.xfail("the model flips only uint8 input when to_rgb; float (processor) input must be flipped too")
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 

@@ -104,8 +104,11 @@ def test_uint8_is_normalised_inside_and_float_passes_through():
     x = images()
     expected = (x.flip(1).float() - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
     with torch.no_grad():
-        assert torch.allclose(model(x).logits, model(expected).logits, atol=1e-5)
         assert torch.allclose(model.normalize(x), expected)
+        # Float input (an image processor's, normalised in RGB order) gets only the flip.
+        normalised_rgb = expected.flip(1)
+        assert torch.allclose(model.normalize(normalised_rgb), expected)
+        assert torch.allclose(model(x).logits, model(normalised_rgb).logits, atol=1e-5)
     # mean/std live in the config, not in the weights.
     assert not any("pixel" in k for k in model.state_dict())
 

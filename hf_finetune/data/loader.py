@@ -1,10 +1,10 @@
 """DataLoader that fetches whole batches, and the seeding that keeps augmentation honest.
 
-The sampler is a BatchSampler used as the DataLoader's ``sampler`` with
-``batch_size=None``: each step the loader calls ``dataset[list_of_indices]``
+The DataLoader's ``batch_sampler`` yields lists of indices; the dataset is
+wrapped so torch's fetcher hands each whole list to ``dataset[list_of_indices]``
 once, the dataset's batched transform builds the batch tensor, and that tensor
 IS the batch (no split into samples and re-stacking; see DESIGN.md). accelerate
-recognises a BatchSampler there and shards it per process.
+shards a batch_sampler per process and skips into it on resume.
 
 Randomness of the pipeline:
 - in DataLoader workers it draws from the worker's global torch RNG. torch seeds
@@ -89,9 +89,9 @@ def build_dataloader(dataset, batch_size: int, *, shuffle: bool = False, drop_la
     """A torch DataLoader over ``dataset`` (built by build_datasets) yielding
     {"pixel_values": uint8 [B,3,H,W], "labels": int64 [B]}.
 
-    ``sampler`` is a BatchSampler (RandomSampler with a generator seeded by
-    ``seed`` when shuffling, else SequentialSampler) and ``batch_size`` is None.
-    ``key`` prefixes error messages (e.g. "train_dataloader").
+    ``batch_sampler`` is a BatchSampler over a RandomSampler (generator seeded by
+    ``seed``) when shuffling, else over a SequentialSampler. ``key`` prefixes
+    error messages (e.g. "train_dataloader").
     """
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise RecipeError(f"{key}.batch_size: expected an int >= 1, got {batch_size!r}")
