@@ -567,3 +567,31 @@ def test_push_on_save_callback(work_dir, hub, online, caplog):
         hub.fail_status = None
     assert "training continues" in caplog.text and "503" in caplog.text
     assert_token_absent(texts=[caplog.text], blobs=hub.stored_bytes())
+
+
+# ---------------------------------------------------------------------- from the entry point
+def test_train_and_push_from_the_entry_point(hub, tmp_path):
+    """`hf-finetune RECIPE --push-to-hub REPO` trains, then pushes; the token goes nowhere."""
+    from test_training import tiny_recipe
+
+    work_dir = str(tmp_path / "trained")
+    command = [sys.executable, "-m", "hf_finetune.run", tiny_recipe(tmp_path), "--work-dir", work_dir,
+               "--push-to-hub", "test-user/trained", "--cfg-options", "train_cfg.max_epochs=1",
+               f"training_args.hub_token={TOKEN}"]
+    run = subprocess.run(command, env=subprocess_env(hub, tmp_path), capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    stored = hub.repos["test-user/trained"]
+    for name in (*MODEL_FILES, "recipe.json", "all_results.json", "README.md", "native/model.safetensors"):
+        assert name in stored.files, name
+    assert json.loads(stored.files["all_results.json"])["test_num_samples"] == 37
+    assert_token_absent(folders=[work_dir], texts=[run.stdout, run.stderr], blobs=hub.stored_bytes())
+
+    # The Hub gone: training results stay, the error says how to push again.
+    gone = dict(subprocess_env(hub, tmp_path), HF_ENDPOINT=closed_port_url())
+    again = subprocess.run(command[:5] + [str(tmp_path / "again")] + command[6:], env=gone,
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 1
+    assert "hf-finetune push" in again.stderr and "Traceback" not in again.stderr
+    assert os.path.isfile(str(tmp_path / "again" / "model.safetensors"))
+    assert_token_absent(folders=[str(tmp_path / "again")], texts=[again.stdout, again.stderr])
