@@ -279,7 +279,9 @@ RECIPE = Section(
         "auto_scale_lr": Section({"base_batch_size": Integer, "enable": bool}),
         "default_scope": str,
         "default_hooks": DEFAULT_HOOKS,
-        "env_cfg": Section({"cudnn_benchmark": bool, "mp_cfg": Anything, "dist_cfg": Anything}),
+        # channels_last (ours): model and input in NHWC, faster convolutions on GPUs.
+        "env_cfg": Section({"cudnn_benchmark": bool, "channels_last": bool, "mp_cfg": Anything,
+                            "dist_cfg": Anything}),
         "visualizer": Anything,
         "log_level": str,
         "load_from": OPT_STR,

@@ -248,10 +248,12 @@ def make_training_args(recipe, plan):
         args["metric_for_best_model"] = metric
         args["greater_is_better"] = checkpoint.get("rule", "greater") != "less"
 
-    if world_size() > 1 and not torch.cuda.is_available():
-        # Several processes and no GPU: without use_cpu each process would train alone.
+    if not has_accelerator():
+        # No GPU: say so explicitly. With several processes, use_cpu is what makes them one
+        # gloo job instead of N trainings that ignore each other; it also allows bf16 on CPU.
         args["use_cpu"] = True
-        args["ddp_backend"] = "gloo"
+        if world_size() > 1:
+            args["ddp_backend"] = "gloo"
 
     args.update(extra)
     try:
@@ -270,6 +272,13 @@ def set_intervals(training_args, recipe, steps_per_epoch):
     training_args.eval_steps = train_cfg.get("val_interval", 1) * (steps_per_epoch if by_epoch else 1)
     training_args.save_steps = checkpoint.get("interval", 1) * (
         steps_per_epoch if checkpoint.get("by_epoch", by_epoch) else 1)
+
+
+def has_accelerator():
+    mps = getattr(torch.backends, "mps", None)
+    xpu = getattr(torch, "xpu", None)
+    return (torch.cuda.is_available() or bool(mps and mps.is_available())
+            or bool(xpu and xpu.is_available()))
 
 
 def check_distributed(training_args):

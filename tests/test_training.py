@@ -205,3 +205,36 @@ def test_two_process_ddp_on_cpu_matches_the_single_process_schedule(finished_run
     assert results["test_num_samples"] == 37  # no sample counted twice by the padding
     state = read_json(os.path.join(work_dir, "trainer_state.json"))
     assert state["global_step"] == 18
+
+
+def test_killed_mid_epoch_then_resume(tmp_path):
+    """SIGKILL during epoch 2: the epoch-1 checkpoint survives and --resume finishes the run."""
+    import signal
+    import time
+
+    recipe = tiny_recipe(tmp_path)
+    work_dir = str(tmp_path / "killed")
+    proc = subprocess.Popen([sys.executable, "-m", "hf_finetune.run", recipe, "--work-dir", work_dir],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = os.path.join(work_dir, "checkpoint-6", "trainer_state.json")
+    deadline = time.time() + 240
+    while not os.path.exists(first) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)  # into epoch 2
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert os.path.exists(first)
+    assert not os.path.exists(os.path.join(work_dir, "model.safetensors"))  # it did not finish
+
+    assert main([recipe, "--work-dir", work_dir, "--resume"]) == 0
+    state = read_json(os.path.join(work_dir, "trainer_state.json"))
+    assert state["global_step"] == 18
+    assert os.path.isfile(os.path.join(work_dir, "model.safetensors"))
+
+
+def test_speed_knobs_bf16_and_channels_last_run_on_cpu(tmp_path):
+    work_dir = str(tmp_path / "fast")
+    assert main([tiny_recipe(tmp_path), "--work-dir", work_dir, "--cfg-options",
+                 "train_cfg.max_epochs=1", "training_args.bf16=true", "env_cfg.channels_last=true"]) == 0
+    results = read_json(os.path.join(work_dir, "all_results.json"))
+    assert results["test_num_samples"] == 37
