@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 
@@ -27,13 +26,11 @@ def build_datasets(recipe: dict, data_root=None) -> datasets.DatasetDict:
     """The splits named by the recipe's train/val/test dataloaders, transforms set.
 
     data_root (the CLI's --data-root) replaces every split's dataset.data_root.
-    Splits whose dataloader section is absent or null are left out. Splits with
-    identical dataset settings are the same Dataset object; splits reading the
-    same source share its (memory-mapped) data.
+    Splits whose dataloader section is absent or null are left out. Splits reading
+    the same source share its (memory-mapped) data; each split is its own Dataset.
     """
     num_classes = _recipe_num_classes(recipe)
     loader = SourceLoader()
-    built: dict[str, datasets.Dataset] = {}
     splits = {}
     for split, section in SPLIT_SECTIONS.items():
         loader_cfg = recipe.get(section)
@@ -42,11 +39,8 @@ def build_datasets(recipe: dict, data_root=None) -> datasets.DatasetDict:
         dataset_cfg = loader_cfg.get("dataset")
         if not isinstance(dataset_cfg, dict):
             raise RecipeError(f"{section}.dataset: required (a dict with a 'type', one of {', '.join(DATASET_TYPES)})")
-        identity = json.dumps([dataset_cfg, DEFAULT_SPLITS[split]], sort_keys=True, default=str)
-        if identity not in built:
-            built[identity] = _build_split(dataset_cfg, f"{section}.dataset", DEFAULT_SPLITS[split],
-                                           data_root, num_classes, loader)
-        splits[split] = built[identity]
+        splits[split] = _build_split(dataset_cfg, f"{section}.dataset", DEFAULT_SPLITS[split], data_root,
+                                     num_classes, loader)
     return datasets.DatasetDict(splits)
 
 
@@ -98,8 +92,7 @@ def _build_split(cfg: dict, key: str, default_split: str, data_root_override, nu
     if on_corrupt == "skip":
         ds = _drop_undecodable(ds, image_column, source)
     transform = BatchTransform(steps, image_column=image_column, label_column=label_column, source=source,
-                               on_corrupt=on_corrupt)
-    transform.label_names = names
+                               on_corrupt=on_corrupt, label_names=names)
     ds.set_transform(transform, columns=[image_column, label_column, ROW_COLUMN])
     return ds
 

@@ -20,6 +20,7 @@ import os
 import shutil
 import socket
 import threading
+import urllib.request
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -78,6 +79,8 @@ def _cached_conversion(kind: str, fingerprint: str, convert) -> datasets.Dataset
     if not (target / "dataset_dict.json").is_file():
         root.mkdir(parents=True, exist_ok=True)
         tmp = root / f".{target.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
+        logger.info("converting %s into the Arrow cache %s (once; reused while the source is unchanged)",
+                    kind, target)
         try:
             convert().save_to_disk(str(tmp))
             try:
@@ -200,6 +203,22 @@ def _reencode_split(ds: datasets.Dataset, image_column: str, label_column: str) 
     return datasets.Dataset.from_dict({"img": images, "label": labels}, features=features)
 
 
+REENCODE_MAX_PIXELS = 64 * 64
+
+
+def _small_images(loaded: datasets.DatasetDict, image_column: str) -> bool:
+    """Whether the first image of the first non-empty split is CIFAR-sized."""
+    for ds in loaded.values():
+        if len(ds):
+            item = ds.cast_column(image_column, datasets.Image(decode=False))[0][image_column]
+            try:
+                height, width, _ = decode_image(item).shape
+            except Exception:
+                return False
+            return height * width <= REENCODE_MAX_PIXELS
+    return False
+
+
 def _convert_hub_download(loaded: datasets.DatasetDict, identity: tuple, image_column: str, label_column: str):
     """The Hub download re-encoded into our PPM cache (small images only: CIFAR10 type).
 
@@ -210,6 +229,8 @@ def _convert_hub_download(loaded: datasets.DatasetDict, identity: tuple, image_c
         if image_column not in ds.features or label_column not in ds.features or not isinstance(
                 ds.features[image_column], datasets.Image):
             return loaded, False  # leave it: the column check names the problem
+    if not _small_images(loaded, image_column):
+        return loaded, False  # raw pixels of large images would bloat the cache many times over
     stamps = {split: ([_file_stamp(Path(f["filename"])) for f in ds.cache_files] or ds._fingerprint)
               for split, ds in loaded.items()}
     fingerprint = _fingerprint("hub", identity, image_column, label_column, stamps)
@@ -245,6 +266,9 @@ def hub_reachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
     datasets gives up.
     """
     url = urlparse(_hub_endpoint())
+    proxy = urllib.request.getproxies().get(url.scheme)
+    if proxy and not urllib.request.proxy_bypass(url.hostname or ""):
+        url = urlparse(proxy if "://" in proxy else f"http://{proxy}")  # behind a proxy, reach the proxy
     port = url.port or (443 if url.scheme == "https" else 80)
     result = []
 

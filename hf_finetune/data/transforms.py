@@ -30,7 +30,10 @@ ROW_COLUMN = "__row__"  # original row index within the split, for error message
 
 
 def _did_you_mean(name, options) -> str:
-    close = difflib.get_close_matches(str(name), list(options), n=1)
+    name, options = str(name), [str(o) for o in options]
+    close = difflib.get_close_matches(name, options, n=1)
+    if not close:  # "probability" -> "prob": a shared prefix is a good hint too
+        close = [o for o in options if len(o) >= 3 and (name.startswith(o) or o.startswith(name))][:1]
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
@@ -304,13 +307,15 @@ class BatchTransform:
     the pipeline must then bring them to one size (Resize / CenterCrop).
     """
 
-    def __init__(self, steps, *, image_column: str, label_column: str, source: str, on_corrupt: str = "error"):
+    def __init__(self, steps, *, image_column: str, label_column: str, source: str, on_corrupt: str = "error",
+                 label_names: list[str] | None = None):
         self.steps = list(steps[:-1])
         self.packer = steps[-1]
         self.image_column = image_column
         self.label_column = label_column
         self.source = source
         self.on_corrupt = on_corrupt
+        self.label_names = label_names  # index = label id; read by data.label_names()
         self.skipped = 0  # per process
 
     def decode(self, items, rows) -> tuple[list[np.ndarray], list[int]]:
@@ -319,13 +324,15 @@ class BatchTransform:
             try:
                 arrays.append(decode_image(item))
             except Exception as exc:
+                path = item.get("path") if isinstance(item, dict) else None
+                where = f"index {rows[pos]}" + (f" ({path})" if path else "")
                 if self.on_corrupt != "skip":
                     raise BatchDataError(
-                        f"cannot decode image at index {rows[pos]} of {self.source}: {exc}. Fix or remove it, or set "
+                        f"cannot decode image at {where} of {self.source}: {exc}. Fix or remove it, or set "
                         f"dataset.on_corrupt to \"skip\" to drop undecodable images") from exc
                 self.skipped += 1
                 if self.skipped == 1:
-                    warnings.warn(f"skipping undecodable image at index {rows[pos]} of {self.source}: {exc} "
+                    warnings.warn(f"skipping undecodable image at {where} of {self.source}: {exc} "
                                   f"(on_corrupt='skip'; later ones are skipped silently)", stacklevel=2)
                 continue
             kept.append(pos)
