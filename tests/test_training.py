@@ -118,6 +118,14 @@ def test_eval_only_reproduces_the_test_metrics(finished_run, capsys):
     evaluated = read_json(os.path.join(work_dir, "test_results.json"))
     assert evaluated["test_accuracy_top1"] == pytest.approx(results["test_accuracy_top1"])
     assert evaluated["test_num_samples"] == 37
+    # A checkpoint folder and a bare weights file (load_from) give the same numbers.
+    for source in (os.path.join(work_dir, "checkpoint-18"), os.path.join(work_dir, "model.safetensors")):
+        os.remove(os.path.join(work_dir, "test_results.json"))
+        assert main([tiny_recipe(tmp), "--work-dir", work_dir, "--eval-only", source]) == 0
+        again = read_json(os.path.join(work_dir, "test_results.json"))
+        assert again["test_accuracy_top1"] == pytest.approx(results["test_accuracy_top1"]), source
+    assert main([tiny_recipe(tmp), "--work-dir", work_dir, "--eval-only", str(tmp / "nope")]) == 2
+    assert "no such file" in capsys.readouterr().err
 
 
 def test_resume_continues_exactly(finished_run, tmp_path):
