@@ -255,6 +255,10 @@ def make_training_args(recipe, plan):
         if world_size() > 1:
             args["ddp_backend"] = "gloo"
 
+    if torch.cuda.is_available() and args["dataloader_pin_memory"]:
+        # Pinned batches can be copied while the previous step still runs on the GPU.
+        args["accelerator_config"] = {"non_blocking": True}
+
     args.update(extra)
     try:
         training_args = TrainingArguments(**args)
@@ -303,7 +307,7 @@ class LossGuard:
 
     def update(self, loss, step):
         bad = ~torch.isfinite(loss.detach())
-        marker = torch.where(bad, torch.tensor(step, device=loss.device), torch.tensor(-1, device=loss.device))
+        marker = torch.where(bad, step, -1)  # Python scalars: no host-to-device copy, no sync
         if self.first_bad is None:
             self.first_bad = marker
         else:
@@ -390,6 +394,25 @@ class FinetuneTrainer(Trainer):
         loss = super().training_step(model, inputs, num_items_in_batch)
         self.loss_guard.update(loss, self.state.global_step)
         return loss
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        # The Trainer computes the norm every update only to log it; without clipping, skip
+        # that pass over every gradient on the updates that do not log.
+        if grad_norm is None and not self._logs_next_update():
+            return None
+        return super()._get_grad_norm(model, grad_norm=grad_norm)
+
+    def _logs_next_update(self):
+        step = self.state.global_step + 1
+        every = self.args.logging_steps
+        return (step == 1 and self.args.logging_first_step) or step >= self.state.max_steps or (
+            every and step % every == 0)
+
+    def floating_point_ops(self, inputs):
+        # The Trainer would count the model's parameters again on every step.
+        if not hasattr(self, "_params_for_flops"):
+            self._params_for_flops = self.model.num_parameters(exclude_embeddings=True)
+        return 6 * inputs["pixel_values"].numel() * self._params_for_flops
 
     def log(self, logs, start_time=None):
         self.loss_guard.check()
