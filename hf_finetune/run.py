@@ -132,12 +132,12 @@ def main(argv=None):
             print(json.dumps(redact(recipe), indent=2))
             return 0
 
-        from hf_finetune import training
+        from hf_finetune import runs
 
         if args.eval_only:
-            training.evaluate_only(recipe, checkpoint=args.eval_only)
+            runs.evaluate_only(recipe, checkpoint=args.eval_only)
         else:
-            training.train(recipe, resume=args.resume)
+            runs.train(recipe, resume=args.resume)
         return 0
     except UserError as error:
         _report(error)

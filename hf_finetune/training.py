@@ -1,25 +1,22 @@
-"""Trainer assembly: batch sizes, TrainingArguments from the recipe, the run itself.
+"""Trainer assembly: batch sizes and TrainingArguments from the recipe, then build_trainer.
 
 Which key wins: the mmcls sections own their settings. A `training_args` field that one of
 them already sets (see OWNED_FIELDS) is rejected with the key to use instead, so nothing is
 silently overridden; every other TrainingArguments field passes through untouched.
 """
 
-import json
 import logging
 import math
 import os
 import random
-import time
 from dataclasses import dataclass
 
 import torch
-from transformers import Trainer, TrainingArguments, set_seed
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers import TrainingArguments, set_seed
 
-from .errors import RecipeError, TrainingError, UserError
-from .optim import build_lr_scheduler, build_optimizer, optimizer_settings
-from .recipe import redact
+from .errors import RecipeError, TrainingError
+from .optim import optimizer_settings
+from .trainer import EvalMetrics, FinetuneTrainer, topk_of
 
 logger = logging.getLogger("hf_finetune")
 
@@ -66,8 +63,6 @@ OWNED_FIELDS = {
 # Trainer, so it is never written into training_args.bin).
 HUB_FIELDS = ("push_to_hub", "hub_model_id", "hub_private_repo", "hub_strategy", "hub_token")
 
-# What a complete Trainer checkpoint holds (trainer_state.json is written last).
-CHECKPOINT_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt")
 
 
 # --- batch size ---------------------------------------------------------------------------
@@ -296,179 +291,6 @@ def check_distributed(training_args):
         )
 
 
-# --- Trainer -------------------------------------------------------------------------------
-
-
-class LossGuard:
-    """Remembers the first update whose loss was NaN/inf without a device sync per step."""
-
-    def __init__(self):
-        self.first_bad = None
-
-    def update(self, loss, step):
-        bad = ~torch.isfinite(loss.detach())
-        marker = torch.where(bad, step, -1)  # Python scalars: no host-to-device copy, no sync
-        if self.first_bad is None:
-            self.first_bad = marker
-        else:
-            self.first_bad = torch.where(self.first_bad >= 0, self.first_bad, marker)
-
-    def check(self):
-        if self.first_bad is not None and int(self.first_bad) >= 0:
-            step = int(self.first_bad)
-            raise TrainingError(
-                f"the loss became NaN/inf at update {step + 1}; training stopped. Checkpoints "
-                f"written before it are intact. Lower optim_wrapper.optimizer.lr, set "
-                f"optim_wrapper.clip_grad, or check the data."
-            )
-
-
-class FinetuneTrainer(Trainer):
-    """Trainer with whole-batch data loading, the recipe's optimizer and LR schedule."""
-
-    def __init__(self, *args, recipe, plan, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.recipe = recipe
-        self.plan = plan
-        self.loss_guard = LossGuard()
-        self._window = None  # (time, samples) at the last log, for images/s
-
-    # Data: the pipeline builds each batch tensor itself; the DataLoader only fetches it.
-    def _loader(self, dataset, section, batch_size, shuffle, drop_last):
-        from .data import build_dataloader
-
-        cfg = self.recipe.get(section, {})
-        workers = cfg.get("num_workers", 0)
-        loader = build_dataloader(
-            dataset,
-            batch_size,
-            shuffle=shuffle,
-            drop_last=drop_last,
-            num_workers=workers,
-            pin_memory=self.args.dataloader_pin_memory,
-            persistent_workers=cfg.get("persistent_workers", workers > 0),
-            prefetch_factor=cfg.get("prefetch_factor") if workers > 0 else None,
-            seed=self.args.seed,
-        )
-        return self.accelerator.prepare(loader)
-
-    def get_train_dataloader(self):
-        cfg = self.recipe.get("train_dataloader", {})
-        shuffle = cfg.get("sampler", {}).get("shuffle", True)
-        loader = self._loader(self.train_dataset, "train_dataloader", self.args.per_device_train_batch_size,
-                              shuffle, self.args.dataloader_drop_last)
-        self.batches_per_epoch = len(loader)
-        return loader
-
-    def get_eval_dataloader(self, eval_dataset=None):
-        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
-        key = getattr(dataset, "_hf_finetune_section", "val_dataloader")
-        cached = getattr(self, "_eval_loaders", {})
-        if id(dataset) in cached:
-            return cached[id(dataset)]
-        loader = self._loader(dataset, key, self.args.per_device_eval_batch_size, False, False)
-        if self.recipe.get(key, {}).get("persistent_workers", False):
-            cached[id(dataset)] = loader
-            self._eval_loaders = cached
-        return loader
-
-    def get_test_dataloader(self, test_dataset):
-        return self.get_eval_dataloader(test_dataset)
-
-    # Optimisation as the recipe says.
-    def create_optimizer(self, model=None):
-        if self.optimizer is None:
-            self.optimizer = build_optimizer(model or self.model, self.recipe, lr=self.plan.lr)
-        return self.optimizer
-
-    def create_scheduler(self, num_training_steps, optimizer=None):
-        if self.lr_scheduler is None:
-            batches = getattr(self, "batches_per_epoch", None) or len(self.get_train_dataloader())
-            per_epoch = max(math.ceil(batches / self.args.gradient_accumulation_steps), 1)
-            self.lr_scheduler = build_lr_scheduler(
-                optimizer or self.optimizer, self.recipe, per_epoch, num_training_steps
-            )
-        return self.lr_scheduler
-
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        loss = super().training_step(model, inputs, num_items_in_batch)
-        self.loss_guard.update(loss, self.state.global_step)
-        return loss
-
-    def _get_grad_norm(self, model, grad_norm=None):
-        # The Trainer computes the norm every update only to log it; without clipping, skip
-        # that pass over every gradient on the updates that do not log.
-        if grad_norm is None and not self._logs_next_update():
-            return None
-        return super()._get_grad_norm(model, grad_norm=grad_norm)
-
-    def _logs_next_update(self):
-        step = self.state.global_step + 1
-        every = self.args.logging_steps
-        return (step == 1 and self.args.logging_first_step) or step >= self.state.max_steps or (
-            every and step % every == 0)
-
-    def floating_point_ops(self, inputs):
-        # The Trainer would count the model's parameters again on every step.
-        if not hasattr(self, "_params_for_flops"):
-            self._params_for_flops = self.model.num_parameters(exclude_embeddings=True)
-        return 6 * inputs["pixel_values"].numel() * self._params_for_flops
-
-    def log(self, logs, start_time=None):
-        self.loss_guard.check()
-        if "loss" in logs:
-            now = time.perf_counter()
-            seen = self.state.global_step * self.plan.total
-            if self._window is not None and now > self._window[0] and seen > self._window[1]:
-                logs["images_per_sec"] = round((seen - self._window[1]) / (now - self._window[0]), 1)
-            self._window = (now, seen)
-        super().log(logs, start_time)
-
-    def _save_checkpoint(self, model, trial):
-        self.loss_guard.check()  # never write a checkpoint of NaN weights
-        super()._save_checkpoint(model, trial)
-
-
-class ConfusionMatrix:
-    """compute_metrics: top-k accuracy through the shipped `evaluate` module, plus the
-    confusion matrix of the last evaluation (kept for the model card)."""
-
-    def __init__(self, topk, num_classes):
-        from .metrics import load_accuracy
-
-        self.metric = load_accuracy()
-        self.topk = topk
-        self.num_classes = num_classes
-        self.matrix = None
-
-    def __call__(self, eval_pred):
-        ranked, labels = eval_pred.predictions, eval_pred.label_ids
-        if isinstance(ranked, tuple):
-            ranked = ranked[0]
-        results = self.metric.compute(predictions=ranked.tolist(), references=labels.tolist(),
-                                      topk=self.topk)
-        matrix = torch.zeros(self.num_classes, self.num_classes, dtype=torch.long)
-        top1 = torch.as_tensor(ranked[:, 0]).long()
-        matrix.index_put_((torch.as_tensor(labels).long(), top1), torch.ones_like(top1), accumulate=True)
-        self.matrix = matrix.tolist()
-        results["num_samples"] = int(len(labels))
-        return results
-
-
-def topk_of(recipe, num_classes):
-    """The k values to report: the evaluator's and the head's (mmcls' head declares top-1 and
-    top-5), and how many ranked classes that needs (never more than there are classes)."""
-    ks = set()
-    evaluators = recipe.get("val_evaluator") or {}
-    for evaluator in evaluators if isinstance(evaluators, list) else [evaluators]:
-        topk = evaluator.get("topk", [1])
-        ks.update([topk] if isinstance(topk, int) else topk)
-    head_topk = recipe.get("model", {}).get("head", {}).get("topk", [1, 5])
-    ks.update([head_topk] if isinstance(head_topk, int) else head_topk)
-    ks = sorted(ks)
-    return ks, min(max(ks), num_classes)
-
-
 def build_trainer(recipe, datasets=None, model=None, callbacks=None):
     """A FinetuneTrainer wired from the recipe: data, model, optimizer, schedule, metrics."""
     from .data import build_datasets, label_names
@@ -503,7 +325,7 @@ def build_trainer(recipe, datasets=None, model=None, callbacks=None):
         torch.backends.cudnn.benchmark = True
 
     topk, rank_k = topk_of(recipe, num_classes)
-    metrics = ConfusionMatrix(topk, num_classes)
+    metrics = EvalMetrics(topk, num_classes)
 
     def ranked_classes(logits, labels):
         # Keep only the best k class indices per sample: less to gather across processes.
@@ -547,191 +369,6 @@ def log_plan(plan, args, steps, num_train):
     )
 
 
-# --- the run -----------------------------------------------------------------------------
-
-
-def ensure_writable(work_dir):
-    try:
-        os.makedirs(work_dir, exist_ok=True)
-        probe = os.path.join(work_dir, f".write_test_{os.getpid()}")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as e:
-        raise UserError(f"work dir {work_dir}: not writable ({e.strerror}); choose another "
-                        f"with --work-dir") from None
-
-
-def complete_checkpoints(work_dir):
-    """checkpoint-N folders that were written to the end, oldest first."""
-    if not os.path.isdir(work_dir):
-        return []
-    found = []
-    for name in os.listdir(work_dir):
-        path = os.path.join(work_dir, name)
-        if not (name.startswith(PREFIX_CHECKPOINT_DIR + "-") and os.path.isdir(path)):
-            continue
-        try:
-            step = int(name.rsplit("-", 1)[1])
-        except ValueError:
-            continue
-        if is_complete_checkpoint(path):
-            found.append((step, path))
-        else:
-            logger.warning("ignoring %s: incomplete (interrupted while saving)", path)
-    return [path for _, path in sorted(found)]
-
-
-def is_complete_checkpoint(path):
-    if not all(os.path.isfile(os.path.join(path, f)) for f in CHECKPOINT_FILES):
-        return False
-    if not any(os.path.isfile(os.path.join(path, f)) for f in ("model.safetensors", "pytorch_model.bin")):
-        return False
-    try:
-        with open(os.path.join(path, "trainer_state.json")) as f:
-            json.load(f)
-    except (OSError, ValueError):
-        return False
-    return True
-
-
-def resolve_resume(recipe, resume):
-    """The checkpoint folder to resume from, or None to start fresh."""
-    work_dir = recipe["work_dir"]
-    if resume in (None, False) and not recipe.get("resume"):
-        return None
-    if resume in (None, True, "auto"):
-        checkpoints = complete_checkpoints(work_dir)
-        if not checkpoints:
-            logger.warning("--resume: no complete checkpoint in %s; starting from scratch", work_dir)
-            return None
-        return checkpoints[-1]
-    if not os.path.isdir(resume) or not is_complete_checkpoint(resume):
-        raise UserError(
-            f"--resume {resume}: not a complete checkpoint folder (expected a "
-            f"{PREFIX_CHECKPOINT_DIR}-N folder with {', '.join(CHECKPOINT_FILES)})"
-        )
-    return resume
-
-
-def check_resume_compatible(checkpoint, model):
-    """Refuse a checkpoint of another architecture or recipe before the Trainer trips on it."""
-    try:
-        with open(os.path.join(checkpoint, "config.json")) as f:
-            saved = json.load(f)
-    except (OSError, ValueError):
-        raise UserError(f"--resume {checkpoint}: config.json missing or unreadable") from None
-    ours = model.config.to_dict()
-    for key in ("model_type", "depth", "num_labels", "frozen_stages", "style"):
-        a, b = saved.get(key), ours.get(key)
-        if key == "num_labels":
-            a = len(saved.get("id2label") or {}) or a
-            b = len(ours.get("id2label") or {}) or b
-        if a != b:
-            raise UserError(
-                f"--resume {checkpoint}: it was trained with {key}={a!r}, this recipe has "
-                f"{key}={b!r}; resume with the recipe that wrote it, or start a new work dir"
-            )
-
-
-def save_outputs(trainer, recipe, results):
-    """Final weights, config, recipe, metrics and trainer state in the work dir."""
-    work_dir = recipe["work_dir"]
-    trainer.save_model(work_dir)
-    if not trainer.is_world_process_zero():
-        return
-    with open(os.path.join(work_dir, "recipe.json"), "w") as f:
-        json.dump(redact_hub(recipe), f, indent=2)
-    trainer.save_metrics("all", results, combined=False)
-    trainer.state.save_to_json(os.path.join(work_dir, "trainer_state.json"))
-    matrix = trainer.metrics_fn.matrix
-    if matrix is not None:
-        names = [trainer.model.config.id2label[i] for i in range(len(matrix))]
-        with open(os.path.join(work_dir, "confusion_matrix.json"), "w") as f:
-            json.dump({"labels": names, "matrix": matrix}, f)
-    try:
-        from . import hub
-
-        hub.write_image_processor_config(work_dir, trainer.model.config)
-        hub.write_model_card(work_dir)
-    except Exception as e:  # the card is a convenience: never lose a finished run over it
-        logger.warning("could not write the model card: %s", e)
-
-
-def redact_hub(recipe):
-    clean = redact(recipe)
-    clean.get("training_args", {}).pop("hub_token", None)
-    return clean
-
-
-def train(recipe, resume=None):
-    """The main job: train, evaluate on the test split, save, optionally push."""
-    ensure_writable(recipe["work_dir"])
-    trainer = build_trainer(recipe)
-    checkpoint = resolve_resume(recipe, resume)
-    if checkpoint:
-        check_resume_compatible(checkpoint, trainer.model)
-        logger.info("resuming from %s", checkpoint)
-    try:
-        train_result = trainer.train(resume_from_checkpoint=checkpoint)
-    except OSError as e:
-        raise TrainingError(f"writing to {recipe['work_dir']} failed: {e}") from None
-    trainer.loss_guard.check()
-    results = dict(train_result.metrics)
-    if trainer.args.eval_strategy != "no":
-        results.update(trainer.evaluate())
-    results.update(trainer.evaluate(trainer.datasets["test"], metric_key_prefix="test"))
-    save_outputs(trainer, recipe, results)
-    if trainer.is_world_process_zero():
-        logger.info("done: %s", ", ".join(f"{k}={v:.4f}" for k, v in results.items()
-                                             if "accuracy" in k))
-        push_if_asked(recipe)
-    return results
-
-
 def hub_repo_id(recipe):
     args = recipe.get("training_args") or {}
     return args.get("hub_model_id") or os.path.basename(os.path.normpath(recipe["work_dir"]))
-
-
-def push_if_asked(recipe):
-    args = recipe.get("training_args") or {}
-    if not args.get("push_to_hub"):
-        return
-    from . import hub
-
-    hub.push_work_dir(recipe["work_dir"], hub_repo_id(recipe), token=args.get("hub_token"),
-                      private=bool(args.get("hub_private_repo")))
-
-
-def evaluate_only(recipe, checkpoint="auto"):
-    """`--eval-only`: top-1/top-5 of a saved model (or checkpoint) on the test split."""
-    from .models import FinetuneResNetForImageClassification
-
-    work_dir = recipe["work_dir"]
-    source = checkpoint
-    if checkpoint in (None, "auto"):
-        if os.path.isfile(os.path.join(work_dir, "config.json")):
-            source = work_dir
-        else:
-            found = complete_checkpoints(work_dir)
-            if not found:
-                raise UserError(f"--eval-only: no trained model in {work_dir}; pass a checkpoint "
-                                f"folder or weights file: --eval-only PATH")
-            source = found[-1]
-    if os.path.isdir(source):
-        if not os.path.isfile(os.path.join(source, "config.json")):
-            raise UserError(f"--eval-only {source}: no config.json there (not a saved model)")
-        model = FinetuneResNetForImageClassification.from_pretrained(source)
-    elif os.path.isfile(source):
-        recipe = dict(recipe, load_from=source)
-        model = None
-    else:
-        raise UserError(f"--eval-only {source}: no such file or folder")
-    ensure_writable(work_dir)
-    trainer = build_trainer(recipe, model=model)
-    metrics = trainer.evaluate(trainer.datasets["test"], metric_key_prefix="test")
-    if trainer.is_world_process_zero():
-        trainer.save_metrics("test", metrics, combined=False)
-        logger.info("test: %s", ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if "accuracy" in k))
-    return metrics

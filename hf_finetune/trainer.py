@@ -1,0 +1,181 @@
+"""The Trainer subclass: whole-batch data loading, the recipe's optimizer and LR schedule,
+a NaN guard, throughput in the logs, and the evaluation metrics."""
+
+import math
+import time
+
+import torch
+from transformers import Trainer
+
+from .errors import TrainingError
+from .optim import build_lr_scheduler, build_optimizer
+
+
+class LossGuard:
+    """Remembers the first update whose loss was NaN/inf without a device sync per step."""
+
+    def __init__(self):
+        self.first_bad = None
+
+    def update(self, loss, step):
+        bad = ~torch.isfinite(loss.detach())
+        marker = torch.where(bad, step, -1)  # Python scalars: no host-to-device copy, no sync
+        if self.first_bad is None:
+            self.first_bad = marker
+        else:
+            self.first_bad = torch.where(self.first_bad >= 0, self.first_bad, marker)
+
+    def check(self):
+        if self.first_bad is not None and int(self.first_bad) >= 0:
+            step = int(self.first_bad)
+            raise TrainingError(
+                f"the loss became NaN/inf at update {step + 1}; training stopped. Checkpoints "
+                f"written before it are intact. Lower optim_wrapper.optimizer.lr, set "
+                f"optim_wrapper.clip_grad, or check the data."
+            )
+
+
+class FinetuneTrainer(Trainer):
+    """Trainer with whole-batch data loading, the recipe's optimizer and LR schedule."""
+
+    def __init__(self, *args, recipe, plan, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.recipe = recipe
+        self.plan = plan
+        self.loss_guard = LossGuard()
+        self._window = None  # (time, samples) at the last log, for images/s
+
+    # Data: the pipeline builds each batch tensor itself; the DataLoader only fetches it.
+    def _loader(self, dataset, section, batch_size, shuffle, drop_last):
+        from .data import build_dataloader  # datasets is imported only when data is needed
+
+        cfg = self.recipe.get(section, {})
+        workers = cfg.get("num_workers", 0)
+        loader = build_dataloader(
+            dataset,
+            batch_size,
+            shuffle=shuffle,
+            drop_last=drop_last,
+            num_workers=workers,
+            pin_memory=self.args.dataloader_pin_memory,
+            persistent_workers=cfg.get("persistent_workers", workers > 0),
+            prefetch_factor=cfg.get("prefetch_factor") if workers > 0 else None,
+            seed=self.args.seed,
+        )
+        return self.accelerator.prepare(loader)
+
+    def get_train_dataloader(self):
+        cfg = self.recipe.get("train_dataloader", {})
+        shuffle = cfg.get("sampler", {}).get("shuffle", True)
+        loader = self._loader(self.train_dataset, "train_dataloader", self.args.per_device_train_batch_size,
+                              shuffle, self.args.dataloader_drop_last)
+        self.batches_per_epoch = len(loader)
+        return loader
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        key = getattr(dataset, "_hf_finetune_section", "val_dataloader")
+        cached = getattr(self, "_eval_loaders", {})
+        if id(dataset) in cached:
+            return cached[id(dataset)]
+        loader = self._loader(dataset, key, self.args.per_device_eval_batch_size, False, False)
+        if self.recipe.get(key, {}).get("persistent_workers", False):
+            cached[id(dataset)] = loader
+            self._eval_loaders = cached
+        return loader
+
+    def get_test_dataloader(self, test_dataset):
+        return self.get_eval_dataloader(test_dataset)
+
+    # Optimisation as the recipe says.
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            self.optimizer = build_optimizer(model or self.model, self.recipe, lr=self.plan.lr)
+        return self.optimizer
+
+    def create_scheduler(self, num_training_steps, optimizer=None):
+        if self.lr_scheduler is None:
+            batches = getattr(self, "batches_per_epoch", None) or len(self.get_train_dataloader())
+            per_epoch = max(math.ceil(batches / self.args.gradient_accumulation_steps), 1)
+            self.lr_scheduler = build_lr_scheduler(
+                optimizer or self.optimizer, self.recipe, per_epoch, num_training_steps
+            )
+        return self.lr_scheduler
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self.loss_guard.update(loss, self.state.global_step)
+        return loss
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        # The Trainer computes the norm every update only to log it; without clipping, skip
+        # that pass over every gradient on the updates that do not log.
+        if grad_norm is None and not self._logs_next_update():
+            return None
+        return super()._get_grad_norm(model, grad_norm=grad_norm)
+
+    def _logs_next_update(self):
+        step = self.state.global_step + 1
+        every = self.args.logging_steps
+        return (step == 1 and self.args.logging_first_step) or step >= self.state.max_steps or (
+            every and step % every == 0)
+
+    def floating_point_ops(self, inputs):
+        # The Trainer would count the model's parameters again on every step.
+        if not hasattr(self, "_params_for_flops"):
+            self._params_for_flops = self.model.num_parameters(exclude_embeddings=True)
+        return 6 * inputs["pixel_values"].numel() * self._params_for_flops
+
+    def log(self, logs, start_time=None):
+        self.loss_guard.check()
+        if "loss" in logs:
+            now = time.perf_counter()
+            seen = self.state.global_step * self.plan.total
+            if self._window is not None and now > self._window[0] and seen > self._window[1]:
+                logs["images_per_sec"] = round((seen - self._window[1]) / (now - self._window[0]), 1)
+            self._window = (now, seen)
+        super().log(logs, start_time)
+
+    def _save_checkpoint(self, model, trial):
+        self.loss_guard.check()  # never write a checkpoint of NaN weights
+        super()._save_checkpoint(model, trial)
+
+
+class EvalMetrics:
+    """compute_metrics: top-k accuracy through the shipped `evaluate` module, plus the
+    confusion matrix of the last evaluation (kept for the model card)."""
+
+    def __init__(self, topk, num_classes):
+        from .metrics import load_accuracy
+
+        self.metric = load_accuracy()
+        self.topk = topk
+        self.num_classes = num_classes
+        self.matrix = None
+
+    def __call__(self, eval_pred):
+        ranked, labels = eval_pred.predictions, eval_pred.label_ids
+        if isinstance(ranked, tuple):
+            ranked = ranked[0]
+        results = self.metric.compute(predictions=ranked.tolist(), references=labels.tolist(),
+                                      topk=self.topk)
+        matrix = torch.zeros(self.num_classes, self.num_classes, dtype=torch.long)
+        top1 = torch.as_tensor(ranked[:, 0]).long()
+        matrix.index_put_((torch.as_tensor(labels).long(), top1), torch.ones_like(top1), accumulate=True)
+        self.matrix = matrix.tolist()
+        results["num_samples"] = int(len(labels))
+        return results
+
+
+def topk_of(recipe, num_classes):
+    """The k values to report: the evaluator's and the head's (mmcls' head declares top-1 and
+    top-5), and how many ranked classes that needs (never more than there are classes)."""
+    ks = set()
+    evaluators = recipe.get("val_evaluator") or {}
+    for evaluator in evaluators if isinstance(evaluators, list) else [evaluators]:
+        topk = evaluator.get("topk", [1])
+        ks.update([topk] if isinstance(topk, int) else topk)
+    head_topk = recipe.get("model", {}).get("head", {}).get("topk", [1, 5])
+    ks.update([head_topk] if isinstance(head_topk, int) else head_topk)
+    ks = sorted(ks)
+    return ks, min(max(ks), num_classes)
