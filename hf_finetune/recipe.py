@@ -376,6 +376,6 @@ def redact(recipe):
     """A copy safe to print or save: secrets (the hub token) removed."""
     clean = copy.deepcopy(recipe)
     args = clean.get("training_args")
-    if isinstance(args, dict) and args.get("hub_token"):
-        args["hub_token"] = "<redacted>"
+    if isinstance(args, dict):
+        args.pop("hub_token", None)
     return clean

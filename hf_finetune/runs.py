@@ -108,7 +108,7 @@ def save_outputs(trainer, recipe, results):
     if not trainer.is_world_process_zero():
         return
     with open(os.path.join(work_dir, "recipe.json"), "w") as f:
-        json.dump(redact_hub(recipe), f, indent=2)
+        json.dump(redact(recipe), f, indent=2)
     trainer.save_metrics("all", results, combined=False)
     trainer.state.save_to_json(os.path.join(work_dir, "trainer_state.json"))
     matrix = trainer.metrics_fn.matrix
@@ -123,12 +123,6 @@ def save_outputs(trainer, recipe, results):
         hub.write_model_card(work_dir)
     except Exception as e:  # the card is a convenience: never lose a finished run over it
         logger.warning("could not write the model card: %s", e)
-
-
-def redact_hub(recipe):
-    clean = redact(recipe)
-    clean.get("training_args", {}).pop("hub_token", None)
-    return clean
 
 
 def train(recipe, resume=None):

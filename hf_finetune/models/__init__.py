@@ -11,6 +11,7 @@ import difflib
 from transformers import AutoConfig, AutoModelForImageClassification
 
 from hf_finetune.errors import RecipeError
+from hf_finetune.recipe import validate
 
 from .checkpoints import LoadReport, load_checkpoint_file, load_pretrained, to_transformers_state_dict
 from .configuration_finetune_resnet import RESNET_ARCH, FinetuneResNetConfig
@@ -31,32 +32,11 @@ _UNSUPPORTED_BACKBONE_DEFAULTS = {
     "base_channels": 64,
     "with_cp": False,
 }
-_BACKBONE_KEYS = {"type", "depth", "out_indices", "style", "frozen_stages", "norm_eval", "zero_init_residual",
-                  "init_cfg", *_UNSUPPORTED_BACKBONE_DEFAULTS}
-_HEAD_KEYS = {"type", "num_classes", "in_channels", "loss", "topk", "cal_acc"}
-_LOSS_KEYS = {"CrossEntropyLoss": {"type", "loss_weight", "label_smoothing"},
-              "LabelSmoothLoss": {"type", "label_smooth_val", "loss_weight", "mode"}}
-_PREPROCESSOR_KEYS = {"type", "num_classes", "mean", "std", "to_rgb"}
-_INIT_CFG_KEYS = {"type", "checkpoint", "prefix", "allow_partial"}
 
 
 def _did_you_mean(value, choices) -> str:
     close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def _check_type(section: dict, path: str, expected: str, required: bool = False):
-    value = section.get("type", None if required else expected)
-    if value != expected:
-        raise RecipeError(
-            f"{path}.type: {value!r} is not supported; expected {expected!r}{_did_you_mean(value, [expected])}"
-        )
-
-
-def _check_keys(section: dict, path: str, known: set):
-    for name in section:
-        if name not in known:
-            raise RecipeError(f"{path}.{name}: unknown key{_did_you_mean(name, sorted(known))}")
 
 
 def _as_list(value):
@@ -65,8 +45,6 @@ def _as_list(value):
 
 def _backbone_kwargs(backbone: dict) -> dict:
     path = "model.backbone"
-    _check_type(backbone, path, "ResNet")
-    _check_keys(backbone, path, _BACKBONE_KEYS)
     for name, default in _UNSUPPORTED_BACKBONE_DEFAULTS.items():
         if name in backbone and backbone[name] != default:
             raise RecipeError(
@@ -103,10 +81,6 @@ def _init_cfg(backbone: dict) -> dict | None:
     if not init_cfg:
         return None
     path = "model.backbone.init_cfg"
-    if isinstance(init_cfg, list):
-        raise RecipeError(f"{path}: a list of initialisers is not supported; give one {{type: 'Pretrained', ...}}")
-    _check_type(init_cfg, path, "Pretrained", required=True)
-    _check_keys(init_cfg, path, _INIT_CFG_KEYS)
     checkpoint = init_cfg.get("checkpoint")
     if not isinstance(checkpoint, str) or not checkpoint.strip():
         raise RecipeError(f"{path}.checkpoint: required (an http(s) URL, a local path or a Hub repo id)")
@@ -115,8 +89,6 @@ def _init_cfg(backbone: dict) -> dict | None:
 
 def _head_kwargs(head: dict, feature_channels: int) -> dict:
     path = "model.head"
-    _check_type(head, path, "LinearClsHead")
-    _check_keys(head, path, _HEAD_KEYS)
     num_classes = head.get("num_classes")
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise RecipeError(f"{path}.num_classes: {num_classes!r} must be a positive integer")
@@ -130,15 +102,9 @@ def _head_kwargs(head: dict, feature_channels: int) -> dict:
             f"{path}.topk={topk} needs at least {max(topk)} classes but {path}.num_classes is {num_classes}; "
             "set model.head.topk to [1] (and the evaluators' topk too)"
         )
-    loss = head.get("loss") or {"type": "CrossEntropyLoss"}
-    loss_type = loss.get("type")
-    if loss_type not in _LOSS_KEYS:
-        raise RecipeError(f"{path}.loss.type: {loss_type!r} is not supported; expected one of "
-                          f"{sorted(_LOSS_KEYS)}{_did_you_mean(loss_type, _LOSS_KEYS)}")
-    _check_keys(loss, f"{path}.loss", _LOSS_KEYS[loss_type])
+    loss = head.get("loss") or {}
+    loss_type = loss.get("type", "CrossEntropyLoss")
     if loss_type == "LabelSmoothLoss":
-        if loss.get("mode", "original") != "original":
-            raise RecipeError(f"{path}.loss.mode={loss['mode']!r} is not supported; only 'original'")
         if "label_smooth_val" not in loss:
             raise RecipeError(f"{path}.loss.label_smooth_val: required for LabelSmoothLoss")
         smoothing, smoothing_key = loss["label_smooth_val"], "label_smooth_val"
@@ -156,8 +122,6 @@ def _head_kwargs(head: dict, feature_channels: int) -> dict:
 
 def _preprocessor_kwargs(preprocessor: dict, num_classes: int) -> dict:
     path = "data_preprocessor"
-    _check_type(preprocessor, path, "ClsDataPreprocessor")
-    _check_keys(preprocessor, path, _PREPROCESSOR_KEYS)
     if preprocessor.get("num_classes", num_classes) != num_classes:
         raise RecipeError(f"{path}.num_classes={preprocessor['num_classes']} differs from "
                           f"model.head.num_classes={num_classes}")
@@ -175,17 +139,13 @@ def _preprocessor_kwargs(preprocessor: dict, num_classes: int) -> dict:
 
 def build_config(recipe: dict, id2label: dict | None = None) -> FinetuneResNetConfig:
     """Validate the recipe's model / data_preprocessor sections and turn them into a config."""
+    # Keys and types are the schema's (recipe.validate); a recipe from load_recipe already
+    # passed, a dict handed to the Python API is checked the same way here.
+    validate({key: recipe[key] for key in ("model", "data_preprocessor") if key in recipe})
     model_cfg = recipe.get("model") or {}
-    _check_type(model_cfg, "model", "ImageClassifier")
-    _check_keys(model_cfg, "model", {"type", "backbone", "neck", "head"})
     backbone = model_cfg.get("backbone") or {}
     kwargs = _backbone_kwargs(backbone)
     pretrained = _init_cfg(backbone) is not None
-    neck = model_cfg.get("neck") or {"type": "GlobalAveragePooling"}
-    _check_type(neck, "model.neck", "GlobalAveragePooling")
-    _check_keys(neck, "model.neck", {"type", "dim"})
-    if neck.get("dim", 2) != 2:
-        raise RecipeError(f"model.neck.dim={neck['dim']!r} is not supported; only 2")
     layer_type = RESNET_ARCH[kwargs["depth"]][0]
     feature_channels = 2048 if layer_type == "bottleneck" else 512
     kwargs.update(_head_kwargs(model_cfg.get("head") or {}, feature_channels))
