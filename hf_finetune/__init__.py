@@ -1,16 +1,17 @@
 """hf_finetune: the MMClassification fine-tuning tutorial on the Hugging Face stack.
 
 Public API:
-    load_recipe(path, cfg_options=None)  -> merged, validated recipe (a plain dict)
-    build_datasets(recipe, data_root=None) -> datasets.DatasetDict (train / val / test)
-    build_model(recipe, id2label=None)   -> FinetuneResNetForImageClassification
-    build_trainer(recipe, ...)           -> transformers.Trainer
+    load_recipe(path, cfg_options=None)  -> Config (typed, every key checked)
+    build_datasets(cfg)                  -> datasets.DatasetDict (train / val / test)
+    build_model(cfg.model, cfg.data_preprocessor, id2label) -> FinetuneResNetForImageClassification
+    build_trainer(cfg, datasets=None, model=None) -> transformers.Trainer
 
 Importing the package registers the model with AutoConfig / AutoModelForImageClassification.
 """
 
 from hf_finetune.errors import CheckpointError, DataError, RecipeError, TrainingError, UserError
-from hf_finetune.recipe import load_recipe
+from hf_finetune.config import Config, load_config
+from hf_finetune.config import load_config as load_recipe
 from hf_finetune.models import (  # registers the Auto classes
     FinetuneResNetConfig,
     FinetuneResNetForImageClassification,
@@ -20,6 +21,8 @@ from hf_finetune.models import (  # registers the Auto classes
 __version__ = "0.1.0"
 
 __all__ = [
+    "Config",
+    "load_config",
     "load_recipe",
     "build_datasets",
     "build_model",

@@ -11,6 +11,7 @@
   optimizer updates.
 """
 
+import dataclasses
 import math
 
 import torch
@@ -23,43 +24,13 @@ NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm,
                nn.modules.instancenorm._InstanceNorm)
 
 
-def optimizer_settings(recipe):
-    """(optimizer class, kwargs without lr, base lr) from optim_wrapper.optimizer."""
-    cfg = dict(recipe.get("optim_wrapper", {}).get("optimizer") or {})
-    name = cfg.pop("type", None)
-    if name not in OPTIMIZERS:
-        raise RecipeError(
-            f"optim_wrapper.optimizer.type: unknown optimizer {name!r}; known: "
-            f"{', '.join(OPTIMIZERS)}"
-        )
-    if "lr" not in cfg:
-        raise RecipeError("optim_wrapper.optimizer.lr: missing; set the learning rate")
-    lr = cfg.pop("lr")
-    if lr <= 0:
-        raise RecipeError(f"optim_wrapper.optimizer.lr: must be > 0, got {lr}")
-    if "betas" in cfg:
-        cfg["betas"] = tuple(cfg["betas"])
-    return OPTIMIZERS[name], cfg, lr
-
-
-def param_groups(model, base_lr, weight_decay, paramwise_cfg=None):
+def param_groups(model, base_lr, weight_decay, paramwise_cfg):
     """Trainable parameters grouped by their (lr, weight decay) after paramwise rules."""
-    paramwise_cfg = paramwise_cfg or {}
-    custom_keys = paramwise_cfg.get("custom_keys") or {}
-    if not isinstance(custom_keys, dict):
-        raise RecipeError("optim_wrapper.paramwise_cfg.custom_keys: expected an object "
-                          "{name substring: {lr_mult, decay_mult}}")
-    for key, value in custom_keys.items():
-        unknown = set(value) - {"lr_mult", "decay_mult"} if isinstance(value, dict) else None
-        if unknown is None or unknown:
-            raise RecipeError(
-                f"optim_wrapper.paramwise_cfg.custom_keys.{key}: expected an object with "
-                f"lr_mult and/or decay_mult, got {value!r}"
-            )
+    custom_keys = paramwise_cfg.custom_keys
     # mmengine tries the longest key first (alphabetical among equal lengths).
     ordered_keys = sorted(sorted(custom_keys), key=len, reverse=True)
-    norm_mult = paramwise_cfg.get("norm_decay_mult")
-    bias_mult = paramwise_cfg.get("bias_decay_mult")
+    norm_mult = paramwise_cfg.norm_decay_mult
+    bias_mult = paramwise_cfg.bias_decay_mult
 
     module_of = {}
     for module_name, module in model.named_modules():
@@ -74,8 +45,8 @@ def param_groups(model, base_lr, weight_decay, paramwise_cfg=None):
         lr_mult, decay_mult = 1.0, 1.0
         matched = next((k for k in ordered_keys if k in name), None)
         if matched is not None:
-            lr_mult = custom_keys[matched].get("lr_mult", 1.0)
-            decay_mult = custom_keys[matched].get("decay_mult", 1.0)
+            lr_mult = custom_keys[matched].lr_mult
+            decay_mult = custom_keys[matched].decay_mult
         else:
             module, short_name = module_of[name]
             if isinstance(module, NORM_LAYERS) and norm_mult is not None:
@@ -87,22 +58,19 @@ def param_groups(model, base_lr, weight_decay, paramwise_cfg=None):
     return [{"params": params, "lr": lr, "weight_decay": wd} for (lr, wd), params in groups.items()]
 
 
-def build_optimizer(model, recipe, lr=None):
-    """The recipe's optimizer over `model`'s trainable parameters; `lr` overrides the base LR
-    (the batch-size-scaled one)."""
-    cls, kwargs, base_lr = optimizer_settings(recipe)
-    lr = base_lr if lr is None else lr
-    weight_decay = kwargs.pop("weight_decay", 0.0)
-    paramwise_cfg = recipe.get("optim_wrapper", {}).get("paramwise_cfg")
-    groups = param_groups(model, lr, weight_decay, paramwise_cfg)
+def build_optimizer(model, wrapper_cfg, lr=None):
+    """optim_wrapper.optimizer over `model`'s trainable parameters; `lr` overrides the base
+    LR (the batch-size-scaled one)."""
+    cfg = wrapper_cfg.optimizer
+    lr = cfg.lr if lr is None else lr
+    groups = param_groups(model, lr, cfg.weight_decay, wrapper_cfg.paramwise_cfg)
     if not groups:
-        raise RecipeError(
-            "model.backbone.frozen_stages: every parameter is frozen, nothing to train"
-        )
-    try:
-        return cls(groups, lr=lr, weight_decay=weight_decay, **kwargs)
-    except (TypeError, ValueError) as e:
-        raise RecipeError(f"optim_wrapper.optimizer: {e}") from None
+        raise RecipeError("model.backbone.frozen_stages: every parameter is frozen, nothing to train")
+    kwargs = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
+              if f.name not in ("type", "lr", "weight_decay")}
+    if "betas" in kwargs:
+        kwargs["betas"] = tuple(kwargs["betas"])
+    return OPTIMIZERS[cfg.type](groups, lr=lr, weight_decay=cfg.weight_decay, **kwargs)
 
 
 # --- learning-rate schedule ------------------------------------------------------------------
@@ -111,11 +79,11 @@ INF = float("inf")
 
 
 def _constant_factor(cfg, t, length):
-    return cfg.get("factor", 1.0 / 3) if t < length - 1 else 1.0
+    return cfg.factor if t < length - 1 else 1.0
 
 
 def _linear_factor(cfg, t, length):
-    start, end = cfg.get("start_factor", 1.0 / 3), cfg.get("end_factor", 1.0)
+    start, end = cfg.start_factor, cfg.end_factor
     total = length - 1
     if total <= 0:
         return start
@@ -123,19 +91,16 @@ def _linear_factor(cfg, t, length):
 
 
 def _multistep_factor(cfg, t, length):
-    return cfg.get("gamma", 0.1) ** sum(1 for m in cfg["milestones"] if m <= t)
+    return cfg.gamma ** sum(1 for m in cfg.milestones if m <= t)
 
 
 def _step_factor(cfg, t, length):
-    return cfg.get("gamma", 0.1) ** (t // cfg["step_size"])
+    return cfg.gamma ** (t // cfg.step_size)
 
 
 def _cosine_factor(cfg, t, length, base_lr):
-    t_max = cfg.get("T_max", length)
-    if "eta_min_ratio" in cfg:
-        eta_min = base_lr * cfg["eta_min_ratio"]
-    else:
-        eta_min = cfg.get("eta_min", 0.0)
+    t_max = cfg.T_max or length
+    eta_min = base_lr * cfg.eta_min_ratio if cfg.eta_min_ratio is not None else cfg.eta_min
     lr = eta_min + (base_lr - eta_min) * (1 + math.cos(math.pi * t / t_max)) / 2
     return lr / base_lr
 
@@ -147,46 +112,26 @@ SCHEDULE_FACTORS = {
     "LinearLR": _linear_factor,
     "ConstantLR": _constant_factor,
 }
-REQUIRED = {"MultiStepLR": ("milestones",), "StepLR": ("step_size",)}
-
-
-def scheduler_configs(recipe):
-    schedulers = recipe.get("param_scheduler") or []
-    return [schedulers] if isinstance(schedulers, dict) else list(schedulers)
-
-
 class Schedule:
     """One `param_scheduler` entry, expressed in optimizer updates."""
 
-    def __init__(self, cfg, index, updates_per_epoch, max_updates):
-        where = f"param_scheduler.{index}" if index is not None else "param_scheduler"
-        self.name = cfg.get("type")
-        if self.name not in SCHEDULE_FACTORS:
-            raise RecipeError(f"{where}.type: unknown scheduler {self.name!r}; known: "
-                              f"{', '.join(SCHEDULE_FACTORS)}")
-        for key in REQUIRED.get(self.name, ()):
-            if key not in cfg:
-                raise RecipeError(f"{where}.{key}: required by {self.name}")
-        self.cfg = dict(cfg)
-        by_epoch = cfg.get("by_epoch", True)
+    def __init__(self, cfg, updates_per_epoch, max_updates):
+        self.name = cfg.type
         # Epoch schedulers step once per epoch (mmengine) unless converted to per-update.
-        self.unit = updates_per_epoch if by_epoch else 1
-        self.smooth = by_epoch and cfg.get("convert_to_iter_based", False)
-        self.begin = cfg.get("begin", 0)
-        self.end = cfg.get("end", INF)
-        if self.end <= self.begin:
-            raise RecipeError(f"{where}.end: must be larger than begin ({self.begin}), "
-                              f"got {self.end}")
-        if self.smooth:
+        self.unit = updates_per_epoch if cfg.by_epoch else 1
+        self.begin = cfg.begin
+        self.end = INF if cfg.end is None else cfg.end
+        if cfg.by_epoch and cfg.convert_to_iter_based:
             # Counted in updates from here on: scale every epoch quantity.
-            for key in ("T_max", "step_size"):
-                if key in self.cfg:
-                    self.cfg[key] *= updates_per_epoch
-            if "milestones" in self.cfg:
-                self.cfg["milestones"] = [m * updates_per_epoch for m in self.cfg["milestones"]]
+            scaled = {key: getattr(cfg, key) * updates_per_epoch for key in ("T_max", "step_size")
+                      if getattr(cfg, key, None)}
+            if hasattr(cfg, "milestones"):
+                scaled["milestones"] = [m * updates_per_epoch for m in cfg.milestones]
+            cfg = dataclasses.replace(cfg, **scaled)
             self.begin *= updates_per_epoch
             self.end = self.end * updates_per_epoch if self.end != INF else INF
             self.unit = 1
+        self.cfg = cfg
         # Length of the active range in this scheduler's own steps; an open end lasts
         # until training stops.
         total_steps = math.ceil(max_updates / self.unit)
@@ -204,14 +149,9 @@ class Schedule:
         return fn(self.cfg, t, self.length)
 
 
-def lr_factor_fn(recipe, updates_per_epoch, max_updates, base_lr):
+def lr_factor_fn(schedulers, updates_per_epoch, max_updates, base_lr):
     """factor(update) for one parameter group whose initial LR is base_lr."""
-    configs = scheduler_configs(recipe)
-    single = isinstance(recipe.get("param_scheduler"), dict)
-    schedules = [
-        Schedule(cfg, None if single else i, updates_per_epoch, max_updates)
-        for i, cfg in enumerate(configs)
-    ]
+    schedules = [Schedule(cfg, updates_per_epoch, max_updates) for cfg in schedulers]
 
     def factor(update):
         value = 1.0
@@ -222,9 +162,8 @@ def lr_factor_fn(recipe, updates_per_epoch, max_updates, base_lr):
     return factor
 
 
-def build_lr_scheduler(optimizer, recipe, updates_per_epoch, max_updates):
-    lambdas = [
-        lr_factor_fn(recipe, updates_per_epoch, max_updates, group["lr"])
-        for group in optimizer.param_groups
-    ]
+def build_lr_scheduler(optimizer, schedulers, updates_per_epoch, max_updates):
+    """`param_scheduler` (typed entries) as one per-update LambdaLR."""
+    lambdas = [lr_factor_fn(schedulers, updates_per_epoch, max_updates, group["lr"])
+               for group in optimizer.param_groups]
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)

@@ -9,30 +9,40 @@ A recipe is a JSON object mirroring an mmcls config. Merge rules (mmengine's):
   * `--cfg-options a.b.c=VALUE` applies after merging; VALUE is JSON when it parses, else a
     string; a list index may appear in the path (`pipeline.0.padding=2`).
 
-The result is a plain dict. Every error names the file (or `--cfg-options`) and the dotted key.
+The result is the merged dict and where each key came from; config.py turns it into the typed
+Config. Every error names the file (or `--cfg-options`) and the dotted key.
 """
 
 import copy
-import dataclasses
-import difflib
-import inspect
 import json
 import os
 
-from . import schema
 from .errors import RecipeError
 
 CFG_OPTIONS = "--cfg-options"
 
 
+MAX_DEPTH = 32  # real recipes nest 8 deep at most; deeper input is a mistake or an attack
+MAX_BYTES = 1 << 20  # the largest real recipe is a few KB
+
+
 def load_recipe(path, cfg_options=None):
-    """Load, merge and validate a recipe file; `cfg_options` is a list of "key=value"."""
+    """Load and merge a recipe file; `cfg_options` is a list of "key=value".
+    Returns (recipe dict, {key path: file that set it})."""
     origins = {}
     recipe = _load_with_bases(os.path.abspath(path), stack=[], origins=origins)
     for option in cfg_options or []:
         _apply_option(recipe, option, origins)
-    validate(recipe, origins)
-    return recipe
+    return recipe, origins
+
+
+def check_size(data, where, depth=0):
+    """Refuse recipes nested deeper than MAX_DEPTH before anything recurses into them."""
+    if depth > MAX_DEPTH:
+        raise RecipeError(f"{where}: nested deeper than {MAX_DEPTH} levels")
+    children = data.values() if isinstance(data, dict) else data if isinstance(data, list) else ()
+    for child in children:
+        check_size(child, where, depth + 1)
 
 
 # --- loading and merging --------------------------------------------------------------------
@@ -40,34 +50,42 @@ def load_recipe(path, cfg_options=None):
 
 def _read_json(path, included_from):
     if not os.path.isfile(path):
-        where = f" (listed in _base_ of {_show(included_from)})" if included_from else ""
-        raise RecipeError(f"{_show(path)}: recipe file not found{where}")
+        where = f" (listed in _base_ of {show_path(included_from)})" if included_from else ""
+        raise RecipeError(f"{show_path(path)}: recipe file not found{where}")
     try:
+        if os.path.getsize(path) > MAX_BYTES:
+            raise RecipeError(f"{show_path(path)}: {os.path.getsize(path)} bytes; a recipe is at most "
+                              f"{MAX_BYTES} bytes")
         with open(path, encoding="utf-8") as f:
             text = f.read()
     except OSError as e:
-        raise RecipeError(f"{_show(path)}: cannot read recipe: {e.strerror}") from None
+        raise RecipeError(f"{show_path(path)}: cannot read recipe: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise RecipeError(f"{show_path(path)}: not UTF-8 text") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise RecipeError(
-            f"{_show(path)}:{e.lineno}:{e.colno}: malformed JSON: {e.msg}"
+            f"{show_path(path)}:{e.lineno}:{e.colno}: malformed JSON: {e.msg}"
         ) from None
+    except RecursionError:
+        raise RecipeError(f"{show_path(path)}: nested deeper than {MAX_DEPTH} levels") from None
     if not isinstance(data, dict):
-        raise RecipeError(f"{_show(path)}: a recipe must be a JSON object, got {_json_type(data)}")
+        raise RecipeError(f"{show_path(path)}: a recipe must be a JSON object, got {json_type(data)}")
+    check_size(data, show_path(path))
     return data
 
 
 def _load_with_bases(path, stack, origins):
     if path in stack:
-        chain = " -> ".join(_show(p) for p in stack + [path])
-        raise RecipeError(f"{_show(path)}: _base_ cycle: {chain}")
+        chain = " -> ".join(show_path(p) for p in stack + [path])
+        raise RecipeError(f"{show_path(path)}: _base_ cycle: {chain}")
     data = _read_json(path, stack[-1] if stack else None)
     bases = data.pop("_base_", [])
     if isinstance(bases, str):
         bases = [bases]
     if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
-        raise RecipeError(f"{_show(path)}: _base_ must be a path or a list of paths")
+        raise RecipeError(f"{show_path(path)}: _base_ must be a path or a list of paths")
 
     merged, owner = {}, {}
     for base in bases:
@@ -76,8 +94,8 @@ def _load_with_bases(path, stack, origins):
         for key in base_data:
             if key in merged:
                 raise RecipeError(
-                    f"{_show(path)}: key '{key}' is defined by two of its bases, "
-                    f"{_show(owner[key])} and {_show(base_path)}; a key may come from one base only"
+                    f"{show_path(path)}: key '{key}' is defined by two of its bases, "
+                    f"{show_path(owner[key])} and {show_path(base_path)}; a key may come from one base only"
                 )
             owner[key] = base_path
         merged.update(base_data)
@@ -131,7 +149,7 @@ def _apply_option(recipe, option, origins):
     key, sep, raw = option.partition("=")
     if not sep or not key:
         raise RecipeError(
-            f"{CFG_OPTIONS}: '{option}' is not KEY=VALUE (example: "
+            f"{CFG_OPTIONS}: {excerpt(option)} is not KEY=VALUE (example: "
             f"optim_wrapper.optimizer.lr=0.01)"
         )
     parts = key.split(".")
@@ -158,12 +176,14 @@ def _apply_option(recipe, option, origins):
                 node[part] = {}
         else:
             raise RecipeError(
-                f"{CFG_OPTIONS}: {key}: {where} is {_json_type(node)} {node!r}, it has no "
-                f"key '{part}'"
+                f"{CFG_OPTIONS}: {excerpt(key)}: {where} is {json_type(node)} {excerpt(node)}, it has "
+                f"no key {excerpt(part)}"
             )
         walked.append(str(part))
         if last:
-            node[part] = parse_value(raw)
+            value = parse_value(raw)
+            check_size(value, f"{CFG_OPTIONS} {key}")
+            node[part] = value
             _mark_option(tuple(walked), node[part], origins)
         else:
             node = node[part]
@@ -175,175 +195,10 @@ def _mark_option(path, value, origins):
         _record_origins(value, CFG_OPTIONS, path, origins)
 
 
-# --- validation ---------------------------------------------------------------------------
-
-
-def validate(recipe, origins=None):
-    """Check every key and type of a merged recipe against `schema.RECIPE`."""
-    _Validator(origins or {}).check(recipe, schema.RECIPE, ())
-
-
-class _Validator:
-    def __init__(self, origins):
-        self.origins = origins
-
-    def error(self, path, message):
-        source = self._source(path)
-        key = ".".join(str(p) for p in path) or "(top level)"
-        return RecipeError(f"{source}: {key}: {message}")
-
-    def _source(self, path):
-        for n in range(len(path), 0, -1):
-            if path[:n] in self.origins:
-                return _show(self.origins[path[:n]])
-        return "recipe"
-
-    def check(self, value, spec, path):
-        if spec is schema.Anything:
-            return
-        if spec == "training-args":
-            return self.check_training_args(value, path)
-        if spec == schema.PIPELINE_STEP:
-            return self.check_pipeline_step(value, path)
-        if isinstance(spec, schema.OneOf):
-            return self.check_one_of(value, spec, path)
-        if isinstance(spec, schema.ListOf):
-            if not isinstance(value, list):
-                raise self.error(path, f"expected a list, got {_describe(value)}")
-            for i, item in enumerate(value):
-                self.check(item, spec.item, path + (i,))
-            return
-        if isinstance(spec, schema.Typed):
-            return self.check_typed(value, spec, path)
-        if isinstance(spec, schema.Section):
-            return self.check_section(value, spec, path)
-        if not _is_type(value, spec):
-            raise self.error(path, f"expected {_type_name(spec)}, got {_describe(value)}")
-
-    def check_one_of(self, value, spec, path):
-        errors = []
-        for option in spec.options:
-            try:
-                self.check(value, option, path)
-                return
-            except RecipeError as e:
-                errors.append(e)
-        # Report the error of the option whose shape matches the value (dict vs list vs scalar).
-        for option, err in zip(spec.options, errors):
-            if _shape_matches(value, option):
-                raise err
-        names = " or ".join(_type_name(o) for o in spec.options)
-        raise self.error(path, f"expected {names}, got {_describe(value)}")
-
-    def check_section(self, value, spec, path):
-        if not isinstance(value, dict):
-            raise self.error(path, f"expected an object, got {_describe(value)}")
-        for key, item in value.items():
-            if key not in spec.keys:
-                if spec.open:
-                    continue
-                raise self.error(path + (key,), _unknown("key", key, spec.keys))
-            self.check(item, spec.keys[key], path + (key,))
-
-    def check_typed(self, value, spec, path):
-        if not isinstance(value, dict):
-            raise self.error(path, f"expected an object, got {_describe(value)}")
-        type_name = value.get("type", spec.default)
-        if type_name is None:
-            raise self.error(path, f"missing 'type'; known types: {', '.join(spec.types)}")
-        if type_name not in spec.types:
-            raise self.error(path + ("type",), _unknown("type", type_name, spec.types))
-        section = spec.types[type_name]
-        for key, item in value.items():
-            if key == "type":
-                continue
-            if key not in section.keys:
-                message = _unknown(f"key for {type_name}", key, section.keys)
-                raise self.error(
-                    path + (key,),
-                    message + " (if a base file sets it for another type, write "
-                    '"_delete_": true in your section to replace the base section)',
-                )
-            self.check(item, section.keys[key], path + (key,))
-
-    def check_pipeline_step(self, value, path):
-        from .data.transforms import PIPELINE_STEPS
-
-        if not isinstance(value, dict):
-            raise self.error(path, f"a pipeline step is an object, got {_describe(value)}")
-        name = value.get("type")
-        if name not in PIPELINE_STEPS:
-            raise self.error(path + ("type",), _unknown("pipeline step", name, PIPELINE_STEPS))
-        params = inspect.signature(PIPELINE_STEPS[name]).parameters
-        accepts_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
-        for key in value:
-            if key != "type" and key not in params and not accepts_any:
-                raise self.error(path + (key,), _unknown(f"argument of {name}", key, params))
-
-    def check_training_args(self, value, path):
-        if not isinstance(value, dict):
-            raise self.error(path, f"expected an object, got {_describe(value)}")
-        from transformers import TrainingArguments
-
-        known = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
-        for key in value:
-            if key not in known:
-                raise self.error(
-                    path + (key,), _unknown("transformers.TrainingArguments field", key, known)
-                )
-
-
 # --- small helpers -------------------------------------------------------------------------
 
 
-def _unknown(what, name, known):
-    known = sorted(str(k) for k in known)
-    close = difflib.get_close_matches(str(name), known, n=1, cutoff=0.6)
-    hint = f" (did you mean '{close[0]}'?)" if close else ""
-    listing = ", ".join(known) if len(known) <= 30 else f"{len(known)} known, see the docs"
-    return f"unknown {what} {name!r}{hint}; known: {listing}"
-
-
-def _is_type(value, spec):
-    if spec is schema.Number:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if spec is schema.Integer:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if spec is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    return isinstance(value, spec)
-
-
-def _shape_matches(value, spec):
-    if isinstance(spec, (schema.Section, schema.Typed)):
-        return isinstance(value, dict)
-    if isinstance(spec, schema.ListOf):
-        return isinstance(value, list)
-    return False
-
-
-def _type_name(spec):
-    names = {
-        schema.Number: "a number",
-        schema.Integer: "an integer",
-        str: "a string",
-        bool: "true/false",
-        type(None): "null",
-        float: "a number",
-        int: "an integer",
-    }
-    if spec in names:
-        return names[spec]
-    if isinstance(spec, schema.ListOf):
-        return f"a list of {_type_name(spec.item).removeprefix('a ').removeprefix('an ')}s"
-    if isinstance(spec, (schema.Section, schema.Typed)):
-        return "an object"
-    if isinstance(spec, schema.OneOf):
-        return " or ".join(_type_name(o) for o in spec.options)
-    return str(spec)
-
-
-def _json_type(value):
+def json_type(value):
     if value is None:
         return "null"
     if isinstance(value, bool):
@@ -357,14 +212,7 @@ def _json_type(value):
     return "an object"
 
 
-def _describe(value):
-    text = json.dumps(value)
-    if len(text) > 60:
-        text = text[:57] + "..."
-    return f"{_json_type(value)} {text}"
-
-
-def _show(path):
+def show_path(path):
     """Paths relative to the working directory when that is shorter, for readable errors."""
     if path == CFG_OPTIONS or not os.path.isabs(path):
         return path
@@ -372,10 +220,9 @@ def _show(path):
     return rel if not rel.startswith("../..") else path
 
 
-def redact(recipe):
-    """A copy safe to print or save: secrets (the hub token) removed."""
-    clean = copy.deepcopy(recipe)
-    args = clean.get("training_args")
-    if isinstance(args, dict):
-        args.pop("hub_token", None)
-    return clean
+
+def excerpt(value, limit=60):
+    """A short quote of a value for an error message (values can be megabytes)."""
+    text = value if isinstance(value, str) else json.dumps(value)
+    text = repr(text) if isinstance(value, str) else text
+    return text if len(text) <= limit else text[:limit - 3] + "..."

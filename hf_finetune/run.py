@@ -73,42 +73,12 @@ def build_parser():
     return parser
 
 
-def apply_cli_flags(recipe, args):
-    """Fold command-line flags into the recipe, so the saved recipe says what ran."""
-    if args.data_root:
-        for split in ("train_dataloader", "val_dataloader", "test_dataloader"):
-            dataset = recipe.get(split, {}).get("dataset")
-            if isinstance(dataset, dict):
-                dataset["data_root"] = args.data_root
-    if args.auto_scale_lr:
-        recipe.setdefault("auto_scale_lr", {})["enable"] = True
-    if args.push_to_hub:
-        training_args = recipe.setdefault("training_args", {})
-        training_args["push_to_hub"] = True
-        training_args["hub_model_id"] = args.push_to_hub
-    if args.resume:
-        recipe["resume"] = True
-    recipe["work_dir"] = default_work_dir(args, recipe)
-    return recipe
-
-
-def default_work_dir(args, recipe):
-    if args.work_dir:
-        return args.work_dir
-    if recipe.get("work_dir"):
-        return recipe["work_dir"]
-    name = os.path.splitext(os.path.basename(args.recipe))[0]
-    return os.path.join("work_dirs", name)
-
-
-def _rank():
-    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0)
-
-
 def _report(error):
     """One line on stderr; a recipe error is identical on every rank, so rank 0 says it."""
-    rank = _rank()
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    from accelerate.utils import get_int_from_env
+
+    rank = get_int_from_env(["RANK", "LOCAL_RANK"], 0)
+    world = get_int_from_env(["WORLD_SIZE"], 1)
     if isinstance(error, RecipeError) and rank != 0:
         return
     prefix = f"[rank {rank}] " if world > 1 else ""
@@ -125,19 +95,22 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     logging.basicConfig(format="[hf_finetune] %(message)s", level=logging.INFO)
     try:
-        from hf_finetune.recipe import load_recipe, redact
+        from hf_finetune.config import apply_overrides, load_config
 
-        recipe = apply_cli_flags(load_recipe(args.recipe, args.cfg_options), args)
+        cfg = load_config(args.recipe, args.cfg_options)
+        cfg = apply_overrides(cfg, work_dir=args.work_dir, data_root=args.data_root,
+                              auto_scale_lr=args.auto_scale_lr, push_to_hub=args.push_to_hub,
+                              resume=bool(args.resume))
         if args.print_recipe:
-            print(json.dumps(redact(recipe), indent=2))
+            print(json.dumps(cfg.to_dict(), indent=2))
             return 0
 
         from hf_finetune import runs
 
         if args.eval_only:
-            runs.evaluate_only(recipe, checkpoint=args.eval_only)
+            runs.evaluate_only(cfg, checkpoint=args.eval_only)
         else:
-            runs.train(recipe, resume=args.resume)
+            runs.train(cfg, resume=args.resume)
         return 0
     except UserError as error:
         _report(error)

@@ -1,5 +1,5 @@
-"""The jobs the entry point runs: train (with resume and push) and evaluate-only, and what
-they leave in the work dir."""
+"""The jobs the entry point runs, top to bottom: train (resume, evaluate, save, push) and
+evaluate-only, and what they leave in the work dir."""
 
 import json
 import logging
@@ -7,9 +7,9 @@ import os
 
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from .config import resolved_work_dir, to_data
 from .errors import TrainingError, UserError
-from .recipe import redact
-from .training import build_trainer, hub_repo_id
+from .training import build_trainer, hub_repo_id, process_state
 
 logger = logging.getLogger("hf_finetune")
 
@@ -62,12 +62,11 @@ def is_complete_checkpoint(path):
     return True
 
 
-def resolve_resume(recipe, resume):
+def resolve_resume(work_dir, resume):
     """The checkpoint folder to resume from, or None to start fresh."""
-    work_dir = recipe["work_dir"]
-    if resume in (None, False) and not recipe.get("resume"):
+    if resume in (None, False):
         return None
-    if resume in (None, True, "auto"):
+    if resume in (True, "auto"):
         checkpoints = complete_checkpoints(work_dir)
         if not checkpoints:
             logger.warning("--resume: no complete checkpoint in %s; starting from scratch", work_dir)
@@ -101,17 +100,82 @@ def check_resume_compatible(checkpoint, model):
             )
 
 
-def save_outputs(trainer, recipe, results):
+def train(cfg, resume=None):
+    """The main job: data, model, Trainer, train, evaluate each split once, save, push."""
+    from .data import build_datasets, label_names
+    from .models import build_model
+
+    work_dir = resolved_work_dir(cfg)
+    ensure_writable(work_dir)
+    with process_state().main_process_first():  # one process downloads, the others reuse
+        datasets = build_datasets(cfg)
+        id2label = dict(enumerate(label_names(datasets)))
+        model = build_model(cfg.model, cfg.data_preprocessor, id2label, load_from=cfg.load_from)
+    trainer = build_trainer(cfg, datasets, model)
+
+    checkpoint = resolve_resume(work_dir, resume or cfg.resume)
+    if checkpoint:
+        check_resume_compatible(checkpoint, trainer.model)
+        logger.info("resuming from %s", checkpoint)
+    try:
+        train_result = trainer.train(resume_from_checkpoint=checkpoint)
+    except OSError as e:
+        raise TrainingError(f"writing to {work_dir} failed: {e}") from None
+    trainer.loss_guard.check()
+
+    results = dict(train_result.metrics)
+    results.update(evaluate_splits(trainer, cfg, datasets))
+    save_outputs(trainer, cfg, results)
+    if trainer.is_world_process_zero():
+        logger.info("done: %s", ", ".join(f"{k}={v:.4f}" for k, v in results.items()
+                                             if "accuracy" in k))
+        if cfg.hub.push:
+            from . import hub
+
+            hub.push_work_dir(work_dir, hub_repo_id(cfg), token=cfg.hub.token, private=cfg.hub.private)
+    return results
+
+
+def evaluate_splits(trainer, cfg, datasets):
+    """val and test metrics of the final model, each distinct split evaluated once: the
+    validation that ran at the last update is reused, and a test split that is the val split
+    (CIFAR-10's case) reuses the val numbers."""
+    results = {}
+    if "val" in datasets:
+        val = last_validation(trainer) or trainer.evaluate()
+        results.update(val)
+    if "test" in datasets:
+        if "val" in datasets and same_data(cfg.val_dataloader, cfg.test_dataloader):
+            results.update({"test_" + k.removeprefix("eval_"): v for k, v in val.items()})
+        else:
+            results.update(trainer.evaluate(datasets["test"], metric_key_prefix="test"))
+    return results
+
+
+def last_validation(trainer):
+    """The metrics of a validation at the final update, from the Trainer's log history."""
+    step = trainer.state.global_step
+    for entry in reversed(trainer.state.log_history):
+        if entry.get("step") == step and "eval_loss" in entry:
+            return {k: v for k, v in entry.items() if k.startswith("eval_")}
+    return None
+
+
+def same_data(a, b):
+    return to_data(a.dataset) == to_data(b.dataset)
+
+
+def save_outputs(trainer, cfg, results):
     """Final weights, config, recipe, metrics and trainer state in the work dir."""
-    work_dir = recipe["work_dir"]
+    work_dir = resolved_work_dir(cfg)
     trainer.save_model(work_dir)
     if not trainer.is_world_process_zero():
         return
     with open(os.path.join(work_dir, "recipe.json"), "w") as f:
-        json.dump(redact(recipe), f, indent=2)
+        json.dump(cfg.to_dict(), f, indent=2)
     trainer.save_metrics("all", results, combined=False)
     trainer.state.save_to_json(os.path.join(work_dir, "trainer_state.json"))
-    matrix = trainer.metrics_fn.matrix
+    matrix = trainer.compute_metrics.matrix
     if matrix is not None:
         names = [trainer.model.config.id2label[i] for i in range(len(matrix))]
         with open(os.path.join(work_dir, "confusion_matrix.json"), "w") as f:
@@ -119,52 +183,18 @@ def save_outputs(trainer, recipe, results):
     try:
         from . import hub
 
-        hub.write_image_processor_config(work_dir, trainer.model.config)
+        hub.write_image_processor_config(work_dir, trainer.model.config, cfg)
         hub.write_model_card(work_dir)
     except Exception as e:  # the card is a convenience: never lose a finished run over it
         logger.warning("could not write the model card: %s", e)
 
 
-def train(recipe, resume=None):
-    """The main job: train, evaluate on the test split, save, optionally push."""
-    ensure_writable(recipe["work_dir"])
-    trainer = build_trainer(recipe)
-    checkpoint = resolve_resume(recipe, resume)
-    if checkpoint:
-        check_resume_compatible(checkpoint, trainer.model)
-        logger.info("resuming from %s", checkpoint)
-    try:
-        train_result = trainer.train(resume_from_checkpoint=checkpoint)
-    except OSError as e:
-        raise TrainingError(f"writing to {recipe['work_dir']} failed: {e}") from None
-    trainer.loss_guard.check()
-    results = dict(train_result.metrics)
-    if trainer.args.eval_strategy != "no":
-        results.update(trainer.evaluate())
-    results.update(trainer.evaluate(trainer.datasets["test"], metric_key_prefix="test"))
-    save_outputs(trainer, recipe, results)
-    if trainer.is_world_process_zero():
-        logger.info("done: %s", ", ".join(f"{k}={v:.4f}" for k, v in results.items()
-                                             if "accuracy" in k))
-        push_if_asked(recipe)
-    return results
-
-
-def push_if_asked(recipe):
-    args = recipe.get("training_args") or {}
-    if not args.get("push_to_hub"):
-        return
-    from . import hub
-
-    hub.push_work_dir(recipe["work_dir"], hub_repo_id(recipe), token=args.get("hub_token"),
-                      private=bool(args.get("hub_private_repo")))
-
-
-def evaluate_only(recipe, checkpoint="auto"):
+def evaluate_only(cfg, checkpoint="auto"):
     """`--eval-only`: top-1/top-5 of a saved model (or checkpoint) on the test split."""
-    from .models import FinetuneResNetForImageClassification
+    from .data import build_datasets
+    from .models import FinetuneResNetForImageClassification, build_model
 
-    work_dir = recipe["work_dir"]
+    work_dir = resolved_work_dir(cfg)
     source = checkpoint
     if checkpoint in (None, "auto"):
         if os.path.isfile(os.path.join(work_dir, "config.json")):
@@ -175,18 +205,23 @@ def evaluate_only(recipe, checkpoint="auto"):
                 raise UserError(f"--eval-only: no trained model in {work_dir}; pass a checkpoint "
                                 f"folder or weights file: --eval-only PATH")
             source = found[-1]
+    with process_state().main_process_first():
+        datasets = build_datasets(cfg, splits=("test",))
     if os.path.isdir(source):
         if not os.path.isfile(os.path.join(source, "config.json")):
             raise UserError(f"--eval-only {source}: no config.json there (not a saved model)")
         model = FinetuneResNetForImageClassification.from_pretrained(source)
     elif os.path.isfile(source):
-        recipe = dict(recipe, load_from=source)
-        model = None
+        from .data import label_names
+
+        model = build_model(cfg.model, cfg.data_preprocessor, dict(enumerate(label_names(datasets))),
+                            load_from=source)
     else:
         raise UserError(f"--eval-only {source}: no such file or folder")
+    logger.info("evaluating %s", source)
     ensure_writable(work_dir)
-    trainer = build_trainer(recipe, model=model)
-    metrics = trainer.evaluate(trainer.datasets["test"], metric_key_prefix="test")
+    trainer = build_trainer(cfg, datasets, model)
+    metrics = trainer.evaluate(datasets["test"], metric_key_prefix="test")
     if trainer.is_world_process_zero():
         trainer.save_metrics("test", metrics, combined=False)
         logger.info("test: %s", ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if "accuracy" in k))

@@ -36,52 +36,58 @@ class LossGuard:
 
 
 class FinetuneTrainer(Trainer):
-    """Trainer with whole-batch data loading, the recipe's optimizer and LR schedule."""
+    """Trainer with whole-batch data loading, the recipe's optimizer and LR schedule.
 
-    def __init__(self, *args, recipe, plan, **kwargs):
+    cfg: the Config; plan: the BatchPlan; datasets: the DatasetDict, whose splits are loaded
+    as their dataloader sections say."""
+
+    def __init__(self, *args, cfg, plan, datasets, **kwargs):
         super().__init__(*args, **kwargs)
-        self.recipe = recipe
+        self.cfg = cfg
         self.plan = plan
+        self.datasets = datasets
         self.loss_guard = LossGuard()
         self._window = None  # (time, samples) at the last log, for images/s
+        self._eval_loaders = {}
+
+    def _section(self, dataset):
+        splits = self.cfg.dataloaders()
+        for split, ds in self.datasets.items():
+            if ds is dataset:
+                return splits[split]
+        return splits.get("val") or splits["test"]
 
     # Data: the pipeline builds each batch tensor itself; the DataLoader only fetches it.
-    def _loader(self, dataset, section, batch_size, shuffle, drop_last):
+    def _loader(self, dataset, batch_size, shuffle, drop_last):
         from .data import build_dataloader  # datasets is imported only when data is needed
 
-        cfg = self.recipe.get(section, {})
-        workers = cfg.get("num_workers", 0)
+        section = self._section(dataset)
         loader = build_dataloader(
             dataset,
             batch_size,
             shuffle=shuffle,
             drop_last=drop_last,
-            num_workers=workers,
+            num_workers=section.num_workers,
             pin_memory=self.args.dataloader_pin_memory,
-            persistent_workers=cfg.get("persistent_workers", workers > 0),
-            prefetch_factor=cfg.get("prefetch_factor") if workers > 0 else None,
+            persistent_workers=section.keep_workers(),
+            prefetch_factor=section.prefetch_factor,
             seed=self.args.seed,
         )
         return self.accelerator.prepare(loader)
 
     def get_train_dataloader(self):
-        cfg = self.recipe.get("train_dataloader", {})
-        shuffle = cfg.get("sampler", {}).get("shuffle", True)
-        loader = self._loader(self.train_dataset, "train_dataloader", self.args.per_device_train_batch_size,
-                              shuffle, self.args.dataloader_drop_last)
+        loader = self._loader(self.train_dataset, self.args.per_device_train_batch_size,
+                              self.cfg.train_dataloader.sampler.shuffle, self.args.dataloader_drop_last)
         self.batches_per_epoch = len(loader)
         return loader
 
     def get_eval_dataloader(self, eval_dataset=None):
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
-        key = getattr(dataset, "_hf_finetune_section", "val_dataloader")
-        cached = getattr(self, "_eval_loaders", {})
-        if id(dataset) in cached:
-            return cached[id(dataset)]
-        loader = self._loader(dataset, key, self.args.per_device_eval_batch_size, False, False)
-        if self.recipe.get(key, {}).get("persistent_workers", False):
-            cached[id(dataset)] = loader
-            self._eval_loaders = cached
+        if id(dataset) in self._eval_loaders:
+            return self._eval_loaders[id(dataset)]
+        loader = self._loader(dataset, self.args.per_device_eval_batch_size, False, False)
+        if self._section(dataset).keep_workers():
+            self._eval_loaders[id(dataset)] = loader
         return loader
 
     def get_test_dataloader(self, test_dataset):
@@ -90,7 +96,7 @@ class FinetuneTrainer(Trainer):
     # Optimisation as the recipe says.
     def create_optimizer(self, model=None):
         if self.optimizer is None:
-            self.optimizer = build_optimizer(model or self.model, self.recipe, lr=self.plan.lr)
+            self.optimizer = build_optimizer(model or self.model, self.cfg.optim_wrapper, lr=self.plan.lr)
         return self.optimizer
 
     def create_scheduler(self, num_training_steps, optimizer=None):
@@ -98,7 +104,7 @@ class FinetuneTrainer(Trainer):
             batches = getattr(self, "batches_per_epoch", None) or len(self.get_train_dataloader())
             per_epoch = max(math.ceil(batches / self.args.gradient_accumulation_steps), 1)
             self.lr_scheduler = build_lr_scheduler(
-                optimizer or self.optimizer, self.recipe, per_epoch, num_training_steps
+                optimizer or self.optimizer, self.cfg.param_scheduler, per_epoch, num_training_steps
             )
         return self.lr_scheduler
 
@@ -167,15 +173,11 @@ class EvalMetrics:
         return results
 
 
-def topk_of(recipe, num_classes):
-    """The k values to report: the evaluator's and the head's (mmcls' head declares top-1 and
+def topk_of(cfg, num_classes):
+    """The k values to report: the evaluators' and the head's (mmcls' head declares top-1 and
     top-5), and how many ranked classes that needs (never more than there are classes)."""
     ks = set()
-    evaluators = recipe.get("val_evaluator") or {}
-    for evaluator in evaluators if isinstance(evaluators, list) else [evaluators]:
-        topk = evaluator.get("topk", [1])
-        ks.update([topk] if isinstance(topk, int) else topk)
-    head_topk = recipe.get("model", {}).get("head", {}).get("topk", [1, 5])
-    ks.update([head_topk] if isinstance(head_topk, int) else head_topk)
+    for topk in [cfg.model.head.topk] + [e.topk for e in cfg.val_evaluator + cfg.test_evaluator]:
+        ks.update(topk if isinstance(topk, list) else [topk])
     ks = sorted(ks)
     return ks, min(max(ks), num_classes)

@@ -1,68 +1,42 @@
-"""Trainer assembly: batch sizes and TrainingArguments from the recipe, then build_trainer.
+"""Trainer assembly: the batch plan, TrainingArguments from the config, then build_trainer.
 
-Which key wins: the mmcls sections own their settings. A `training_args` field that one of
-them already sets (see OWNED_FIELDS) is rejected with the key to use instead, so nothing is
-silently overridden; every other TrainingArguments field passes through untouched.
+Which key wins: the mmcls sections own their settings; `training_args` fields that one of
+them sets are refused by the config (config.OWNED_FIELDS), every other field passes through.
 """
 
 import logging
 import math
-import os
 import random
 from dataclasses import dataclass
 
 import torch
+from accelerate import PartialState
+from accelerate.utils import get_int_from_env
 from transformers import TrainingArguments, set_seed
 
+from .config import report_to, resolved_work_dir
 from .errors import RecipeError, TrainingError
-from .optim import optimizer_settings
 from .trainer import EvalMetrics, FinetuneTrainer, topk_of
 
 logger = logging.getLogger("hf_finetune")
 
-# TrainingArguments fields derived from mmcls sections -> the recipe key to set instead.
-OWNED_FIELDS = {
-    "output_dir": "work_dir (or --work-dir)",
-    "num_train_epochs": "train_cfg.max_epochs",
-    "max_steps": "train_cfg.max_iters (with train_cfg.by_epoch false)",
-    "per_device_train_batch_size": "train_cfg.total_batch_size or train_dataloader.batch_size",
-    "per_device_eval_batch_size": "val_dataloader.batch_size",
-    "gradient_accumulation_steps": "optim_wrapper.accumulative_counts",
-    "learning_rate": "optim_wrapper.optimizer.lr",
-    "weight_decay": "optim_wrapper.optimizer.weight_decay",
-    "optim": "optim_wrapper.optimizer.type",
-    "adam_beta1": "optim_wrapper.optimizer.betas",
-    "adam_beta2": "optim_wrapper.optimizer.betas",
-    "adam_epsilon": "optim_wrapper.optimizer.eps",
-    "lr_scheduler_type": "param_scheduler",
-    "lr_scheduler_kwargs": "param_scheduler",
-    "warmup_steps": "param_scheduler (a LinearLR entry)",
-    "warmup_ratio": "param_scheduler (a LinearLR entry)",
-    "max_grad_norm": "optim_wrapper.clip_grad.max_norm",
-    "seed": "randomness.seed",
-    "data_seed": "randomness.seed",
-    "full_determinism": "randomness.deterministic",
-    "logging_steps": "default_hooks.logger.interval",
-    "save_strategy": "default_hooks.checkpoint.interval",
-    "save_steps": "default_hooks.checkpoint.interval",
-    "save_total_limit": "default_hooks.checkpoint.max_keep_ckpts",
-    "metric_for_best_model": "default_hooks.checkpoint.save_best",
-    "eval_strategy": "train_cfg.val_interval",
-    "eval_steps": "train_cfg.val_interval",
-    "dataloader_num_workers": "train_dataloader.num_workers",
-    "dataloader_pin_memory": "train_dataloader.pin_memory",
-    "dataloader_persistent_workers": "train_dataloader.persistent_workers",
-    "dataloader_prefetch_factor": "train_dataloader.prefetch_factor",
-    "dataloader_drop_last": "train_dataloader.drop_last",
-    "remove_unused_columns": "(fixed: the pipeline already emits model inputs)",
-    "resume_from_checkpoint": "resume (or --resume)",
-    "label_smoothing_factor": "model.head.loss.label_smoothing",
-    "log_level": "log_level",
-}
-# Hub settings are handled by hf_finetune.hub after training (the token never reaches the
-# Trainer, so it is never written into training_args.bin).
-HUB_FIELDS = ("push_to_hub", "hub_model_id", "hub_private_repo", "hub_strategy", "hub_token")
 
+def has_accelerator():
+    mps = getattr(torch.backends, "mps", None)
+    xpu = getattr(torch, "xpu", None)
+    return (torch.cuda.is_available() or bool(mps and mps.is_available())
+            or bool(xpu and xpu.is_available()))
+
+
+def process_state():
+    """accelerate's view of this process (rank, world size); on a machine without GPUs the
+    processes form one gloo (CPU) group, as TrainingArguments(use_cpu=True) sets up too."""
+    cpu = not has_accelerator()
+    return PartialState(cpu=cpu, **({"backend": "gloo"} if cpu and _launched_processes() > 1 else {}))
+
+
+def _launched_processes():
+    return get_int_from_env(["WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE"], 1)
 
 
 # --- batch size ---------------------------------------------------------------------------
@@ -79,47 +53,29 @@ class BatchPlan:
     base_lr: float
 
 
-def world_size():
-    return int(os.environ.get("WORLD_SIZE", "1") or 1)
-
-
-def plan_batches(recipe, num_processes=None):
+def plan_batches(cfg, world_size):
     """Per-device batch from the recipe's total batch, so 1 or 8 processes optimise alike."""
-    world = num_processes or world_size()
-    accumulation = recipe.get("optim_wrapper", {}).get("accumulative_counts", 1)
-    if accumulation < 1:
-        raise RecipeError(f"optim_wrapper.accumulative_counts: must be >= 1, got {accumulation}")
-    total = recipe.get("train_cfg", {}).get("total_batch_size")
-    loader = recipe.get("train_dataloader", {})
+    accumulation = cfg.optim_wrapper.accumulative_counts
+    total = cfg.train_cfg.total_batch_size
     if total is not None:
-        if total < 1 or total % (world * accumulation):
+        if total % (world_size * accumulation):
             raise RecipeError(
-                f"train_cfg.total_batch_size: {total} is not divisible by {world} process(es) "
+                f"train_cfg.total_batch_size: {total} is not divisible by {world_size} process(es) "
                 f"x {accumulation} accumulation step(s); choose a multiple of "
-                f"{world * accumulation}, or set it to null to use train_dataloader.batch_size "
+                f"{world_size * accumulation}, or set it to null to use train_dataloader.batch_size "
                 f"per device"
             )
-        per_device = total // (world * accumulation)
-        # The tutorial's one-GPU edit sets val batch = train batch; do the same.
-        per_device_eval = per_device
+        per_device = total // (world_size * accumulation)
+        per_device_eval = per_device  # the tutorial's one-GPU edit sets val batch = train batch
     else:
-        if "batch_size" not in loader:
-            raise RecipeError("train_dataloader.batch_size: missing (or set train_cfg.total_batch_size)")
-        per_device = loader["batch_size"]
-        total = per_device * world * accumulation
-        per_device_eval = recipe.get("val_dataloader", {}).get("batch_size", per_device)
-    if per_device < 1:
-        raise RecipeError(f"train_dataloader.batch_size: must be >= 1, got {per_device}")
-
-    _, _, base_lr = optimizer_settings(recipe)
+        per_device = cfg.train_dataloader.batch_size
+        total = per_device * world_size * accumulation
+        per_device_eval = (cfg.val_dataloader.batch_size if cfg.val_dataloader else None) or per_device
+    base_lr = cfg.optim_wrapper.optimizer.lr
     lr = base_lr
-    scale = recipe.get("auto_scale_lr") or {}
-    if scale.get("enable"):
-        base_batch = scale.get("base_batch_size")
-        if not base_batch:
-            raise RecipeError("auto_scale_lr.base_batch_size: required when auto_scale_lr is on")
-        lr = base_lr * total / base_batch
-    return BatchPlan(world, per_device, accumulation, total, per_device_eval, lr, base_lr)
+    if cfg.auto_scale_lr.enable:
+        lr = base_lr * total / cfg.auto_scale_lr.base_batch_size
+    return BatchPlan(world_size, per_device, accumulation, total, per_device_eval, lr, base_lr)
 
 
 def updates_per_epoch(num_samples, plan, drop_last=False):
@@ -132,200 +88,135 @@ def updates_per_epoch(num_samples, plan, drop_last=False):
 # --- TrainingArguments -----------------------------------------------------------------------
 
 
-def check_training_args(recipe):
-    extra = dict(recipe.get("training_args") or {})
-    for key in extra:
-        if key in OWNED_FIELDS:
-            raise RecipeError(
-                f"training_args.{key}: set by the recipe's {OWNED_FIELDS[key]}; set it there"
-            )
-    return {k: v for k, v in extra.items() if k not in HUB_FIELDS}
-
-
-def resolve_seed(recipe):
-    seed = (recipe.get("randomness") or {}).get("seed")
-    if seed is None:
+def resolve_seed(cfg):
+    if cfg.randomness.seed is None:
         # mmengine draws a seed when none is set; record it so the run can be repeated.
-        seed = random.SystemRandom().randrange(2**31)
-        recipe.setdefault("randomness", {})["seed"] = seed
-    return seed
+        cfg.randomness.seed = random.SystemRandom().randrange(2**31)
+    return cfg.randomness.seed
 
 
-LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
-
-
-def log_level(recipe):
-    """transformers' log level for the recipe's: INFO keeps our progress lines and the
-    Trainer's warnings; DEBUG shows everything the Trainer says."""
-    level = str(recipe.get("log_level") or "info").lower()
-    if level not in LOG_LEVELS:
-        raise RecipeError(f"log_level: unknown {recipe.get('log_level')!r}; known: "
-                          f"{', '.join(l.upper() for l in LOG_LEVELS)}")
+def transformers_log_level(cfg):
+    """INFO keeps our progress lines and the Trainer's warnings; DEBUG shows all it says."""
+    level = cfg.log_level.lower()
     logger.setLevel(level.upper())
     return "info" if level == "debug" else "warning" if level == "info" else level
 
 
-def make_training_args(recipe, plan):
-    extra = check_training_args(recipe)
-    train_cfg = recipe.get("train_cfg", {})
-    hooks = recipe.get("default_hooks", {})
-    loader = recipe.get("train_dataloader", {})
-    wrapper = recipe.get("optim_wrapper", {})
-    optimizer = wrapper.get("optimizer", {})
+def build_training_args(cfg, plan, steps_per_epoch=1):
+    """TrainingArguments from the config; evaluation and checkpoint intervals in updates."""
+    train, hooks = cfg.train_cfg, cfg.default_hooks
+    loader, wrapper = cfg.train_dataloader, cfg.optim_wrapper
     cuda = torch.cuda.is_available()
-
+    evaluate = cfg.val_dataloader is not None
+    checkpoint = hooks.checkpoint
+    ckpt_by_epoch = train.by_epoch if checkpoint.by_epoch is None else checkpoint.by_epoch
+    pin_memory = cuda if loader.pin_memory is None else loader.pin_memory
     args = dict(
-        output_dir=recipe["work_dir"],
+        output_dir=resolved_work_dir(cfg),
         per_device_train_batch_size=plan.per_device,
         per_device_eval_batch_size=plan.per_device_eval,
         gradient_accumulation_steps=plan.accumulation,
         learning_rate=plan.lr,
-        weight_decay=optimizer.get("weight_decay", 0.0),
-        seed=resolve_seed(recipe),
-        full_determinism=(recipe.get("randomness") or {}).get("deterministic", False),
+        weight_decay=wrapper.optimizer.weight_decay,
+        seed=resolve_seed(cfg),
+        full_determinism=cfg.randomness.deterministic,
         remove_unused_columns=False,
-        logging_steps=hooks.get("logger", {}).get("interval", 100),
+        logging_steps=hooks.logger.interval,
         logging_first_step=True,
         logging_nan_inf_filter=False,  # a NaN loss must be seen, not filtered out
-        max_grad_norm=0.0,  # mmcls clips only when clip_grad is set
-        report_to="none",
-        disable_tqdm=False,
-        dataloader_num_workers=loader.get("num_workers", 0),
-        dataloader_pin_memory=loader.get("pin_memory", cuda),
-        dataloader_persistent_workers=loader.get("persistent_workers", loader.get("num_workers", 0) > 0),
-        dataloader_prefetch_factor=loader.get("prefetch_factor") if loader.get("num_workers", 0) > 0 else None,
-        dataloader_drop_last=loader.get("drop_last", False),
-        log_level=log_level(recipe),
+        max_grad_norm=wrapper.clip_grad.max_norm if wrapper.clip_grad else 0.0,  # mmcls clips only when asked
+        report_to=report_to(cfg),
+        dataloader_num_workers=loader.num_workers,
+        dataloader_pin_memory=pin_memory,
+        dataloader_persistent_workers=loader.keep_workers(),
+        dataloader_prefetch_factor=loader.prefetch_factor if loader.num_workers > 0 else None,
+        dataloader_drop_last=loader.drop_last,
+        log_level=transformers_log_level(cfg),
+        gradient_checkpointing=cfg.model.backbone.with_cp,
+        eval_strategy="steps" if evaluate else "no",
+        eval_steps=train.val_interval * (steps_per_epoch if train.by_epoch else 1),
+        save_strategy="steps" if checkpoint.interval > 0 else "no",
+        save_steps=max(checkpoint.interval, 1) * (steps_per_epoch if ckpt_by_epoch else 1),
+        save_total_limit=None if checkpoint.max_keep_ckpts < 0 else checkpoint.max_keep_ckpts,
     )
-
-    clip = wrapper.get("clip_grad")
-    if clip:
-        if clip.get("norm_type", 2) != 2:
-            raise RecipeError("optim_wrapper.clip_grad.norm_type: only 2 is supported")
-        args["max_grad_norm"] = clip["max_norm"]
-
-    if wrapper.get("type") == "AmpOptimWrapper":
-        dtype = wrapper.get("dtype", "float16")
-        if dtype in ("bfloat16", "bf16"):
-            args["bf16"] = True
-        elif dtype in ("float16", "fp16"):
-            if not cuda:
-                raise RecipeError("optim_wrapper.dtype: float16 mixed precision needs a GPU; "
-                                  "use \"bfloat16\" on CPU")
-            args["fp16"] = True
-        else:
-            raise RecipeError(f"optim_wrapper.dtype: unknown {dtype!r}; use float16 or bfloat16")
-
-    # Length of training.
-    if train_cfg.get("by_epoch", True):
-        args["num_train_epochs"] = train_cfg.get("max_epochs", 1)
+    if train.by_epoch:
+        args["num_train_epochs"] = train.max_epochs
     else:
-        if "max_iters" not in train_cfg:
-            raise RecipeError("train_cfg.max_iters: required when train_cfg.by_epoch is false")
-        args["max_steps"] = train_cfg["max_iters"]
-
-    # Evaluation and checkpoints go by updates; set_intervals fills in the counts once the
-    # dataset size (so the updates per epoch) is known.
-    val_interval = train_cfg.get("val_interval", 1)
-    evaluate = bool(val_interval and val_interval > 0 and recipe.get("val_dataloader"))
-    args["eval_strategy"] = "steps" if evaluate else "no"
-    args["eval_steps"] = 1
-    checkpoint = hooks.get("checkpoint", {})
-    interval = checkpoint.get("interval", 1)
-    args["save_strategy"] = "steps" if interval and interval > 0 else "no"
-    args["save_steps"] = 1
-    keep = checkpoint.get("max_keep_ckpts", 3)
-    args["save_total_limit"] = None if keep is None or keep < 0 else max(keep, 1)
-    save_best = checkpoint.get("save_best", "auto")
-    if save_best and evaluate:
-        metric = "accuracy_top1" if save_best in ("auto", "accuracy/top1", "accuracy_top1") \
-            else save_best.replace("/", "_")
-        args["metric_for_best_model"] = metric
-        args["greater_is_better"] = checkpoint.get("rule", "greater") != "less"
-
+        args["max_steps"] = train.max_iters
+    if checkpoint.save_best and evaluate:
+        best = checkpoint.save_best
+        args["metric_for_best_model"] = "accuracy_top1" if best in ("auto", "accuracy/top1") \
+            else best.replace("/", "_")
+        args["greater_is_better"] = checkpoint.rule != "less"
+    if wrapper.type == "AmpOptimWrapper":
+        if wrapper.dtype in ("bfloat16", "bf16"):
+            args["bf16"] = True
+        elif not cuda:
+            raise RecipeError("optim_wrapper.dtype: float16 mixed precision needs a GPU; "
+                              "use \"bfloat16\" on CPU")
+        else:
+            args["fp16"] = True
     if not has_accelerator():
-        # No GPU: say so explicitly. With several processes, use_cpu is what makes them one
-        # gloo job instead of N trainings that ignore each other; it also allows bf16 on CPU.
+        # No GPU: with several processes, use_cpu is what makes them one gloo job instead of
+        # N trainings that ignore each other; it also allows bf16 on CPU.
         args["use_cpu"] = True
-        if world_size() > 1:
+        if _launched_processes() > 1:
             args["ddp_backend"] = "gloo"
-
-    if torch.cuda.is_available() and args["dataloader_pin_memory"]:
+    if cuda and pin_memory:
         # Pinned batches can be copied while the previous step still runs on the GPU.
         args["accelerator_config"] = {"non_blocking": True}
-
-    args.update(extra)
+    args.update(cfg.training_args)
     try:
         training_args = TrainingArguments(**args)
+    except ImportError as e:
+        raise RecipeError(f"visualizer / training_args.report_to: {e}; "
+                          f'pip install "hf_finetune[tensorboard]"') from None
     except (TypeError, ValueError) as e:
         raise RecipeError(f"training_args: {e}") from None
-    check_distributed(training_args)
+    if training_args.world_size != _launched_processes():
+        raise TrainingError(
+            f"launched {_launched_processes()} processes but the Trainer runs "
+            f"{training_args.world_size} (device {training_args.device}); each process would "
+            f"train alone. On a machine without GPUs use `accelerate launch --multi_gpu "
+            f"--num_processes N` (gloo on CPU)."
+        )
     return training_args
 
 
-def set_intervals(training_args, recipe, steps_per_epoch):
-    """val_interval and checkpoint interval, in epochs (or iterations), as update counts."""
-    train_cfg = recipe.get("train_cfg", {})
-    checkpoint = recipe.get("default_hooks", {}).get("checkpoint", {})
-    by_epoch = train_cfg.get("by_epoch", True)
-    training_args.eval_steps = train_cfg.get("val_interval", 1) * (steps_per_epoch if by_epoch else 1)
-    training_args.save_steps = checkpoint.get("interval", 1) * (
-        steps_per_epoch if checkpoint.get("by_epoch", by_epoch) else 1)
+# --- the Trainer ------------------------------------------------------------------------------
 
 
-def has_accelerator():
-    mps = getattr(torch.backends, "mps", None)
-    xpu = getattr(torch, "xpu", None)
-    return (torch.cuda.is_available() or bool(mps and mps.is_available())
-            or bool(xpu and xpu.is_available()))
-
-
-def check_distributed(training_args):
-    """Every launcher sets WORLD_SIZE; the Trainer must see the same number of processes."""
-    expected = world_size()
-    if training_args.world_size != expected:
-        raise TrainingError(
-            f"launched {expected} processes but the Trainer runs {training_args.world_size} "
-            f"(device {training_args.device}); each process would train alone. On a machine "
-            f"without GPUs use `accelerate launch --multi_gpu --num_processes N` (gloo on CPU)."
-        )
-
-
-def build_trainer(recipe, datasets=None, model=None, callbacks=None):
-    """A FinetuneTrainer wired from the recipe: data, model, optimizer, schedule, metrics."""
+def build_trainer(cfg, datasets=None, model=None, callbacks=None):
+    """A FinetuneTrainer wired from the config; datasets and model are built when not given."""
     from .data import build_datasets, label_names
     from .models import build_model
 
-    plan = plan_batches(recipe)
-    args = make_training_args(recipe, plan)  # also sets up the processes
-    set_seed(args.seed)  # model initialisation and data order repeat per seed
+    state = process_state()
+    plan = plan_batches(cfg, state.num_processes)
+    set_seed(resolve_seed(cfg))  # model initialisation and data order repeat per seed
     # One process downloads and converts first; the others then read its cache.
-    with args.main_process_first(desc="preparing datasets and model"):
+    with state.main_process_first():
         if datasets is None:
-            datasets = build_datasets(recipe)
+            datasets = build_datasets(cfg)
         names = label_names(datasets)
         if model is None:
-            model = build_model(recipe, id2label=dict(enumerate(names)))
-    num_classes = model.config.num_labels
-    if num_classes != len(names):
+            model = build_model(cfg.model, cfg.data_preprocessor, dict(enumerate(names)),
+                                load_from=cfg.load_from)
+    if model.config.num_labels != len(names):
         raise RecipeError(
-            f"model.head.num_classes: the recipe says {num_classes} classes but the dataset "
-            f"has {len(names)} labels; set model.head.num_classes={len(names)}"
-        )
-    datasets["val"]._hf_finetune_section = "val_dataloader"
-    datasets["test"]._hf_finetune_section = "test_dataloader"
-
-    steps = updates_per_epoch(len(datasets["train"]), plan,
-                              recipe.get("train_dataloader", {}).get("drop_last", False))
-    set_intervals(args, recipe, steps)
-    channels_last = (recipe.get("env_cfg") or {}).get("channels_last", torch.cuda.is_available())
-    if channels_last:
+            f"model.head.num_classes: the model has {model.config.num_labels} classes but the "
+            f"dataset has {len(names)} labels; set model.head.num_classes={len(names)}")
+    steps = updates_per_epoch(len(datasets["train"]), plan, cfg.train_dataloader.drop_last) \
+        if "train" in datasets else 1
+    args = build_training_args(cfg, plan, steps)
+    channels_last = cfg.env_cfg.channels_last
+    if channels_last or (channels_last is None and torch.cuda.is_available()):
         model = model.to(memory_format=torch.channels_last)
-    if (recipe.get("env_cfg") or {}).get("cudnn_benchmark"):
+    if cfg.env_cfg.cudnn_benchmark:
         torch.backends.cudnn.benchmark = True
 
-    topk, rank_k = topk_of(recipe, num_classes)
-    metrics = EvalMetrics(topk, num_classes)
+    topk, rank_k = topk_of(cfg, model.config.num_labels)
+    metrics = EvalMetrics(topk, model.config.num_labels)
 
     def ranked_classes(logits, labels):
         # Keep only the best k class indices per sample: less to gather across processes.
@@ -336,24 +227,22 @@ def build_trainer(recipe, datasets=None, model=None, callbacks=None):
     trainer = FinetuneTrainer(
         model=model,
         args=args,
-        train_dataset=datasets["train"],
-        eval_dataset=datasets["val"],
+        train_dataset=datasets.get("train"),
+        eval_dataset=datasets.get("val"),
         compute_metrics=metrics,
         preprocess_logits_for_metrics=ranked_classes,
         callbacks=callbacks,
-        recipe=recipe,
+        cfg=cfg,
         plan=plan,
+        datasets=datasets,
     )
-    trainer.metrics_fn = metrics
-    hub_args = recipe.get("training_args") or {}
-    if hub_args.get("push_to_hub") and hub_args.get("hub_strategy") in ("every_save", "checkpoint"):
+    if cfg.hub.push and cfg.hub.strategy != "end":
         from . import hub
 
-        trainer.add_callback(hub.PushOnSaveCallback(
-            hub_repo_id(recipe), hub_args.get("hub_token"), bool(hub_args.get("hub_private_repo")),
-            strategy=hub_args["hub_strategy"]))
-    trainer.datasets = datasets
-    log_plan(plan, args, steps, len(datasets["train"]))
+        trainer.add_callback(hub.PushOnSaveCallback(hub_repo_id(cfg), cfg.hub.token, cfg.hub.private,
+                                                    strategy=cfg.hub.strategy))
+    if "train" in datasets:
+        log_plan(plan, args, steps, len(datasets["train"]))
     return trainer
 
 
@@ -369,6 +258,7 @@ def log_plan(plan, args, steps, num_train):
     )
 
 
-def hub_repo_id(recipe):
-    args = recipe.get("training_args") or {}
-    return args.get("hub_model_id") or os.path.basename(os.path.normpath(recipe["work_dir"]))
+def hub_repo_id(cfg):
+    import os
+
+    return cfg.hub.model_id or os.path.basename(os.path.normpath(resolved_work_dir(cfg)))

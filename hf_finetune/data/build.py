@@ -1,4 +1,4 @@
-"""Recipe -> datasets.DatasetDict with the batched pipeline set as each split's transform."""
+"""Config -> datasets.DatasetDict with the batched pipeline set as each split's transform."""
 
 from __future__ import annotations
 
@@ -11,127 +11,86 @@ import numpy as np
 from ..errors import DataError, RecipeError
 from .decode import decode_image
 from .sources import ACCEPTED_FORMATS, SourceLoader
-from .transforms import ROW_COLUMN, BatchTransform, _did_you_mean, _is_int, build_pipeline
+from .transforms import ROW_COLUMN, BatchTransform, _did_you_mean, _is_int
 
-DATASET_TYPES = ("CIFAR10", "HFImageDataset", "SyntheticCIFAR10")
-SPLIT_SECTIONS = {"train": "train_dataloader", "val": "val_dataloader", "test": "test_dataloader"}
 DEFAULT_SPLITS = {"train": "train", "val": "test", "test": "test"}
-CIFAR10_HUB_ID = "uoft-cs/cifar10"
-CIFAR10_DATA_ROOT = "data/cifar10"
-SYNTHETIC_DEFAULT_SAMPLES = 1000
-ON_CORRUPT = ("error", "skip")
+# Columns after building: every split names its images and labels alike, whatever the source.
+IMAGE, LABEL = "img", "label"
 
 
-def build_datasets(recipe: dict, data_root=None) -> datasets.DatasetDict:
-    """The splits named by the recipe's train/val/test dataloaders, transforms set.
+def build_datasets(cfg, splits=None) -> datasets.DatasetDict:
+    """The splits the config's train/val/test dataloaders name, transforms set.
 
-    data_root (the CLI's --data-root) replaces every split's dataset.data_root.
-    Splits whose dataloader section is absent or null are left out. Splits reading
-    the same source share its (memory-mapped) data; each split is its own Dataset.
+    Splits whose dataloader section is null, or not in `splits` when given, are left out. Splits reading the same source
+    share its (memory-mapped) data; each split is its own Dataset. The label column is a
+    ClassLabel, so `label_names(dd)` reads the class names from the features.
     """
-    num_classes = _recipe_num_classes(recipe)
     loader = SourceLoader()
-    splits = {}
-    for split, section in SPLIT_SECTIONS.items():
-        loader_cfg = recipe.get(section)
-        if not loader_cfg:
-            continue
-        dataset_cfg = loader_cfg.get("dataset")
-        if not isinstance(dataset_cfg, dict):
-            raise RecipeError(f"{section}.dataset: required (a dict with a 'type', one of {', '.join(DATASET_TYPES)})")
-        splits[split] = _build_split(dataset_cfg, f"{section}.dataset", DEFAULT_SPLITS[split], data_root,
-                                     num_classes, loader)
+    splits = {split: _build_split(section.dataset, f"{split}_dataloader.dataset",
+                                  DEFAULT_SPLITS[split], cfg.num_classes(), loader)
+              for split, section in cfg.dataloaders().items() if splits is None or split in splits}
     return datasets.DatasetDict(splits)
 
 
 def label_names(dataset_dict) -> list[str]:
     """Class names, index = label id (for the model's id2label)."""
     ds = dataset_dict["train"] if "train" in dataset_dict else next(iter(dataset_dict.values()))
-    transform = (ds.format.get("format_kwargs") or {}).get("transform")
-    names = getattr(transform, "label_names", None)
-    if names is None:
-        raise DataError("label_names: this dataset was not built by build_datasets")
-    return list(names)
+    return list(ds.features[LABEL].names)
 
 
-def _recipe_num_classes(recipe: dict) -> tuple:
-    """(num_classes, the recipe key it came from) or (None, None)."""
-    value = (recipe.get("data_preprocessor") or {}).get("num_classes")
-    if value is not None:
-        return value, "data_preprocessor.num_classes"
-    value = ((recipe.get("model") or {}).get("head") or {}).get("num_classes")
-    return (value, "model.head.num_classes") if value is not None else (None, None)
-
-
-def _build_split(cfg: dict, key: str, default_split: str, data_root_override, num_classes, loader: SourceLoader):
-    kind = cfg.get("type", "CIFAR10")
-    if kind not in DATASET_TYPES:
-        raise RecipeError(f"{key}.type: unknown dataset type {kind!r}{_did_you_mean(kind, DATASET_TYPES)}; "
-                          f"known: {', '.join(DATASET_TYPES)}")
-    steps = build_pipeline(cfg.get("pipeline"), f"{key}.pipeline")  # cheap checks before any loading
-    on_corrupt = cfg.get("on_corrupt", "error")
-    if on_corrupt not in ON_CORRUPT:
-        raise RecipeError(f"{key}.on_corrupt: expected one of {', '.join(ON_CORRUPT)}, got {on_corrupt!r}")
-    image_column = cfg.get("image_column") or "img"
-    label_column = cfg.get("label_column") or "label"
-    split = cfg.get("split") or default_split
-
-    ds, source, converted = _load_source(kind, cfg, key, split, data_root_override, loader)
-    if converted:  # our own conversions name the columns img/label
-        renames = {old: new for old, new in (("img", image_column), ("label", label_column)) if old != new}
-        if renames:
-            ds = ds.rename_columns(renames)
+def _build_split(cfg, key: str, default_split: str, num_classes: int, loader: SourceLoader):
+    steps = [step.op for step in cfg.pipeline]
+    split = cfg.split or default_split
+    ds, source = _load_source(cfg, key, split, loader)
+    image_column = getattr(cfg, "image_column", IMAGE)
+    label_column = getattr(cfg, "label_column", LABEL)
     names = _check_columns(ds, image_column, label_column, source, key)
     if len(ds) == 0:
         raise DataError(f"{source} is empty (0 images); check {key}.split and the data")
     names = _check_labels(ds, label_column, names, num_classes, source)
 
-    ds = ds.cast_column(image_column, datasets.Image(decode=False))
+    renames = {old: new for old, new in ((image_column, IMAGE), (label_column, LABEL)) if old != new}
+    ds = ds.rename_columns(renames) if renames else ds
+    ds = ds.cast_column(IMAGE, datasets.Image(decode=False))
+    ds = ds.cast_column(LABEL, datasets.ClassLabel(names=names))
     ds = ds.add_column(ROW_COLUMN, np.arange(len(ds), dtype=np.int64))
-    ds = _subset(ds, cfg.get("indices"), f"{key}.indices", source)
-    if on_corrupt == "skip":
-        ds = _drop_undecodable(ds, image_column, source)
-    transform = BatchTransform(steps, image_column=image_column, label_column=label_column, source=source,
-                               on_corrupt=on_corrupt, label_names=names)
-    ds.set_transform(transform, columns=[image_column, label_column, ROW_COLUMN])
+    ds = _subset(ds, cfg.indices, f"{key}.indices", source)
+    if cfg.on_corrupt == "skip":
+        ds = _drop_undecodable(ds, IMAGE, source)
+    transform = BatchTransform(steps, image_column=IMAGE, label_column=LABEL, source=source,
+                               on_corrupt=cfg.on_corrupt)
+    ds.set_transform(transform, columns=[IMAGE, LABEL, ROW_COLUMN])
     return ds
 
 
-def _load_source(kind, cfg, key, split, data_root_override, loader: SourceLoader):
-    """-> (raw Dataset, description, whether we converted it ourselves)."""
-    if kind == "SyntheticCIFAR10":
-        num_samples = cfg.get("num_samples", SYNTHETIC_DEFAULT_SAMPLES)
-        seed = cfg.get("seed", 0)
-        if not _is_int(num_samples) or num_samples < 1:
-            raise RecipeError(f"{key}.num_samples: expected an int >= 1, got {num_samples!r}")
-        if not _is_int(seed):
-            raise RecipeError(f"{key}.seed: expected an int, got {seed!r}")
-        ds, description = loader.synthetic(num_samples, seed, split)
-        return ds, description, True
-
-    if kind == "CIFAR10":
-        hub_id = cfg.get("hub_id") or CIFAR10_HUB_ID
-        data_root = data_root_override or cfg.get("data_root") or CIFAR10_DATA_ROOT
-    else:
-        hub_id = cfg.get("hub_id")
-        data_root = data_root_override or cfg.get("data_root")
-        if not hub_id and not data_root:
-            raise RecipeError(f"{key}.hub_id: HFImageDataset needs a hub_id (e.g. \"uoft-cs/cifar100\") "
-                              f"or a data_root")
-    root_key = "--data-root" if data_root_override else f"{key}.data_root"
-    if data_root:
-        root = Path(data_root).expanduser()
+def _load_source(cfg, key, split, loader: SourceLoader):
+    """-> (raw Dataset, description); our own conversions name the columns img/label."""
+    if cfg.type == "SyntheticCIFAR10":
+        return loader.synthetic(cfg.num_samples, cfg.seed, split)
+    if cfg.data_root:
+        root = Path(cfg.data_root).expanduser()
         local = loader.local(root, split, key)
         if local is not None:
-            return local
-        if data_root_override or (kind == "HFImageDataset" and not hub_id):
-            raise DataError(f"data root {root} ({root_key}) does not exist. It must hold one of: {ACCEPTED_FORMATS}")
+            ds, description, converted = local
+            return _renamed(ds, cfg) if converted else ds, description
+        if not (cfg.download and cfg.hub_id):
+            raise DataError(f"data root {root} ({key}.data_root) holds no dataset. It must hold one "
+                            f"of: {ACCEPTED_FORMATS}")
     hint = (f"Point --data-root (or the recipe key {key}.data_root) at a local copy: {ACCEPTED_FORMATS}"
-            + (f" (looked in {Path(data_root).expanduser()}, which does not exist)." if data_root else "."))
+            + (f" (looked in {Path(cfg.data_root).expanduser()}, which does not exist)."
+               if cfg.data_root else "."))
     # CIFAR-sized images are re-encoded once into our cache (decoding them is then a copy).
-    reencode = (cfg.get("image_column") or "img", cfg.get("label_column") or "label") if kind == "CIFAR10" else None
-    return loader.hub(hub_id, cfg.get("config_name"), cfg.get("revision"), split, key, hint,
-                      reencode_columns=reencode)
+    reencode = (cfg.image_column, cfg.label_column) if cfg.type == "CIFAR10" else None
+    ds, description, converted = loader.hub(cfg.hub_id, cfg.config_name, cfg.revision, split, key,
+                                            hint, reencode_columns=reencode)
+    return _renamed(ds, cfg) if converted else ds, description
+
+
+def _renamed(ds, cfg):
+    """Our conversions write img/label; the recipe's column names then refer to those."""
+    renames = {old: new for old, new in ((IMAGE, cfg.image_column), (LABEL, cfg.label_column))
+               if old != new and old in ds.column_names}
+    return ds.rename_columns(renames) if renames else ds
 
 
 def _describe_feature(feature) -> str:
@@ -160,21 +119,18 @@ def _check_columns(ds: datasets.Dataset, image_column: str, label_column: str, s
                     f"label column; columns found: {found}. Set {key}.label_column")
 
 
-def _check_labels(ds: datasets.Dataset, label_column: str, names, num_classes, source: str) -> list[str]:
-    bound, bound_key = num_classes
-    if bound is None and names is not None:
-        bound, bound_key = len(names), f"the {len(names)} class names of {source}"
+def _check_labels(ds: datasets.Dataset, label_column: str, names, num_classes: int, source: str) -> list[str]:
+    """Every label in 0..num_classes-1 and as many class names as classes; -> the names."""
+    if names is not None and len(names) != num_classes:
+        raise DataError(f"{source} has {len(names)} classes but model.head.num_classes is "
+                        f"{num_classes}; set model.head.num_classes={len(names)}")
     labels = np.asarray(ds.with_format("arrow")[label_column].to_numpy())
-    bad = np.flatnonzero((labels < 0) | ((labels >= bound) if bound is not None else False))
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
     if bad.size:
         i = int(bad[0])
-        allowed = f"0..{bound - 1} ({bound_key})" if bound is not None else ">= 0"
-        raise DataError(f"label {int(labels[i])} at index {i} of {source} is outside {allowed}; "
-                        f"{bad.size} label(s) out of range")
-    if names is not None:
-        return names
-    count = bound if bound is not None else int(labels.max()) + 1
-    return [str(i) for i in range(count)]
+        raise DataError(f"label {int(labels[i])} at index {i} of {source} is outside "
+                        f"0..{num_classes - 1} (model.head.num_classes); {bad.size} label(s) out of range")
+    return names if names is not None else [str(i) for i in range(num_classes)]
 
 
 def _subset(ds: datasets.Dataset, indices, key: str, source: str) -> datasets.Dataset:

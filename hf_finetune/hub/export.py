@@ -14,7 +14,7 @@ import logging
 import os
 
 from hf_finetune.errors import CheckpointError
-from hf_finetune.hub.processor import PROCESSOR_FILE, processor_dict
+from hf_finetune.hub.processor import PROCESSOR_FILE, processor_dict, saved_config
 
 logger = logging.getLogger("hf_finetune.hub")
 
@@ -131,7 +131,7 @@ def export_transformers(work_dir: str, out_dir: str) -> str:
     # predictions; generated from the config and recipe when the work dir has none.
     processor = _read_json(os.path.join(work_dir, PROCESSOR_FILE))
     if processor is None:
-        processor = processor_dict(ours.config, _read_json(os.path.join(work_dir, "recipe.json")))
+        processor = processor_dict(ours.config, saved_config(work_dir))
     _check_same_outputs(ours, native, processor)
 
     os.makedirs(out_dir, exist_ok=True)

@@ -35,26 +35,23 @@ def _hw(value, key: str) -> tuple[int, int]:
     raise ValueError(f"{key}={value!r} is not a size: expected an int or [height, width]")
 
 
-def pipeline_geometry(pipeline: list | None, where: str = "pipeline") -> dict | None:
-    """Resize / center-crop of a pipeline as {'resize': (h, w) | None, 'crop': (h, w) | None, 'resample'}.
-
-    Returns None when the pipeline has no step that fixes the output size.
-    """
+def pipeline_geometry(steps) -> dict | None:
+    """Resize / center-crop of a pipeline (typed Steps) as {'resize': (h, w) | None,
+    'crop': (h, w) | None, 'resample'}; None when no step fixes the output size."""
     resize = crop = None
     resample = PIL_RESAMPLE["bilinear"]
-    for index, step in enumerate(pipeline or []):
-        kind = step.get("type")
-        if kind == "Resize":
+    for step in steps:
+        if step.type == "Resize":
             if crop is not None:
                 # A processor resizes before it crops; keep the final size, drop the crop.
-                logger.warning("%s.%d: Resize after CenterCrop cannot be reproduced exactly; "
-                               "the image processor resizes to the final size", where, index)
+                logger.warning("Resize after CenterCrop cannot be reproduced exactly; "
+                               "the image processor resizes to the final size")
                 crop = None
-            resize = _hw(step.get("scale"), f"{where}.{index}.scale")
-            resample = PIL_RESAMPLE.get(step.get("interpolation", "bilinear"), PIL_RESAMPLE["bilinear"])
-        elif kind in ("CenterCrop", "RandomCrop", "RandomResizedCrop"):
-            size_key = "scale" if kind == "RandomResizedCrop" else "crop_size"
-            crop = _hw(step.get(size_key), f"{where}.{index}.{size_key}")
+            resize = _hw(step.args["scale"], "scale")
+            resample = PIL_RESAMPLE.get(step.args.get("interpolation", "bilinear"), PIL_RESAMPLE["bilinear"])
+        elif step.type in ("CenterCrop", "RandomCrop", "RandomResizedCrop"):
+            size_key = "scale" if step.type == "RandomResizedCrop" else "crop_size"
+            crop = _hw(step.args[size_key], size_key)
     if resize is None and crop is None:
         return None
     return {"resize": resize, "crop": crop, "resample": resample}
@@ -73,13 +70,12 @@ def _config_dict(config) -> dict:
     return config.to_dict()
 
 
-def processor_dict(config, recipe: dict | None = None) -> dict:
-    """The preprocessor_config.json content for a model config (+ the merged recipe)."""
-    cfg = _config_dict(config)
-    preprocessor = (recipe or {}).get("data_preprocessor") or {}
-    mean = [float(v) for v in cfg.get("mean") or preprocessor.get("mean") or (123.675, 116.28, 103.53)]
-    std = [float(v) for v in cfg.get("std") or preprocessor.get("std") or (58.395, 57.12, 57.375)]
-    to_rgb = bool(cfg.get("to_rgb", preprocessor.get("to_rgb", False)))
+def processor_dict(config, cfg=None) -> dict:
+    """The preprocessor_config.json content for a model config (+ the run's Config)."""
+    model = _config_dict(config)
+    mean = [float(v) for v in model.get("mean") or (cfg.data_preprocessor.mean if cfg else (123.675, 116.28, 103.53))]
+    std = [float(v) for v in model.get("std") or (cfg.data_preprocessor.std if cfg else (58.395, 57.12, 57.375))]
+    to_rgb = bool(model.get("to_rgb", cfg.data_preprocessor.to_rgb if cfg else False))
     if to_rgb:
         # The model flips the channels, then normalises with (mean, std). An image
         # processor cannot reorder channels, so it normalises the unflipped image with the
@@ -88,19 +84,17 @@ def processor_dict(config, recipe: dict | None = None) -> dict:
         mean, std = mean[::-1], std[::-1]
 
     geometry = None
-    if recipe:
-        test_pipeline = recipe.get("test_dataloader", {}).get("dataset", {}).get("pipeline")
-        geometry = pipeline_geometry(test_pipeline, "test_dataloader.dataset.pipeline")
-        if geometry is None:
+    if cfg is not None and cfg.test_dataloader is not None:
+        geometry = pipeline_geometry(cfg.test_dataloader.dataset.pipeline)
+        if geometry is None and cfg.train_dataloader is not None:
             # The test images are used at their stored size: that is the size training saw
             # (its crop), so resizing any input image to it is exact on the test data.
-            train_pipeline = recipe.get("train_dataloader", {}).get("dataset", {}).get("pipeline")
-            geometry = pipeline_geometry(train_pipeline, "train_dataloader.dataset.pipeline")
+            geometry = pipeline_geometry(cfg.train_dataloader.dataset.pipeline)
             if geometry is not None:
                 geometry = {"resize": geometry["crop"] or geometry["resize"], "crop": None,
                             "resample": geometry["resample"]}
     if geometry is None:
-        size = int(cfg.get("image_size") or DEFAULT_SIZE)
+        size = int(model.get("image_size") or DEFAULT_SIZE)
         geometry = {"resize": (size, size), "crop": None, "resample": PIL_RESAMPLE["bilinear"]}
 
     resize, crop = geometry["resize"], geometry["crop"]
@@ -126,20 +120,27 @@ def input_size(processor: dict) -> tuple[int, int]:
     return processor[key]["height"], processor[key]["width"]
 
 
-def write_image_processor_config(work_dir_or_out_dir: str, config=None, recipe: dict | None = None) -> str:
+def saved_config(directory: str):
+    """The Config of the run that wrote `directory` (its recipe.json), or None."""
+    from hf_finetune.config import read_config
+
+    path = os.path.join(directory, "recipe.json")
+    return read_config(path) if os.path.exists(path) else None
+
+
+def write_image_processor_config(work_dir_or_out_dir: str, config=None, cfg=None) -> str:
     """Write preprocessor_config.json into a work dir (or an export dir); returns its path.
 
     config: the model config (a PretrainedConfig or its dict); None reads DIR/config.json.
-    recipe: the merged recipe; None reads DIR/recipe.json when it exists.
+    cfg: the run's Config; None reads DIR/recipe.json when it exists.
     """
     directory = str(work_dir_or_out_dir)
     if config is None:
         config_path = os.path.join(directory, "config.json")
         config = _read_json(config_path) if os.path.exists(config_path) else {}
-    if recipe is None:
-        recipe_path = os.path.join(directory, "recipe.json")
-        recipe = _read_json(recipe_path) if os.path.exists(recipe_path) else None
-    content = processor_dict(config, recipe)
+    if cfg is None:
+        cfg = saved_config(directory)
+    content = processor_dict(config, cfg)
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, PROCESSOR_FILE)
     with open(path, "w", encoding="utf-8") as handle:

@@ -19,7 +19,7 @@ import tempfile
 from hf_finetune.errors import UserError
 from hf_finetune.hub.card import CARD_FILE, NATIVE_SUBFOLDER, is_generated_card, write_model_card
 from hf_finetune.hub.export import check_work_dir, export_transformers
-from hf_finetune.hub.processor import PROCESSOR_FILE, write_image_processor_config
+from hf_finetune.hub.processor import PROCESSOR_FILE, saved_config, write_image_processor_config
 
 logger = logging.getLogger("hf_finetune.hub")
 
@@ -282,8 +282,7 @@ def push_checkpoint(
     name = os.path.basename(os.path.normpath(checkpoint_dir))
     with tempfile.TemporaryDirectory(prefix="hf_finetune_push_") as tmp:
         config = _read_json(files["config.json"]) if "config.json" in files else {}
-        recipe_dict = _read_json(recipe) if os.path.exists(recipe) else None
-        files[PROCESSOR_FILE] = write_image_processor_config(tmp, config, recipe=recipe_dict)
+        files[PROCESSOR_FILE] = write_image_processor_config(tmp, config, saved_config(work_dir))
         return upload_files(repo_id, files, token=token, private=private, endpoint=endpoint,
                             commit_message=commit_message or f"Training in progress: {name}",
                             retry=retry, source=checkpoint_dir)

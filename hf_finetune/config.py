@@ -1,0 +1,955 @@
+"""The typed recipe: every key's default, type, allowed values and help, checked once.
+
+`load_config(path, cfg_options)` reads a recipe (recipe.py: `_base_`, merge rules,
+`--cfg-options`) and returns a `Config`: one dataclass per section, the same names as an
+mmcls 1.x config. Every check happens while parsing, with errors that name the file and the
+dotted key; nothing outside this module reads raw recipe keys. `Config.to_dict()` is the
+recipe again (what `recipe.json` in the work dir holds) and parses back to an equal Config.
+
+A field's metadata holds its help line and its constraints:
+    choices  allowed values            min / gt   lower bound (>= / >), also per list item
+    types    {type name: dataclass}    for sections whose `type` key picks the keys
+    check    fn(value) -> message | None, for rules no metadata expresses
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+from .errors import RecipeError
+from .recipe import check_size, excerpt, json_type, load_recipe, show_path
+
+REQUIRED = object()  # default of a key the recipe must set
+
+
+def knob(default=None, help="", **meta):
+    """A recipe key: its default (lists are copied per instance), help line and constraints."""
+    meta["help"] = help
+    if default is REQUIRED:
+        meta["required"] = True
+        default = None
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: json.loads(json.dumps(default)), metadata=meta)
+    if dataclasses.is_dataclass(default) and isinstance(default, type):
+        return field(default_factory=default, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# --- model -----------------------------------------------------------------------------------
+
+
+@dataclass
+class PretrainedInit:
+    type: str = knob("Pretrained", "mmcls init type", choices=("Pretrained",))
+    checkpoint: str = knob(REQUIRED, "http(s) URL, local file or Hub repo id of the weights",
+                           check=lambda v: None if v.strip() else "must not be empty")
+    prefix: Optional[str] = knob(None, "take only keys under this prefix (e.g. 'backbone')")
+    allow_partial: bool = knob(False, "accept a checkpoint that lacks some backbone weights")
+
+
+def _last_stage(value):
+    return None if value in (3, -1, [3], [-1]) else "only the last stage (3) feeds the head"
+
+
+@dataclass
+class ResNetBackbone:
+    type: str = knob("ResNet", "backbone type", choices=("ResNet",))
+    depth: int = knob(50, "ResNet depth", choices=(18, 34, 50, 101, 152))
+    num_stages: int = knob(4, "mmcls key; only 4 stages are built", choices=(4,))
+    out_indices: Union[int, list[int]] = knob([3], "stage outputs; the last stage feeds the head",
+                                              check=_last_stage)
+    style: str = knob("pytorch", "where the stride-2 conv sits", choices=("pytorch", "caffe"))
+    frozen_stages: int = knob(-1, "-1 nothing, 0 the stem, k the stem and stages 1..k",
+                              min=-1, max=4)
+    norm_eval: bool = knob(False, "keep every BatchNorm in eval mode while training")
+    deep_stem: bool = knob(False, "mmcls key; only false is built", choices=(False,))
+    avg_down: bool = knob(False, "mmcls key; only false is built", choices=(False,))
+    in_channels: int = knob(3, "input channels; only 3 is built", choices=(3,))
+    stem_channels: int = knob(64, "stem width; only 64 is built", choices=(64,))
+    base_channels: int = knob(64, "stage-1 width; only 64 is built", choices=(64,))
+    zero_init_residual: bool = knob(True, "zero the last BN of each block (from scratch only)")
+    with_cp: bool = knob(False, "gradient checkpointing of each residual block")
+    init_cfg: Optional[PretrainedInit] = knob(None, "pretrained backbone weights")
+
+
+LOSS_TYPES = ("CrossEntropyLoss", "LabelSmoothLoss", "FocalLoss", "AsymmetricLoss")
+
+
+@dataclass
+class LossCfg:
+    type: str = knob("CrossEntropyLoss", "loss type", choices=LOSS_TYPES)
+    loss_weight: float = knob(1.0, "multiplies the loss", min=0)
+    label_smoothing: float = knob(0.0, "CrossEntropyLoss label smoothing", min=0, lt=1)
+    label_smooth_val: Optional[float] = knob(None, "LabelSmoothLoss smoothing", min=0, lt=1)
+    use_sigmoid: bool = knob(False, "CrossEntropyLoss: sigmoid per class (multi-label)")
+    gamma: float = knob(2.0, "FocalLoss focusing parameter", min=0)
+    alpha: float = knob(0.25, "FocalLoss positive-class weight", min=0, max=1)
+    gamma_pos: float = knob(0.0, "AsymmetricLoss gamma of positives", min=0)
+    gamma_neg: float = knob(4.0, "AsymmetricLoss gamma of negatives", min=0)
+    clip: float = knob(0.05, "AsymmetricLoss probability margin of negatives", min=0, lt=1)
+
+    def smoothing(self):
+        return self.label_smooth_val if self.type == "LabelSmoothLoss" else self.label_smoothing
+
+
+@dataclass
+class HeadCfg:
+    type: str = knob("LinearClsHead", "head type",
+                     choices=("LinearClsHead", "MultiLabelLinearClsHead"))
+    num_classes: int = knob(REQUIRED, "number of classes", min=1)
+    in_channels: Optional[int] = knob(None, "backbone output channels (derived from depth)", min=1)
+    loss: LossCfg = knob(LossCfg, "the training loss")
+    topk: Union[int, list[int]] = knob([1, 5], "k of top-k accuracy the head reports", min=1)
+    thr: Optional[float] = knob(None, "MultiLabelLinearClsHead: score threshold", min=0, max=1)
+
+    @property
+    def multi_label(self):
+        return self.type == "MultiLabelLinearClsHead" or self.loss.use_sigmoid or \
+            self.loss.type in ("FocalLoss", "AsymmetricLoss")
+
+
+@dataclass
+class NeckCfg:
+    type: str = knob("GlobalAveragePooling", "neck type", choices=("GlobalAveragePooling",))
+
+
+@dataclass
+class ModelCfg:
+    type: str = knob("ImageClassifier", "model type", choices=("ImageClassifier",))
+    backbone: ResNetBackbone = knob(ResNetBackbone, "the backbone")
+    neck: Optional[NeckCfg] = knob(NeckCfg, "pooling between backbone and head")
+    head: HeadCfg = knob(REQUIRED, "the classification head")
+
+
+@dataclass
+class DataPreprocessorCfg:
+    type: str = knob("ClsDataPreprocessor", "preprocessor type", choices=("ClsDataPreprocessor",))
+    num_classes: Optional[int] = knob(None, "must equal model.head.num_classes", min=1)
+    mean: list[float] = knob([0.0, 0.0, 0.0], "per-channel mean, 0-255 scale",
+                             check=lambda v: None if len(v) == 3 else "expected 3 numbers")
+    std: list[float] = knob([1.0, 1.0, 1.0], "per-channel std, 0-255 scale", gt=0,
+                            check=lambda v: None if len(v) == 3 else "expected 3 numbers")
+    to_rgb: bool = knob(False, "flip BGR input to RGB")
+
+
+# --- data ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Step:
+    """One pipeline step: its recipe form and the step object built from it once."""
+
+    type: str
+    args: dict
+    op: Any = dataclasses.field(compare=False, repr=False)
+
+    def to_dict(self):
+        return {"type": self.type, **self.args}
+
+
+@dataclass
+class DatasetCfg:
+    type: str = knob(REQUIRED, "dataset type")
+    data_root: Optional[str] = knob(None, "a local copy (folder or archive)")
+    split: Optional[str] = knob(None, "split name in the source (default: train / test)")
+    pipeline: list[Step] = knob([], "batched uint8 pipeline steps")
+    indices: Union[None, int, list[int]] = knob(None, "first N images, or a list of indices",
+                                                min=0)
+    on_corrupt: str = knob("error", "an undecodable image: stop, or skip it",
+                           choices=("error", "skip"))
+
+
+@dataclass
+class HFImageDatasetCfg(DatasetCfg):
+    type: str = knob("HFImageDataset", "an image dataset from a Hub or a local folder")
+    hub_id: Optional[str] = knob(None, "Hub dataset id, used when data_root holds no copy")
+    config_name: Optional[str] = knob(None, "Hub dataset configuration")
+    revision: Optional[str] = knob(None, "Hub dataset revision")
+    image_column: str = knob("img", "column holding the images")
+    label_column: str = knob("label", "column holding the labels")
+    download: bool = knob(True, "fetch hub_id when data_root holds no copy")
+
+
+@dataclass
+class CIFAR10Cfg(HFImageDatasetCfg):
+    type: str = knob("CIFAR10", "CIFAR-10: a local copy in data_root, else the Hub's")
+    data_root: Optional[str] = knob("data/cifar10", "a local CIFAR-10 copy")
+    hub_id: Optional[str] = knob("uoft-cs/cifar10", "Hub dataset id")
+
+
+@dataclass
+class SyntheticCIFAR10Cfg(DatasetCfg):
+    type: str = knob("SyntheticCIFAR10", "generated CIFAR-shaped data (no download)")
+    num_samples: int = knob(1000, "number of images", min=1)
+    seed: int = knob(0, "generator seed")
+
+
+DATASET_TYPES = {"CIFAR10": CIFAR10Cfg, "HFImageDataset": HFImageDatasetCfg,
+                 "SyntheticCIFAR10": SyntheticCIFAR10Cfg}
+
+
+@dataclass
+class SamplerCfg:
+    type: str = knob("DefaultSampler", "sampler type", choices=("DefaultSampler",))
+    shuffle: bool = knob(True, "shuffle every epoch")
+
+
+@dataclass
+class DataloaderCfg:
+    batch_size: Optional[int] = knob(None, "per-device batch (train: see train_cfg.total_batch_size)",
+                                     min=1)
+    num_workers: int = knob(0, "loader worker processes", min=0)
+    persistent_workers: Optional[bool] = knob(None, "keep workers between epochs "
+                                              "(default: when num_workers > 0)")
+    pin_memory: Optional[bool] = knob(None, "page-locked batches (default: on CUDA)")
+    prefetch_factor: Optional[int] = knob(None, "batches each worker loads ahead", min=1)
+    drop_last: bool = knob(False, "drop the last incomplete batch")
+    sampler: SamplerCfg = knob(SamplerCfg, "order of the images")
+    dataset: DatasetCfg = knob(REQUIRED, "the images", types=DATASET_TYPES)
+    collate_fn: Optional[dict] = knob(None, "mmcls key; batches are built by the pipeline",
+                                      check=lambda v: None if v in (None, {"type": "default_collate"})
+                                      else "only default_collate")
+
+    def keep_workers(self):
+        return self.num_workers > 0 if self.persistent_workers is None else \
+            self.persistent_workers and self.num_workers > 0
+
+
+@dataclass
+class AccuracyCfg:
+    type: str = knob("Accuracy", "metric type", choices=("Accuracy", "MultiLabelMetric",
+                                                         "AveragePrecision"))
+    topk: Union[int, list[int]] = knob([1], "k of top-k accuracy", min=1)
+    thr: Optional[float] = knob(None, "multi-label score threshold", min=0, max=1)
+
+
+# --- schedule ----------------------------------------------------------------------------------
+
+
+@dataclass
+class SGDCfg:
+    type: str = "SGD"
+    lr: float = knob(REQUIRED, "learning rate", gt=0)
+    momentum: float = knob(0.0, "momentum", min=0)
+    weight_decay: float = knob(0.0, "L2 weight decay", min=0)
+    nesterov: bool = knob(False, "Nesterov momentum")
+    dampening: float = knob(0.0, "momentum dampening", min=0)
+
+
+@dataclass
+class AdamCfg:
+    type: str = "Adam"
+    lr: float = knob(REQUIRED, "learning rate", gt=0)
+    betas: list[float] = knob([0.9, 0.999], "moment decay rates", min=0, lt=1,
+                              check=lambda v: None if len(v) == 2 else "expected 2 numbers")
+    eps: float = knob(1e-8, "denominator epsilon", gt=0)
+    weight_decay: float = knob(0.0, "weight decay", min=0)
+    amsgrad: bool = knob(False, "AMSGrad variant")
+
+
+@dataclass
+class AdamWCfg(AdamCfg):
+    type: str = "AdamW"
+    weight_decay: float = knob(0.01, "decoupled weight decay", min=0)
+
+
+OPTIMIZER_TYPES = {"SGD": SGDCfg, "Adam": AdamCfg, "AdamW": AdamWCfg}
+
+
+@dataclass
+class CustomKeyCfg:
+    lr_mult: float = knob(1.0, "LR multiplier", min=0)
+    decay_mult: float = knob(1.0, "weight-decay multiplier", min=0)
+
+
+@dataclass
+class ParamwiseCfg:
+    custom_keys: dict[str, CustomKeyCfg] = knob({}, "{parameter-name substring: multipliers}")
+    norm_decay_mult: Optional[float] = knob(None, "weight-decay multiplier of norm layers", min=0)
+    bias_decay_mult: Optional[float] = knob(None, "weight-decay multiplier of biases", min=0)
+    layer_decay_rate: Optional[float] = knob(None, "LR decay per layer from the head "
+                                             "(LearningRateDecayOptimWrapperConstructor)", gt=0, max=1)
+
+
+@dataclass
+class ClipGradCfg:
+    max_norm: float = knob(REQUIRED, "clip the gradient norm to this", gt=0)
+    norm_type: float = knob(2.0, "norm type; only 2", choices=(2,))
+
+
+@dataclass
+class OptimWrapperCfg:
+    type: str = knob("OptimWrapper", "AmpOptimWrapper: mixed precision",
+                     choices=("OptimWrapper", "AmpOptimWrapper"))
+    optimizer: Any = knob(REQUIRED, "the optimizer", types=OPTIMIZER_TYPES)
+    paramwise_cfg: ParamwiseCfg = knob(ParamwiseCfg, "per-parameter LR / decay rules")
+    constructor: Optional[str] = knob(None, "optimizer constructor",
+                                      choices=(None, "DefaultOptimWrapperConstructor",
+                                               "LearningRateDecayOptimWrapperConstructor"))
+    clip_grad: Optional[ClipGradCfg] = knob(None, "gradient clipping")
+    accumulative_counts: int = knob(1, "batches accumulated per update", min=1)
+    dtype: Optional[str] = knob(None, "AmpOptimWrapper precision (default float16)",
+                                choices=(None, "float16", "fp16", "bfloat16", "bf16"))
+
+
+@dataclass
+class SchedulerCfg:
+    type: str = knob(REQUIRED, "scheduler type")
+    by_epoch: bool = knob(True, "begin/end/milestones count epochs (else updates)")
+    begin: int = knob(0, "first step it acts on", min=0)
+    end: Optional[int] = knob(None, "step it stops at (default: the end)", min=1)
+    convert_to_iter_based: bool = knob(False, "epoch schedule applied smoothly per update")
+
+
+@dataclass
+class MultiStepLRCfg(SchedulerCfg):
+    type: str = "MultiStepLR"
+    milestones: list[int] = knob(REQUIRED, "steps at which the LR is multiplied by gamma", min=0)
+    gamma: float = knob(0.1, "LR multiplier at each milestone", gt=0)
+
+
+@dataclass
+class StepLRCfg(SchedulerCfg):
+    type: str = "StepLR"
+    step_size: int = knob(REQUIRED, "steps between LR drops", min=1)
+    gamma: float = knob(0.1, "LR multiplier every step_size", gt=0)
+
+
+@dataclass
+class CosineAnnealingLRCfg(SchedulerCfg):
+    type: str = "CosineAnnealingLR"
+    T_max: Optional[int] = knob(None, "steps of the half cosine (default: its range)", min=1)
+    eta_min: float = knob(0.0, "final LR", min=0)
+    eta_min_ratio: Optional[float] = knob(None, "final LR as a fraction of the base LR", min=0)
+
+
+@dataclass
+class LinearLRCfg(SchedulerCfg):
+    type: str = "LinearLR"
+    start_factor: float = knob(1.0 / 3, "LR factor at begin", gt=0, max=1)
+    end_factor: float = knob(1.0, "LR factor at end", min=0, max=1)
+
+
+@dataclass
+class ConstantLRCfg(SchedulerCfg):
+    type: str = "ConstantLR"
+    factor: float = knob(1.0 / 3, "LR factor until end", gt=0, max=1)
+
+
+SCHEDULER_TYPES = {"MultiStepLR": MultiStepLRCfg, "StepLR": StepLRCfg,
+                   "CosineAnnealingLR": CosineAnnealingLRCfg, "LinearLR": LinearLRCfg,
+                   "ConstantLR": ConstantLRCfg}
+
+
+@dataclass
+class TrainCfg:
+    type: Optional[str] = knob(None, "the loop (sets by_epoch)",
+                               choices=(None, "EpochBasedTrainLoop", "IterBasedTrainLoop"))
+    by_epoch: bool = knob(True, "length in epochs (else max_iters updates)")
+    max_epochs: int = knob(1, "epochs to train", min=1)
+    max_iters: Optional[int] = knob(None, "updates to train when by_epoch is false", min=1)
+    val_interval: int = knob(1, "validate every N epochs (updates when by_epoch is false)", min=1)
+    total_batch_size: Optional[int] = knob(None, "images per update over all processes", min=1)
+
+
+@dataclass
+class LoopCfg:
+    type: Optional[str] = knob(None, "mmcls key; the Trainer runs evaluation")
+
+
+@dataclass
+class AutoScaleLRCfg:
+    enable: bool = knob(False, "scale the LR by total batch / base_batch_size")
+    base_batch_size: int = knob(128, "the batch the LR was set for", min=1)
+
+
+# --- runtime -----------------------------------------------------------------------------------
+
+
+@dataclass
+class LoggerHookCfg:
+    type: str = knob("LoggerHook", "hook type", choices=("LoggerHook",))
+    interval: int = knob(100, "log every N updates", min=1)
+
+
+def _interval(v):
+    return None if v == -1 or v >= 1 else "expected -1 (never) or a positive number"
+
+
+@dataclass
+class CheckpointHookCfg:
+    type: str = knob("CheckpointHook", "hook type", choices=("CheckpointHook",))
+    interval: int = knob(1, "save every N epochs (updates when by_epoch is false); -1 never",
+                         check=_interval)
+    max_keep_ckpts: int = knob(3, "checkpoints kept (plus the best); -1 all", check=_interval)
+    save_best: Optional[str] = knob("auto", "metric that picks the best checkpoint; null: none")
+    rule: Optional[str] = knob(None, "is a larger save_best better", choices=(None, "greater", "less"))
+    by_epoch: Optional[bool] = knob(None, "interval in epochs (default: train_cfg.by_epoch)")
+
+
+@dataclass
+class DefaultHooksCfg:
+    timer: Optional[dict] = knob({"type": "IterTimerHook"}, "mmcls hook (timing is always on)")
+    logger: LoggerHookCfg = knob(LoggerHookCfg, "training log interval")
+    param_scheduler: Optional[dict] = knob({"type": "ParamSchedulerHook"},
+                                           "mmcls hook (the schedule always steps)")
+    checkpoint: CheckpointHookCfg = knob(CheckpointHookCfg, "checkpoint saving")
+    sampler_seed: Optional[dict] = knob({"type": "DistSamplerSeedHook"},
+                                        "mmcls hook (the order is reseeded per epoch)")
+    visualization: Optional[dict] = knob({"type": "VisualizationHook", "enable": False},
+                                         "mmcls hook; prediction drawing is not built",
+                                         check=lambda v: None if v is None or not v.get("enable")
+                                         else "enable: true is not supported")
+
+
+@dataclass
+class EnvCfg:
+    cudnn_benchmark: bool = knob(False, "let cuDNN pick the fastest convolutions")
+    channels_last: Optional[bool] = knob(None, "NHWC model and inputs (default: on CUDA)")
+    mp_cfg: Optional[dict] = knob(None, "mmcls key; processes are started by accelerate")
+    dist_cfg: Optional[dict] = knob(None, "mmcls key; the backend is chosen by accelerate")
+
+
+@dataclass
+class RandomnessCfg:
+    seed: Optional[int] = knob(None, "seed of initialisation, data order and augmentation "
+                               "(null: drawn and recorded)", min=0, lt=2**32)
+    deterministic: bool = knob(False, "deterministic kernels (slower)")
+    diff_rank_seed: bool = knob(False, "mmcls key; augmentation differs per rank anyway")
+
+
+@dataclass
+class HubCfg:
+    """Where --push-to-hub sends the result; the token is never written anywhere."""
+
+    push: bool = knob(False, "push the result when training ends")
+    model_id: Optional[str] = knob(None, "repo id (default: the work dir's name)")
+    private: bool = knob(False, "create the repo private")
+    strategy: str = knob("end", "push at the end, or also every checkpoint",
+                         choices=("end", "every_save", "checkpoint", "all_checkpoints"))
+    token: Optional[str] = dataclasses.field(default=None, repr=False, compare=False,
+                                             metadata={"help": "in memory only", "secret": True})
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+# TrainingArguments fields the mmcls sections own -> the recipe key to set instead, so no
+# value is silently overridden.
+OWNED_FIELDS = {
+    "output_dir": "work_dir (or --work-dir)",
+    "num_train_epochs": "train_cfg.max_epochs",
+    "max_steps": "train_cfg.max_iters (with train_cfg.by_epoch false)",
+    "per_device_train_batch_size": "train_cfg.total_batch_size or train_dataloader.batch_size",
+    "per_device_eval_batch_size": "val_dataloader.batch_size",
+    "gradient_accumulation_steps": "optim_wrapper.accumulative_counts",
+    "learning_rate": "optim_wrapper.optimizer.lr",
+    "weight_decay": "optim_wrapper.optimizer.weight_decay",
+    "optim": "optim_wrapper.optimizer.type",
+    "adam_beta1": "optim_wrapper.optimizer.betas",
+    "adam_beta2": "optim_wrapper.optimizer.betas",
+    "adam_epsilon": "optim_wrapper.optimizer.eps",
+    "lr_scheduler_type": "param_scheduler",
+    "lr_scheduler_kwargs": "param_scheduler",
+    "warmup_steps": "param_scheduler (a LinearLR entry)",
+    "warmup_ratio": "param_scheduler (a LinearLR entry)",
+    "max_grad_norm": "optim_wrapper.clip_grad.max_norm",
+    "seed": "randomness.seed",
+    "data_seed": "randomness.seed",
+    "full_determinism": "randomness.deterministic",
+    "logging_steps": "default_hooks.logger.interval",
+    "save_strategy": "default_hooks.checkpoint.interval",
+    "save_steps": "default_hooks.checkpoint.interval",
+    "save_total_limit": "default_hooks.checkpoint.max_keep_ckpts",
+    "metric_for_best_model": "default_hooks.checkpoint.save_best",
+    "eval_strategy": "train_cfg.val_interval",
+    "eval_steps": "train_cfg.val_interval",
+    "dataloader_num_workers": "train_dataloader.num_workers",
+    "dataloader_pin_memory": "train_dataloader.pin_memory",
+    "dataloader_persistent_workers": "train_dataloader.persistent_workers",
+    "dataloader_prefetch_factor": "train_dataloader.prefetch_factor",
+    "dataloader_drop_last": "train_dataloader.drop_last",
+    "remove_unused_columns": "(fixed: the pipeline already emits model inputs)",
+    "resume_from_checkpoint": "resume (or --resume)",
+    "label_smoothing_factor": "model.head.loss.label_smoothing",
+    "log_level": "log_level",
+    "gradient_checkpointing": "model.backbone.with_cp",
+}
+# TrainingArguments' Hub fields -> HubCfg fields: the push happens after training, by us.
+HUB_FIELDS = {"push_to_hub": "push", "hub_model_id": "model_id", "hub_private_repo": "private",
+              "hub_strategy": "strategy", "hub_token": "token"}
+
+
+def _check_training_args(value):
+    from transformers import TrainingArguments
+
+    known = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
+    for key in value:
+        if key in OWNED_FIELDS:
+            return f"{key}: set by the recipe's {OWNED_FIELDS[key]}; set it there"
+        if key not in known:
+            return f"{key}: " + unknown_message("transformers.TrainingArguments field", key, known)
+    return None
+
+
+@dataclass
+class Config:
+    model: ModelCfg = knob(REQUIRED, "the classifier")
+    data_preprocessor: DataPreprocessorCfg = knob(DataPreprocessorCfg, "normalisation on the device")
+    train_dataloader: Optional[DataloaderCfg] = knob(None, "training data")
+    val_dataloader: Optional[DataloaderCfg] = knob(None, "validation data")
+    test_dataloader: Optional[DataloaderCfg] = knob(None, "test data")
+    val_evaluator: list[AccuracyCfg] = knob([{"type": "Accuracy"}], "validation metrics", listify=True)
+    test_evaluator: list[AccuracyCfg] = knob([{"type": "Accuracy"}], "test metrics", listify=True)
+    optim_wrapper: Optional[OptimWrapperCfg] = knob(None, "optimizer and its wrapper")
+    param_scheduler: list[SchedulerCfg] = knob([], "LR schedule; several multiply",
+                                               types=SCHEDULER_TYPES, listify=True)
+    train_cfg: TrainCfg = knob(TrainCfg, "length of training, validation interval, total batch")
+    val_cfg: LoopCfg = knob(LoopCfg, "mmcls key")
+    test_cfg: LoopCfg = knob(LoopCfg, "mmcls key")
+    auto_scale_lr: AutoScaleLRCfg = knob(AutoScaleLRCfg, "linear LR scaling by batch size")
+    default_scope: Optional[str] = knob(None, "mmcls key (registries are not used)")
+    default_hooks: DefaultHooksCfg = knob(DefaultHooksCfg, "logging and checkpoints")
+    env_cfg: EnvCfg = knob(EnvCfg, "runtime environment")
+    visualizer: Optional[dict] = knob(None, "vis_backends -> Trainer report_to",
+                                      check=lambda v: _check_visualizer(v))
+    log_level: str = knob("info", "debug shows the Trainer's own log lines",
+                          choices=LOG_LEVELS + tuple(l.upper() for l in LOG_LEVELS))
+    load_from: Optional[str] = knob(None, "whole-model weights to start from")
+    resume: bool = knob(False, "continue from the work dir's latest checkpoint")
+    randomness: RandomnessCfg = knob(RandomnessCfg, "seeds")
+    work_dir: Optional[str] = knob(None, "outputs (default: work_dirs/<recipe name>)")
+    training_args: dict = knob({}, "other transformers.TrainingArguments fields",
+                               check=_check_training_args)
+    hub: HubCfg = knob(HubCfg, "pushing the result to a Hub")
+    custom_hooks: list[dict] = knob([], "EMAHook, EarlyStoppingHook", listify=True,
+                                    check=lambda v: _check_custom_hooks(v))
+    name: Optional[str] = knob(None, "the recipe's name (its file name)")
+
+    def to_dict(self):
+        """The recipe as JSON-ready data; secrets left out."""
+        return to_data(self)
+
+    # Derived values with a single owner.
+    def dataloaders(self):
+        """{split: DataloaderCfg} for the splits the recipe sets."""
+        return {split: section for split, section in (
+            ("train", self.train_dataloader), ("val", self.val_dataloader),
+            ("test", self.test_dataloader)) if section is not None}
+
+    def num_classes(self):
+        return self.model.head.num_classes
+
+
+VIS_BACKENDS = {"LocalVisBackend": None, "TensorboardVisBackend": "tensorboard",
+                "WandbVisBackend": "wandb", "MLflowVisBackend": "mlflow"}
+
+
+def _check_visualizer(value):
+    backends = value.get("vis_backends") or []
+    for i, backend in enumerate(backends if isinstance(backends, list) else [backends]):
+        name = backend.get("type") if isinstance(backend, dict) else backend
+        if name not in VIS_BACKENDS:
+            return f"vis_backends.{i}.type: " + unknown_message("visualizer backend", name, VIS_BACKENDS)
+    return None
+
+
+def report_to(cfg):
+    """The Trainer integrations the recipe's visualizer asks for."""
+    backends = (cfg.visualizer or {}).get("vis_backends") or []
+    names = [b.get("type") if isinstance(b, dict) else b for b in
+             (backends if isinstance(backends, list) else [backends])]
+    return sorted({VIS_BACKENDS[n] for n in names if VIS_BACKENDS.get(n)}) or "none"
+
+
+CUSTOM_HOOKS = ("EMAHook", "EarlyStoppingHook")
+
+
+def _check_custom_hooks(hooks):
+    for i, hook in enumerate(hooks):
+        name = hook.get("type") if isinstance(hook, dict) else None
+        if name not in CUSTOM_HOOKS:
+            return f"{i}.type: " + unknown_message("custom hook", name, CUSTOM_HOOKS)
+    return None
+
+
+# --- cross-section rules ------------------------------------------------------------------------
+
+
+def _check_config(cfg, error, set_keys):
+    head, pre = cfg.model.head, cfg.data_preprocessor
+    if pre.num_classes is not None and pre.num_classes != head.num_classes:
+        raise error(("data_preprocessor", "num_classes"),
+                    f"{pre.num_classes} differs from model.head.num_classes={head.num_classes}")
+    channels = 2048 if cfg.model.backbone.depth >= 50 else 512
+    if head.in_channels not in (None, channels):
+        raise error(("model", "head", "in_channels"),
+                    f"{head.in_channels} does not match the backbone's output ({channels} "
+                    f"channels); remove it or set {channels}")
+    for where, ks in [(("model", "head", "topk"), head.topk)] + [
+            ((name, i, "topk"), e.topk) for name in ("val_evaluator", "test_evaluator")
+            for i, e in enumerate(getattr(cfg, name))]:
+        ks = ks if isinstance(ks, list) else [ks]
+        if max(ks) > head.num_classes and not head.multi_label:
+            raise error(where, f"{ks} needs at least {max(ks)} classes but model.head.num_classes "
+                               f"is {head.num_classes}; use [1]")
+    loss = head.loss
+    if loss.type == "LabelSmoothLoss" and loss.label_smooth_val is None:
+        raise error(("model", "head", "loss", "label_smooth_val"), "required for LabelSmoothLoss")
+    train = cfg.train_cfg
+    if train.type is not None:
+        by_epoch = train.type == "EpochBasedTrainLoop"
+        if by_epoch != train.by_epoch and ("train_cfg", "by_epoch") in set_keys:
+            raise error(("train_cfg", "by_epoch"), f"{train.by_epoch} contradicts type {train.type}")
+        train.by_epoch = by_epoch
+    if not train.by_epoch and train.max_iters is None:
+        raise error(("train_cfg", "max_iters"), "required when train_cfg.by_epoch is false")
+    if cfg.train_dataloader is not None:
+        if train.total_batch_size is None and cfg.train_dataloader.batch_size is None:
+            raise error(("train_dataloader", "batch_size"),
+                        "missing (or set train_cfg.total_batch_size)")
+        if cfg.optim_wrapper is None:
+            raise error(("optim_wrapper",), "required to train")
+    for i, sched in enumerate(cfg.param_scheduler):
+        if sched.end is not None and sched.end <= sched.begin:
+            raise error(("param_scheduler", i, "end"),
+                        f"must be larger than begin ({sched.begin}), got {sched.end}")
+    wrapper = cfg.optim_wrapper
+    if wrapper is not None:
+        if wrapper.dtype is not None and wrapper.type != "AmpOptimWrapper":
+            raise error(("optim_wrapper", "dtype"), "only with type AmpOptimWrapper")
+        decay = wrapper.constructor == "LearningRateDecayOptimWrapperConstructor"
+        if decay != (wrapper.paramwise_cfg.layer_decay_rate is not None):
+            raise error(("optim_wrapper", "paramwise_cfg", "layer_decay_rate"),
+                        "set it together with constructor=LearningRateDecayOptimWrapperConstructor")
+    for split, section in cfg.dataloaders().items():
+        ds = section.dataset
+        if isinstance(ds, HFImageDatasetCfg) and ds.type == "HFImageDataset" and not (
+                ds.hub_id or ds.data_root):
+            raise error((f"{split}_dataloader", "dataset", "hub_id"),
+                        'HFImageDataset needs a hub_id (e.g. "uoft-cs/cifar100") or a data_root')
+
+
+# --- parsing --------------------------------------------------------------------------------
+
+
+MAX_DEPTH = 32  # no real recipe nests deeper than 8; deeper input is a mistake or an attack
+
+
+class _Parser:
+    def __init__(self, origins):
+        self.origins = origins
+        self.set_keys = set()
+
+    def error(self, path, message):
+        source = "recipe"
+        for n in range(len(path), -1, -1):
+            if path[:n] in self.origins:
+                source = show_path(self.origins[path[:n]])
+                break
+        key = ".".join(str(p) for p in path) or "(top level)"
+        return RecipeError(f"{source}: {key}: {message}")
+
+    def section(self, cls, value, path):
+        if not isinstance(value, dict):
+            raise self.error(path, f"expected an object, got {describe(value)}")
+        hints = typing.get_type_hints(cls)
+        names = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("secret")}
+        for key in value:
+            if key not in names:
+                hint = ""
+                if "type" in names and value.get("type") is not None:
+                    hint = (' (if a base file sets it for another type, write "_delete_": true '
+                            'in your section to replace the base section)')
+                raise self.error(path + (key,), unknown_message(
+                    f"key for {value.get('type') or cls.__name__}", key, names) + hint)
+        kwargs = {}
+        for name, f in names.items():
+            if name in value:
+                self.set_keys.add(path + (name,))
+                kwargs[name] = self.value(value[name], hints[name], f.metadata, path + (name,))
+            elif f.metadata.get("required"):
+                raise self.error(path + (name,), f"required ({f.metadata.get('help')})")
+            elif f.metadata.get("types") or f.metadata.get("listify"):
+                # Defaults of typed or list sections are recipe data too: parse them.
+                default = f.default_factory() if f.default_factory is not dataclasses.MISSING \
+                    else f.default
+                if default is not None:
+                    kwargs[name] = self.value(default, hints[name], f.metadata, path + (name,))
+        return cls(**kwargs)
+
+    def typed(self, types, value, path):
+        if not isinstance(value, dict):
+            raise self.error(path, f"expected an object with a 'type', got {describe(value)}")
+        name = value.get("type")
+        if name not in types:
+            raise self.error(path + ("type",), unknown_message("type", name, types))
+        return self.section(types[name], value, path)
+
+    def value(self, value, hint, meta, path):
+        if len(path) > MAX_DEPTH:
+            raise self.error(path[:MAX_DEPTH], f"nested deeper than {MAX_DEPTH} levels")
+        if meta.get("listify") and isinstance(value, dict):
+            value = [value]
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+        if origin is Union:
+            if value is None and type(None) in args:
+                return None
+            options = [a for a in args if a is not type(None)]
+            if len(options) == 1:
+                return self.value(value, options[0], meta, path)
+            for option in options:  # the option whose JSON shape matches
+                if _shape(option) == _shape_of(value):
+                    return self.value(value, option, meta, path)
+            names = " or ".join(type_name(a) for a in args)
+            raise self.error(path, f"expected {names}, got {describe(value)}")
+        if origin is list:
+            if not isinstance(value, list):
+                raise self.error(path, f"expected a list, got {describe(value)}")
+            item_meta = {k: v for k, v in meta.items() if k not in ("check", "listify")}
+            result = [self.value(v, args[0], item_meta, path + (i,)) for i, v in enumerate(value)]
+        elif origin is dict:
+            if not isinstance(value, dict):
+                raise self.error(path, f"expected an object, got {describe(value)}")
+            result = {k: self.value(v, args[1], {}, path + (k,)) for k, v in value.items()}
+        elif hint is Step:
+            result = self.step(value, path)
+        elif meta.get("types"):
+            result = self.typed(meta["types"], value, path)
+        elif dataclasses.is_dataclass(hint):
+            result = self.section(hint, value, path)
+        else:
+            result = self.scalar(value, hint, path)
+            self.bounds(result, meta, path)
+        check = meta.get("check")
+        message = check(result) if check else None
+        if message:
+            raise self.error(path, message)
+        return result
+
+    def scalar(self, value, hint, path):
+        if hint is Any:
+            _check_depth(value, path, self)
+            return value
+        if hint is dict:
+            if not isinstance(value, dict):
+                raise self.error(path, f"expected an object, got {describe(value)}")
+            _check_depth(value, path, self)
+            return value
+        ok = {bool: isinstance(value, bool), str: isinstance(value, str),
+              int: isinstance(value, int) and not isinstance(value, bool),
+              float: isinstance(value, (int, float)) and not isinstance(value, bool)}[hint]
+        if not ok:
+            raise self.error(path, f"expected {type_name(hint)}, got {describe(value)}")
+        if hint is float:
+            value = float(value)
+            if value != value or value in (float("inf"), float("-inf")):
+                raise self.error(path, "expected a finite number")
+        return value
+
+    def bounds(self, value, meta, path):
+        if "choices" in meta and value not in meta["choices"]:
+            listing = ", ".join(json.dumps(c) for c in meta["choices"] if c is not None)
+            raise self.error(path, f"{describe(value)} is not allowed; expected one of {listing}"
+                             + did_you_mean(value, meta["choices"]))
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return
+        for key, ok, word in (("min", lambda b: value >= b, ">="), ("gt", lambda b: value > b, ">"),
+                              ("max", lambda b: value <= b, "<="), ("lt", lambda b: value < b, "<")):
+            if key in meta and not ok(meta[key]):
+                raise self.error(path, f"{value} is out of range; expected {word} {meta[key]}")
+
+    def step(self, value, path):
+        from .data.transforms import PIPELINE_STEPS
+
+        if not isinstance(value, dict):
+            raise self.error(path, f"a pipeline step is an object, got {describe(value)}")
+        name = value.get("type")
+        if name not in PIPELINE_STEPS:
+            raise self.error(path + ("type",), unknown_message("pipeline step", name, PIPELINE_STEPS))
+        key = ".".join(str(p) for p in path)
+        try:
+            op = PIPELINE_STEPS[name].from_config(value, key)
+        except RecipeError as e:
+            raise self.error(path, str(e).removeprefix(key + ".").removeprefix(key + ": ")) from None
+        return Step(name, {k: v for k, v in value.items() if k != "type"}, op)
+
+
+def _check_depth(value, path, parser, depth=0):
+    if depth + len(path) > MAX_DEPTH:
+        raise parser.error(path, f"nested deeper than {MAX_DEPTH} levels")
+    if isinstance(value, dict):
+        for v in value.values():
+            _check_depth(v, path, parser, depth + 1)
+    elif isinstance(value, list):
+        for v in value:
+            _check_depth(v, path, parser, depth + 1)
+
+
+def _shape(hint):
+    origin = typing.get_origin(hint)
+    if origin is list:
+        return "list"
+    if origin is dict or hint is dict or dataclasses.is_dataclass(hint):
+        return "object"
+    if hint in (int, float):
+        return "number"
+    return {bool: "bool", str: "string", type(None): "null"}.get(hint, "any")
+
+
+def _shape_of(value):
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, (int, float)):
+        return "number"
+    return {list: "list", dict: "object", str: "string", type(None): "null"}.get(type(value), "any")
+
+
+def parse_config(recipe, origins=None, name=None):
+    """A merged recipe dict -> Config, every key checked (see module docstring)."""
+    origins = dict(origins or {})
+    recipe = dict(recipe)
+    recipe.pop("_base_", None)
+    if name and not recipe.get("name"):
+        recipe["name"] = name
+    token = _move_hub_fields(recipe, origins)
+    parser = _Parser(origins)
+    cfg = parser.section(Config, recipe, ())
+    _check_config(cfg, parser.error, parser.set_keys)
+    cfg.hub.token = token
+    return cfg
+
+
+def _move_hub_fields(recipe, origins):
+    """training_args.push_to_hub & co. (the names Hugging Face users know) -> the hub section.
+    Returns the token, which stays in memory only."""
+    args = recipe.get("training_args")
+    if not isinstance(args, dict) or not set(args) & set(HUB_FIELDS):
+        return None
+    args, hub = dict(args), dict(recipe.get("hub") or {})
+    for field_name, hub_name in HUB_FIELDS.items():
+        if field_name in args:
+            hub[hub_name] = args.pop(field_name)
+            origins.setdefault(("hub", hub_name), origins.get(("training_args", field_name), "recipe"))
+    recipe["training_args"], recipe["hub"] = args, hub
+    return hub.pop("token", None)
+
+
+def load_config(path, cfg_options=None):
+    """Load, merge and check a recipe file; `cfg_options` is a list of "key=value"."""
+    recipe, origins = load_recipe(path, cfg_options)
+    return parse_config(recipe, origins, os.path.splitext(os.path.basename(path))[0])
+
+
+def config_from_dict(recipe, name=None):
+    """A recipe given as a dict (Python API, or a saved recipe.json) -> Config."""
+    check_size(recipe, "recipe")
+    return parse_config(recipe, {}, name)
+
+
+def read_config(path):
+    """The recipe.json a run wrote (or any recipe file without bases) -> Config."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            recipe = json.load(f)
+    except (OSError, ValueError) as e:
+        raise RecipeError(f"{path}: cannot read the saved recipe ({e})") from None
+    return parse_config(recipe, {(): path}, None)
+
+
+def apply_overrides(cfg, *, work_dir=None, data_root=None, auto_scale_lr=False,
+                    push_to_hub=None, resume=False):
+    """Command-line flags, applied once as overrides of the config."""
+    if data_root is not None:
+        if not os.path.exists(data_root):
+            raise RecipeError(f"--data-root {data_root}: no such file or folder")
+        for section in cfg.dataloaders().values():
+            section.dataset.data_root = data_root
+            if hasattr(section.dataset, "download"):
+                section.dataset.download = False  # the folder given is the data: no fallback
+    if work_dir is not None:
+        cfg.work_dir = work_dir
+    if auto_scale_lr:
+        cfg.auto_scale_lr.enable = True
+    if push_to_hub:
+        cfg.hub.push, cfg.hub.model_id = True, push_to_hub
+    if resume:
+        cfg.resume = True
+    return cfg
+
+
+def resolved_work_dir(cfg):
+    return cfg.work_dir or os.path.join("work_dirs", cfg.name or "run")
+
+
+def to_data(value):
+    if isinstance(value, Step):
+        return value.to_dict()
+    if dataclasses.is_dataclass(value):
+        return {f.name: to_data(getattr(value, f.name)) for f in dataclasses.fields(value)
+                if not f.metadata.get("secret") and f.compare}
+    if isinstance(value, list):
+        return [to_data(v) for v in value]
+    if isinstance(value, dict):
+        return {k: to_data(v) for k, v in value.items()}
+    return value
+
+
+def describe_config():
+    """Every key with its default and help, for `--help-recipe` and the docs."""
+    lines = []
+
+    def walk(cls, prefix):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.metadata.get("secret"):
+                continue
+            hint, key = hints[f.name], prefix + f.name
+            inner = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+            types = f.metadata.get("types")
+            if types:
+                for name, sub in types.items():
+                    walk(sub, f"{key}[{name}].")
+            elif dataclasses.is_dataclass(inner[0]) and inner[0] is not Step:
+                walk(inner[0], key + ".")
+            else:
+                default = "required" if f.metadata.get("required") else json.dumps(
+                    to_data(f.default_factory() if f.default_factory is not dataclasses.MISSING
+                             else f.default))
+                lines.append(f"{key} = {default}  # {f.metadata.get('help', '')}")
+
+    walk(Config, "")
+    return "\n".join(lines)
+
+
+# --- messages ------------------------------------------------------------------------------
+
+
+def did_you_mean(name, options):
+    close = difflib.get_close_matches(str(name), [str(o) for o in options], n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def unknown_message(what, name, known):
+    known = sorted(str(k) for k in known)
+    listing = ", ".join(known) if len(known) <= 30 else f"{len(known)} known, see the docs"
+    return f"unknown {what} {excerpt(name)}{did_you_mean(name, known)}; known: {listing}"
+
+
+def type_name(hint):
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true/false",
+             type(None): "null", dict: "an object", Any: "any value"}
+    if hint in names:
+        return names[hint]
+    if typing.get_origin(hint) is list:
+        return "a list"
+    return "an object"
+
+
+def describe(value):
+    return f"{json_type(value)} {excerpt(value)}"
