@@ -25,6 +25,7 @@ __all__ = [
     "load_config",
     "load_recipe",
     "build_datasets",
+    "label_names",
     "build_model",
     "build_trainer",
     "FinetuneResNetConfig",
@@ -39,10 +40,10 @@ __all__ = [
 
 def __getattr__(name):
     # datasets and the Trainer are imported when first asked for.
-    if name == "build_datasets":
-        from hf_finetune.data import build_datasets
+    if name in ("build_datasets", "label_names"):
+        from hf_finetune import data
 
-        return build_datasets
+        return getattr(data, name)
     if name == "build_trainer":
         from hf_finetune.training import build_trainer
 

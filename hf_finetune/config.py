@@ -843,6 +843,7 @@ def _move_hub_fields(recipe, origins):
 def load_config(path, cfg_options=None):
     """Load, merge and check a recipe file; `cfg_options` is a list of "key=value"."""
     recipe, origins = load_recipe(path, cfg_options)
+    origins.setdefault((), os.path.abspath(path))  # a missing top-level key names the file
     return parse_config(recipe, origins, os.path.splitext(os.path.basename(path))[0])
 
 
@@ -872,8 +873,7 @@ def apply_overrides(cfg, *, work_dir=None, data_root=None, auto_scale_lr=False,
             section.dataset.data_root = data_root
             if hasattr(section.dataset, "download"):
                 section.dataset.download = False  # the folder given is the data: no fallback
-    if work_dir is not None:
-        cfg.work_dir = work_dir
+    cfg.work_dir = work_dir or resolved_work_dir(cfg)  # recorded, so the saved recipe says where
     if auto_scale_lr:
         cfg.auto_scale_lr.enable = True
     if push_to_hub:

@@ -174,6 +174,7 @@ def _apply_option(recipe, option, origins):
                 # A section the recipe does not set yet (e.g. training_args.bf16=true):
                 # create it; validation rejects it if no such key exists.
                 node[part] = {}
+                origins[tuple(walked) + (part,)] = CFG_OPTIONS
         else:
             raise RecipeError(
                 f"{CFG_OPTIONS}: {excerpt(key)}: {where} is {json_type(node)} {excerpt(node)}, it has "

@@ -8,7 +8,9 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 
 if __name__ == "__main__" and not __package__:
     # Run as a file (`python hf_finetune/run.py`, `accelerate launch hf_finetune/run.py`):
@@ -73,6 +75,14 @@ def build_parser():
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler or `kill`), handled like Ctrl-C."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
 def _report(error):
     """One line on stderr; a recipe error is identical on every rank, so rank 0 says it."""
     from accelerate.utils import get_int_from_env
@@ -93,6 +103,8 @@ def main(argv=None):
         return hub.main(argv)
 
     args = build_parser().parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_terminated)
     logging.basicConfig(format="[hf_finetune] %(message)s", level=logging.INFO)
     try:
         from hf_finetune.config import apply_overrides, load_config
@@ -115,9 +127,10 @@ def main(argv=None):
     except UserError as error:
         _report(error)
         return error.exit_code
-    except KeyboardInterrupt:
-        print("interrupted; checkpoints already written are intact", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:
+        print("interrupted; checkpoints already written are intact; to continue, run the same "
+              "command with --resume", file=sys.stderr)
+        return 143 if isinstance(stop, Terminated) else 130
 
 
 if __name__ == "__main__":

@@ -215,7 +215,7 @@ def evaluate_only(cfg, checkpoint="auto"):
         from .data import label_names
 
         model = build_model(cfg.model, cfg.data_preprocessor, dict(enumerate(label_names(datasets))),
-                            load_from=source)
+                            load_from=source, load_key="--eval-only")
     else:
         raise UserError(f"--eval-only {source}: no such file or folder")
     logger.info("evaluating %s", source)

@@ -58,7 +58,7 @@ class FinetuneTrainer(Trainer):
         return splits.get("val") or splits["test"]
 
     # Data: the pipeline builds each batch tensor itself; the DataLoader only fetches it.
-    def _loader(self, dataset, batch_size, shuffle, drop_last):
+    def _loader(self, dataset, batch_size, shuffle, drop_last, train=False):
         from .data import build_dataloader  # datasets is imported only when data is needed
 
         section = self._section(dataset)
@@ -72,12 +72,14 @@ class FinetuneTrainer(Trainer):
             persistent_workers=section.keep_workers(),
             prefetch_factor=section.prefetch_factor,
             seed=self.args.seed,
+            drop_single=train,
         )
         return self.accelerator.prepare(loader)
 
     def get_train_dataloader(self):
         loader = self._loader(self.train_dataset, self.args.per_device_train_batch_size,
-                              self.cfg.train_dataloader.sampler.shuffle, self.args.dataloader_drop_last)
+                              self.cfg.train_dataloader.sampler.shuffle, self.args.dataloader_drop_last,
+                              train=True)
         self.batches_per_epoch = len(loader)
         return loader
 

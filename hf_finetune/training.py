@@ -81,6 +81,8 @@ def plan_batches(cfg, world_size):
 def updates_per_epoch(num_samples, plan, drop_last=False):
     """Optimizer updates per epoch, counted the way Trainer and accelerate count them."""
     batches = num_samples // plan.per_device if drop_last else math.ceil(num_samples / plan.per_device)
+    if not drop_last and plan.per_device > 1 and num_samples % plan.per_device == 1:
+        batches -= 1  # the loader drops a last batch of one image (see EpochSeededBatchSampler)
     per_rank = math.ceil(batches / plan.world_size)
     return max(math.ceil(per_rank / plan.accumulation), 1)
 
@@ -132,13 +134,14 @@ def build_training_args(cfg, plan, steps_per_epoch=1):
         dataloader_prefetch_factor=loader.prefetch_factor if loader.num_workers > 0 else None,
         dataloader_drop_last=loader.drop_last,
         log_level=transformers_log_level(cfg),
-        gradient_checkpointing=cfg.model.backbone.with_cp,
         eval_strategy="steps" if evaluate else "no",
         eval_steps=train.val_interval * (steps_per_epoch if train.by_epoch else 1),
         save_strategy="steps" if checkpoint.interval > 0 else "no",
         save_steps=max(checkpoint.interval, 1) * (steps_per_epoch if ckpt_by_epoch else 1),
         save_total_limit=None if checkpoint.max_keep_ckpts < 0 else checkpoint.max_keep_ckpts,
     )
+    if cfg.model.backbone.with_cp:
+        args["gradient_checkpointing"] = True  # the Trainer calls model.gradient_checkpointing_enable()
     if train.by_epoch:
         args["num_train_epochs"] = train.max_epochs
     else:

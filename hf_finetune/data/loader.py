@@ -17,23 +17,38 @@ Both are reproducible for a given seed and differ per epoch, worker and rank.
 
 from __future__ import annotations
 
+import itertools
+import logging
 import random
 
 import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
 
-from ..errors import RecipeError
 from .runtime import mix_seed, process_rank, set_pipeline_generator
+
+logger = logging.getLogger("hf_finetune")
 
 
 class EpochSeededBatchSampler(BatchSampler):
-    """A BatchSampler that re-seeds the main-process pipeline RNG at each epoch."""
+    """A BatchSampler that re-seeds the main-process pipeline RNG at each epoch.
 
-    def __init__(self, sampler, batch_size: int, drop_last: bool, seed: int = 0):
+    drop_single: drop a final batch of one image. BatchNorm cannot normalise a single
+    image whose feature map is 1x1 (small inputs) and would stop training after a whole
+    epoch of work; one image less per epoch changes nothing else.
+    """
+
+    def __init__(self, sampler, batch_size: int, drop_last: bool, seed: int = 0, drop_single: bool = False):
         super().__init__(sampler, batch_size, drop_last)
         self.seed = seed
+        self.drop_single = drop_single and batch_size > 1 and not drop_last
         self._epochs_started = 0
+
+    def _single_at_end(self):
+        return self.drop_single and len(self.sampler) % self.batch_size == 1
+
+    def __len__(self):
+        return super().__len__() - self._single_at_end()
 
     def __iter__(self):
         # Trainer/accelerate call set_epoch on the sampler they use; fall back to our own count.
@@ -41,7 +56,11 @@ class EpochSeededBatchSampler(BatchSampler):
         epoch = self._epochs_started if epoch is None else epoch
         self._epochs_started += 1
         set_pipeline_generator(torch.Generator().manual_seed(mix_seed(self.seed, epoch, process_rank(), 0x5EED)))
-        return super().__iter__()
+        if self._single_at_end() and self._epochs_started == 1:
+            logger.warning("the last training batch of each epoch holds a single image, which "
+                           "BatchNorm cannot normalise; it is dropped")
+        batches = super().__iter__()
+        return itertools.islice(batches, len(self)) if self._single_at_end() else batches
 
 
 def seed_worker(worker_id: int) -> None:
@@ -85,25 +104,19 @@ class WholeBatches(torch.utils.data.Dataset):
 
 def build_dataloader(dataset, batch_size: int, *, shuffle: bool = False, drop_last: bool = False,
                      num_workers: int = 0, pin_memory: bool = False, persistent_workers: bool = False,
-                     prefetch_factor: int | None = None, seed: int = 0, key: str = "dataloader") -> DataLoader:
+                     prefetch_factor: int | None = None, seed: int = 0, drop_single: bool = False) -> DataLoader:
     """A torch DataLoader over ``dataset`` (built by build_datasets) yielding
     {"pixel_values": uint8 [B,3,H,W], "labels": int64 [B]}.
 
     ``batch_sampler`` is a BatchSampler over a RandomSampler (generator seeded by
-    ``seed``) when shuffling, else over a SequentialSampler. ``key`` prefixes
-    error messages (e.g. "train_dataloader").
+    ``seed``) when shuffling, else over a SequentialSampler. Arguments are checked by
+    the config (hf_finetune.config.DataloaderCfg).
     """
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise RecipeError(f"{key}.batch_size: expected an int >= 1, got {batch_size!r}")
-    if not isinstance(num_workers, int) or isinstance(num_workers, bool) or num_workers < 0:
-        raise RecipeError(f"{key}.num_workers: expected an int >= 0, got {num_workers!r}")
-    if prefetch_factor is not None and (not isinstance(prefetch_factor, int) or prefetch_factor < 1):
-        raise RecipeError(f"{key}.prefetch_factor: expected an int >= 1, got {prefetch_factor!r}")
     if shuffle:
         sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(mix_seed(seed, 0x5A3B1E)))
     else:
         sampler = SequentialSampler(dataset)
-    batches = EpochSeededBatchSampler(sampler, batch_size, drop_last, seed=seed)
+    batches = EpochSeededBatchSampler(sampler, batch_size, drop_last, seed=seed, drop_single=drop_single)
     workers = num_workers > 0
     # A plain batch_sampler (not a BatchSampler passed as `sampler`): accelerate shards it per
     # process and skips into it on resume on every number of processes.

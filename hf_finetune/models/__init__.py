@@ -45,8 +45,9 @@ def build_config(model_cfg, preprocessor_cfg, id2label=None) -> FinetuneResNetCo
     )
 
 
-def build_model(model_cfg, preprocessor_cfg, id2label=None, load_from=None):
-    """The classifier; init_cfg loads the backbone, then load_from the whole model."""
+def build_model(model_cfg, preprocessor_cfg, id2label=None, load_from=None, load_key="load_from"):
+    """The classifier; init_cfg loads the backbone, then load_from the whole model
+    (load_key names where that path came from, for error messages)."""
     model = FinetuneResNetForImageClassification(build_config(model_cfg, preprocessor_cfg, id2label))
     init_cfg = model_cfg.backbone.init_cfg
     if init_cfg is not None:
@@ -54,7 +55,7 @@ def build_model(model_cfg, preprocessor_cfg, id2label=None, load_from=None):
                         allow_partial=init_cfg.allow_partial, scope="backbone",
                         key="model.backbone.init_cfg.checkpoint")
     if load_from:
-        load_pretrained(model, load_from, scope="model", key="load_from")
+        load_pretrained(model, load_from, scope="model", key=load_key)
     return model
 
 
