@@ -212,7 +212,7 @@ class DataloaderCfg:
     drop_last: bool = knob(False, "drop the last incomplete batch")
     sampler: SamplerCfg = knob(SamplerCfg, "order of the images")
     dataset: DatasetCfg = knob(REQUIRED, "the images", types=DATASET_TYPES)
-    collate_fn: Optional[dict] = knob(None, "mmcls key; batches are built by the pipeline",
+    collate_fn: Optional[dict] = knob(None, "mmcls key; batches are built by the pipeline", compat=True,
                                       check=lambda v: None if v in (None, {"type": "default_collate"})
                                       else "only default_collate")
 
@@ -360,7 +360,7 @@ class TrainCfg:
 
 @dataclass
 class LoopCfg:
-    type: Optional[str] = knob(None, "mmcls key; the Trainer runs evaluation")
+    type: Optional[str] = knob(None, "mmcls key; the Trainer runs evaluation", compat=True)
 
 
 @dataclass
@@ -395,15 +395,15 @@ class CheckpointHookCfg:
 
 @dataclass
 class DefaultHooksCfg:
-    timer: Optional[dict] = knob({"type": "IterTimerHook"}, "mmcls hook (timing is always on)")
+    timer: Optional[dict] = knob({"type": "IterTimerHook"}, "mmcls hook (timing is always on)", compat=True)
     logger: LoggerHookCfg = knob(LoggerHookCfg, "training log interval")
     param_scheduler: Optional[dict] = knob({"type": "ParamSchedulerHook"},
-                                           "mmcls hook (the schedule always steps)")
+                                           "mmcls hook (the schedule always steps)", compat=True)
     checkpoint: CheckpointHookCfg = knob(CheckpointHookCfg, "checkpoint saving")
     sampler_seed: Optional[dict] = knob({"type": "DistSamplerSeedHook"},
-                                        "mmcls hook (the order is reseeded per epoch)")
+                                        "mmcls hook (the order is reseeded per epoch)", compat=True)
     visualization: Optional[dict] = knob({"type": "VisualizationHook", "enable": False},
-                                         "mmcls hook; prediction drawing is not built",
+                                         "mmcls hook; prediction drawing is not built", compat=True,
                                          check=lambda v: None if v is None or not v.get("enable")
                                          else "enable: true is not supported")
 
@@ -412,8 +412,8 @@ class DefaultHooksCfg:
 class EnvCfg:
     cudnn_benchmark: bool = knob(False, "let cuDNN pick the fastest convolutions")
     channels_last: Optional[bool] = knob(None, "NHWC model and inputs (default: on CUDA)")
-    mp_cfg: Optional[dict] = knob(None, "mmcls key; processes are started by accelerate")
-    dist_cfg: Optional[dict] = knob(None, "mmcls key; the backend is chosen by accelerate")
+    mp_cfg: Optional[dict] = knob(None, "mmcls key; processes are started by accelerate", compat=True)
+    dist_cfg: Optional[dict] = knob(None, "mmcls key; the backend is chosen by accelerate", compat=True)
 
 
 @dataclass
@@ -421,7 +421,7 @@ class RandomnessCfg:
     seed: Optional[int] = knob(None, "seed of initialisation, data order and augmentation "
                                "(null: drawn and recorded)", min=0, lt=2**32)
     deterministic: bool = knob(False, "deterministic kernels (slower)")
-    diff_rank_seed: bool = knob(False, "mmcls key; augmentation differs per rank anyway")
+    diff_rank_seed: bool = knob(False, "mmcls key; augmentation differs per rank anyway", compat=True)
 
 
 @dataclass
@@ -513,7 +513,7 @@ class Config:
     val_cfg: LoopCfg = knob(LoopCfg, "mmcls key")
     test_cfg: LoopCfg = knob(LoopCfg, "mmcls key")
     auto_scale_lr: AutoScaleLRCfg = knob(AutoScaleLRCfg, "linear LR scaling by batch size")
-    default_scope: Optional[str] = knob(None, "mmcls key (registries are not used)")
+    default_scope: Optional[str] = knob(None, "mmcls key (registries are not used)", compat=True)
     default_hooks: DefaultHooksCfg = knob(DefaultHooksCfg, "logging and checkpoints")
     env_cfg: EnvCfg = knob(EnvCfg, "runtime environment")
     visualizer: Optional[dict] = knob(None, "vis_backends -> Trainer report_to",
@@ -898,6 +898,23 @@ def to_data(value):
     if isinstance(value, dict):
         return {k: to_data(v) for k, v in value.items()}
     return value
+
+
+def compat_keys():
+    """Keys accepted so mmcls configs translate line by line, with no effect here."""
+    found = []
+
+    def walk(cls, prefix):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            inner = [a for a in typing.get_args(hints[f.name]) if a is not type(None)] or [hints[f.name]]
+            if f.metadata.get("compat"):
+                found.append(prefix + f.name)
+            elif dataclasses.is_dataclass(inner[0]) and inner[0] is not Step:
+                walk(inner[0], prefix + f.name + ".")
+
+    walk(Config, "")
+    return found
 
 
 def describe_config():

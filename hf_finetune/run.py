@@ -1,6 +1,9 @@
 """Entry point: `accelerate launch hf_finetune/run.py RECIPE` (also `hf-finetune RECIPE`).
 
-Flags follow mmcls `tools/train.py`. Two more subcommands share the entry point:
+Reads top to bottom, like transformers' run_image_classification.py: config -> datasets and
+labels -> model -> TrainingArguments and Trainer -> train (or resume) -> evaluate -> save ->
+push. Flags follow mmcls `tools/train.py` and are applied once, as overrides of the config.
+More subcommands share the entry point: `hf-finetune predict MODEL IMAGES...`,
 `hf-finetune push WORK_DIR REPO_ID` and `hf-finetune export WORK_DIR OUT_DIR`.
 """
 
@@ -20,18 +23,20 @@ if __name__ == "__main__" and not __package__:
 
     sys.exit(main())
 
+from hf_finetune.config import apply_overrides, load_config, resolved_work_dir
 from hf_finetune.errors import RecipeError, UserError
 
 logger = logging.getLogger("hf_finetune")
 
-HUB_COMMANDS = ("push", "export")
+SUBCOMMANDS = ("predict", "push", "export")
 
 
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="hf-finetune",
         description="Fine-tune an image classifier from a JSON recipe "
-        "(also: `hf-finetune push WORK_DIR REPO_ID`, `hf-finetune export WORK_DIR OUT_DIR`).",
+        "(also: `hf-finetune predict MODEL IMAGES...`, `hf-finetune push WORK_DIR REPO_ID`, "
+        "`hf-finetune export WORK_DIR OUT_DIR`).",
     )
     parser.add_argument("recipe", help="recipe JSON file, e.g. recipes/cifar10.json")
     parser.add_argument(
@@ -66,6 +71,11 @@ def build_parser():
         action="store_true",
         help="scale the LR by total batch / auto_scale_lr.base_batch_size (as mmcls)",
     )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start a new run in a work dir that holds another run's checkpoints, deleting them",
+    )
     parser.add_argument("--push-to-hub", metavar="REPO_ID", help="push the result to a Hub repo")
     parser.add_argument(
         "--print-recipe",
@@ -73,6 +83,84 @@ def build_parser():
         help="print the fully merged recipe as JSON and exit",
     )
     return parser
+
+
+def train(cfg, resume=None, overwrite=False):
+    """The main job, top to bottom."""
+    from hf_finetune.data import build_datasets, label_names
+    from hf_finetune.models import build_model
+    from hf_finetune.outputs import check_resume_compatible, save_outputs
+    from hf_finetune.training import build_trainer, evaluate_splits, hub_repo_id, process_state
+    from hf_finetune.workdir import (WorkDirLock, check_fresh_start, disk_full_guard,
+                                     remove_interrupted_saves, resume_checkpoint)
+
+    work_dir = resolved_work_dir(cfg)
+    resume = resume or cfg.resume
+    state = process_state()
+    with WorkDirLock(work_dir, is_main=state.is_main_process):  # one run per work dir
+        with state.main_process_first():  # the main process cleans, downloads and converts first
+            if state.is_main_process:
+                remove_interrupted_saves(work_dir)
+            check_fresh_start(work_dir, resume=resume, overwrite=overwrite)
+            checkpoint = resume_checkpoint(work_dir, resume)
+
+            # Datasets and their labels.
+            datasets = build_datasets(cfg)
+            id2label = dict(enumerate(label_names(datasets)))
+
+            # The model: backbone weights from init_cfg, then whole-model weights from load_from.
+            model = build_model(cfg.model, cfg.data_preprocessor, id2label, load_from=cfg.load_from)
+
+        # TrainingArguments and the Trainer.
+        trainer = build_trainer(cfg, datasets, model)
+
+        # Train, or continue from a checkpoint.
+        if checkpoint:
+            check_resume_compatible(checkpoint, trainer.model)
+            logger.info("resuming from %s", checkpoint)
+        with disk_full_guard(work_dir):
+            train_result = trainer.train(resume_from_checkpoint=checkpoint)
+        trainer.loss_guard.check()
+
+        # Evaluate each distinct split once, then save.
+        results = {**train_result.metrics, **evaluate_splits(trainer, cfg, datasets)}
+        save_outputs(trainer, cfg, results)
+
+    if trainer.is_world_process_zero():
+        logger.info("done: %s", ", ".join(f"{k}={v:.4f}" for k, v in results.items() if "accuracy" in k))
+        if cfg.hub.push:
+            from hf_finetune import hub
+
+            hub.push_work_dir(work_dir, hub_repo_id(cfg), token=cfg.hub.token, private=cfg.hub.private)
+    return results
+
+
+def evaluate_only(cfg, source="auto"):
+    """`--eval-only`: the test-split metrics of a saved model, checkpoint or weights file."""
+    from hf_finetune.data import build_datasets, label_names
+    from hf_finetune.models import build_model, load_saved_model
+    from hf_finetune.outputs import save_metrics
+    from hf_finetune.training import build_trainer, process_state
+    from hf_finetune.workdir import eval_source
+
+    work_dir = resolved_work_dir(cfg)
+    if source in (None, "auto"):
+        source = eval_source(work_dir)
+    elif not os.path.exists(source):
+        raise UserError(f"--eval-only {source}: no such file or folder")
+    with process_state().main_process_first():
+        datasets = build_datasets(cfg, splits=("test",))
+    if os.path.isdir(source):
+        model = load_saved_model(source, key=f"--eval-only {source}")
+    else:
+        model = build_model(cfg.model, cfg.data_preprocessor, dict(enumerate(label_names(datasets))),
+                            load_from=source, load_key="--eval-only")
+    trainer = build_trainer(cfg, datasets, model)
+    metrics = trainer.evaluate(datasets["test"], metric_key_prefix="test")
+    if trainer.is_world_process_zero():
+        save_metrics(work_dir, "test", metrics)
+        logger.info("test: %s", ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if "accuracy" in k))
+    return metrics
 
 
 class Terminated(KeyboardInterrupt):
@@ -97,7 +185,11 @@ def _report(error):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in HUB_COMMANDS:
+    if argv and argv[0] in SUBCOMMANDS:
+        if argv[0] == "predict":
+            from hf_finetune import predict
+
+            return predict.main(argv[1:])
         from hf_finetune import hub
 
         return hub.main(argv)
@@ -107,22 +199,16 @@ def main(argv=None):
         signal.signal(signal.SIGTERM, _raise_terminated)
     logging.basicConfig(format="[hf_finetune] %(message)s", level=logging.INFO)
     try:
-        from hf_finetune.config import apply_overrides, load_config
-
         cfg = load_config(args.recipe, args.cfg_options)
         cfg = apply_overrides(cfg, work_dir=args.work_dir, data_root=args.data_root,
                               auto_scale_lr=args.auto_scale_lr, push_to_hub=args.push_to_hub,
                               resume=bool(args.resume))
         if args.print_recipe:
             print(json.dumps(cfg.to_dict(), indent=2))
-            return 0
-
-        from hf_finetune import runs
-
-        if args.eval_only:
-            runs.evaluate_only(cfg, checkpoint=args.eval_only)
+        elif args.eval_only:
+            evaluate_only(cfg, args.eval_only)
         else:
-            runs.train(cfg, resume=args.resume)
+            train(cfg, resume=args.resume, overwrite=args.overwrite)
         return 0
     except UserError as error:
         _report(error)

@@ -6,6 +6,7 @@ them sets are refused by the config (config.OWNED_FIELDS), every other field pas
 
 import logging
 import math
+import os
 import random
 from dataclasses import dataclass
 
@@ -14,7 +15,7 @@ from accelerate import PartialState
 from accelerate.utils import get_int_from_env
 from transformers import TrainingArguments, set_seed
 
-from .config import report_to, resolved_work_dir
+from .config import report_to, resolved_work_dir, to_data
 from .errors import RecipeError, TrainingError
 from .trainer import EvalMetrics, FinetuneTrainer, topk_of
 
@@ -249,6 +250,35 @@ def build_trainer(cfg, datasets=None, model=None, callbacks=None):
     return trainer
 
 
+def evaluate_splits(trainer, cfg, datasets):
+    """val and test metrics of the final model, each distinct split evaluated once: the
+    validation that ran at the last update is reused, and a test split that is the val split
+    (CIFAR-10's case) reuses the val numbers."""
+    results = {}
+    if "val" in datasets:
+        val = last_validation(trainer) or trainer.evaluate()
+        results.update(val)
+    if "test" in datasets:
+        if "val" in datasets and same_data(cfg.val_dataloader, cfg.test_dataloader):
+            results.update({"test_" + k.removeprefix("eval_"): v for k, v in val.items()})
+        else:
+            results.update(trainer.evaluate(datasets["test"], metric_key_prefix="test"))
+    return results
+
+
+def last_validation(trainer):
+    """The metrics of a validation at the final update, from the Trainer's log history."""
+    step = trainer.state.global_step
+    for entry in reversed(trainer.state.log_history):
+        if entry.get("step") == step and "eval_loss" in entry:
+            return {k: v for k, v in entry.items() if k.startswith("eval_")}
+    return None
+
+
+def same_data(a, b):
+    return to_data(a.dataset) == to_data(b.dataset)
+
+
 def log_plan(plan, args, steps, num_train):
     if args.process_index != 0:
         return
@@ -262,6 +292,4 @@ def log_plan(plan, args, steps, num_train):
 
 
 def hub_repo_id(cfg):
-    import os
-
     return cfg.hub.model_id or os.path.basename(os.path.normpath(resolved_work_dir(cfg)))

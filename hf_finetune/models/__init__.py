@@ -59,6 +59,20 @@ def build_model(model_cfg, preprocessor_cfg, id2label=None, load_from=None, load
     return model
 
 
+def load_saved_model(folder, key):
+    """A model saved with save_pretrained (a work dir or checkpoint folder), its weights read
+    without running code from them and checked finite first."""
+    from hf_finetune.errors import CheckpointError
+    from hf_finetune.workdir import verify_weights
+
+    import os
+
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise CheckpointError(f"{key}: no config.json there (not a saved model)")
+    verify_weights(folder, key=key)
+    return FinetuneResNetForImageClassification.from_pretrained(folder)
+
+
 def _plain(section):
     from hf_finetune.config import to_data
 
@@ -71,6 +85,7 @@ __all__ = [
     "LoadReport",
     "build_config",
     "build_model",
+    "load_saved_model",
     "load_checkpoint_file",
     "load_pretrained",
     "to_transformers_state_dict",
