@@ -79,14 +79,24 @@ def _label_names(meta: dict | None) -> list[str]:
     return list(CIFAR10_CLASSES)
 
 
+def _require_every_batch(present, where: str) -> None:
+    """A copy that lost batch files (an interrupted download or extraction) would train on part of the data."""
+    missing = [name for name in TRAIN_FILES + TEST_FILES if name not in present]
+    if missing:
+        raise DataError(
+            f"CIFAR-10 {where} is incomplete: {', '.join(missing)} missing (a complete copy holds "
+            f"{TRAIN_FILES[0]} .. {TRAIN_FILES[-1]} and {TEST_FILES[0]}); download or extract it again"
+        )
+
+
 def read_batches_folder(folder: Path) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], list[str]]:
     """{split: (images uint8 [N,32,32,3], labels int64 [N])}, label names, from an extracted folder."""
+    _require_every_batch({p.name for p in folder.iterdir() if p.is_file()}, f"folder {folder}")
     splits = {}
     for split, names in SPLIT_FILES.items():
         parts = [_batch_arrays(_load_pickle((folder / n).read_bytes(), str(folder / n)), str(folder / n))
-                 for n in names if (folder / n).is_file()]
-        if parts:
-            splits[split] = (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
+                 for n in names]
+        splits[split] = (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
     meta_path = folder / META_FILE
     meta = _load_pickle(meta_path.read_bytes(), str(meta_path)) if meta_path.is_file() else None
     return splits, _label_names(meta)
@@ -103,13 +113,11 @@ def read_tarball(path: Path) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], 
                     members[base] = tar.extractfile(member).read()
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise DataError(f"cannot read CIFAR-10 tarball {path}: {exc}") from exc
+    _require_every_batch(members, f"archive {path}")
     splits = {}
     for split, names in SPLIT_FILES.items():
-        parts = [_batch_arrays(_load_pickle(members[n], f"{path}:{n}"), f"{path}:{n}") for n in names if n in members]
-        if parts:
-            splits[split] = (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
-    if not splits:
-        raise DataError(f"CIFAR-10 tarball {path} holds none of {', '.join(TRAIN_FILES + TEST_FILES)}")
+        parts = [_batch_arrays(_load_pickle(members[n], f"{path}:{n}"), f"{path}:{n}") for n in names]
+        splits[split] = (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
     meta = _load_pickle(members[META_FILE], f"{path}:{META_FILE}") if META_FILE in members else None
     return splits, _label_names(meta)
 

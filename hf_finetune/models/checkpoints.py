@@ -333,6 +333,46 @@ def _read_safetensors(path: Path) -> dict:
         raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from None
 
 
+def safe_torch_load(path, key: str = "checkpoint") -> object:
+    """A file `--resume` or `--eval-only` reads, loaded as they load it but failing with one line.
+
+    torch.load(weights_only=True) with numpy arrays allowed (transformers' resume allowlist), or
+    safetensors; a file naming any other class is refused, since the Trainer would refuse it too.
+    """
+    from transformers.trainer_pt_utils import safe_globals
+
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        try:
+            return _read_safetensors(path)
+        except CheckpointError as exc:
+            raise CheckpointError(f"{key}: {exc}") from None
+    try:
+        with safe_globals():
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if found := _BLOCKED_GLOBAL.search(str(exc)) or _UNSUPPORTED_GLOBAL.search(str(exc)):
+            raise CheckpointError(
+                f"{key}: {path} refuses to load: it calls {found.group(1)}, which a checkpoint never needs "
+                "(it may be malicious)"
+            ) from None
+        error = exc
+    except Exception as exc:  # noqa: BLE001 - truncated or not a torch.save file
+        error = exc
+    raise CheckpointError(f"{key}: {path} is not a readable checkpoint file ({_detail(error)})")
+
+
+def assert_finite(tensors: dict, source: str, *, key: str = "checkpoint") -> None:
+    """Refuse NaN / inf in any floating tensor of `tensors` (name -> tensor), naming them."""
+    bad = [name for name, tensor in tensors.items()
+           if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    if bad:
+        raise CheckpointError(
+            f"{key}: {source} holds non-finite values (NaN or inf) in {len(bad)} tensor(s): {_listing(bad)}; "
+            "it comes from a diverged run or is corrupt"
+        )
+
+
 def load_checkpoint_file(source: str, *, key: str = "checkpoint") -> object:
     """Fetch `source` (http(s) URL, local path, or Hub repo id) and read it safely."""
     return read_checkpoint(resolve_checkpoint(source, key=key).path)
@@ -571,6 +611,7 @@ def load_pretrained(
         layout = detect_layout(state_dict)
     except CheckpointError as exc:
         raise CheckpointError(f"{key}: {source}: {exc}") from None
+    assert_finite(state_dict, str(source), key=key)
 
     mapped, unexpected = remap_state_dict(state_dict, layout)
     # Name the layout by where the file came from: after prefix='backbone' an mmcls file has torchvision-like keys.
@@ -644,6 +685,7 @@ __all__ = [
     "CheckpointFile",
     "LoadReport",
     "UnloadedObject",
+    "assert_finite",
     "detect_layout",
     "download_checkpoint",
     "download_from_hub",
@@ -653,6 +695,7 @@ __all__ = [
     "read_checkpoint",
     "remap_state_dict",
     "resolve_checkpoint",
+    "safe_torch_load",
     "select_prefix",
     "to_transformers_state_dict",
     "top_level_prefixes",

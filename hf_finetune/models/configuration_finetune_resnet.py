@@ -16,47 +16,128 @@ RESNET_ARCH = {
     152: ("bottleneck", (3, 8, 36, 3)),
 }
 STYLES = ("pytorch", "caffe")
-LOSS_TYPES = ("CrossEntropyLoss", "LabelSmoothLoss")
+# mmpretrain loss names; the problem type (see `FinetuneResNetConfig`) says which targets they take.
+LOSS_TYPES = ("CrossEntropyLoss", "LabelSmoothLoss", "FocalLoss", "AsymmetricLoss")
 # ImageNet statistics on the 0-255 scale, RGB order (mmcls' ImageNet data_preprocessor).
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
+# transformers ResNetConfig keys, and the value each must have for a depth we build.
+TRANSFORMERS_RESNET_DEFAULTS = {
+    "depths": [3, 4, 6, 3],
+    "layer_type": "bottleneck",
+    "hidden_sizes": [256, 512, 1024, 2048],
+    "embedding_size": 64,
+    "num_channels": 3,
+    "hidden_act": "relu",
+    "downsample_in_first_stage": False,
+    "downsample_in_bottleneck": False,
+}
+# Keys a transformers ResNetConfig also writes that say nothing about the classifier we build.
+TRANSFORMERS_RESNET_BACKBONE_KEYS = ("stage_names", "out_features", "out_indices")
+
+
+def stage_widths(layer_type):
+    """Output channels of the four stages (block expansion 1 for basic, 4 for bottleneck)."""
+    expansion = 4 if layer_type == "bottleneck" else 1
+    return [64 * expansion, 128 * expansion, 256 * expansion, 512 * expansion]
+
+
+def depth_from_transformers_keys(keys, depth=None):
+    """(depth, style) of a transformers ResNetConfig's keys; ValueError naming the key we cannot build.
+
+    Keys not given take ResNetConfig's defaults (ResNet-50). An explicit `depth` must agree.
+    """
+    values = {**TRANSFORMERS_RESNET_DEFAULTS, **keys}
+    arch = (values["layer_type"], tuple(values["depths"]))
+    matches = [d for d, known in RESNET_ARCH.items() if known == arch]
+    if not matches:
+        raise ValueError(
+            f"depths={list(values['depths'])} with layer_type={values['layer_type']!r} is not a ResNet depth we "
+            f"build (18/34/50/101/152); load such weights with load_from / init_cfg into a supported depth"
+        )
+    mapped = matches[0]
+    expected = {**TRANSFORMERS_RESNET_DEFAULTS, "hidden_sizes": stage_widths(values["layer_type"]),
+                "depths": list(values["depths"]), "layer_type": values["layer_type"],
+                "downsample_in_bottleneck": values["downsample_in_bottleneck"]}
+    for key, value in expected.items():
+        given = list(values[key]) if isinstance(values[key], (list, tuple)) else values[key]
+        if given != value:
+            raise ValueError(f"{key}={given!r} cannot be built (ResNet-{mapped} needs {key}={value!r}); "
+                             "load such weights with load_from / init_cfg into a supported architecture")
+    if depth is not None and int(depth) != mapped:
+        raise ValueError(f"depth={depth!r} contradicts depths={list(values['depths'])} "
+                         f"(ResNet-{mapped}); give one of them")
+    return mapped, "caffe" if values["downsample_in_bottleneck"] else "pytorch"
 
 
 class FinetuneResNetConfig(PretrainedConfig):
     """ResNet backbone + global average pooling + linear head, with the input normalisation.
 
+    Also accepts the keys of a transformers `ResNetConfig` (depths, layer_type, hidden_sizes,
+    embedding_size, ...) in place of `depth`, so a `microsoft/resnet-*` folder loads; widths
+    we cannot build raise one ValueError naming the key.
+
     Args:
-        depth: 18, 34, 50, 101 or 152.
+        depth: 18, 34, 50, 101 or 152 (required unless transformers ResNet keys give it).
         style: "pytorch" (stride on the 3x3 conv) or "caffe" (stride on the first 1x1 conv).
         frozen_stages: -1 nothing frozen; 0 the stem; k the stem and stages 1..k.
         norm_eval: keep every BatchNorm layer in eval mode during training.
         zero_init_residual: zero the last BatchNorm gamma of each residual block at init.
-        loss_type: "CrossEntropyLoss" or "LabelSmoothLoss" (both are label-smoothed cross entropy).
-        label_smoothing: smoothing value in [0, 1).
+        with_cp: checkpoint each trainable residual block during training (mmcls name), trading
+            compute for activation memory; `gradient_checkpointing_enable()` sets the same.
+        problem_type: "single_label_classification", "multi_label_classification" (multi-hot
+            float labels) or "regression"; unset, it is inferred from the first labels as
+            transformers' ResNetForImageClassification does.
+        loss_type: mmpretrain loss name: "CrossEntropyLoss", "LabelSmoothLoss" (softmax cross
+            entropy with `label_smoothing`), "FocalLoss" or "AsymmetricLoss" (sigmoid losses).
+        use_sigmoid: CrossEntropyLoss(use_sigmoid=True): binary cross entropy per class, summed
+            over classes and averaged over the batch (mmpretrain's multi-label loss). Without it a
+            multi-label problem uses transformers' BCEWithLogitsLoss (mean over every element).
+        label_smoothing: softmax cross entropy smoothing (single-label only).
         loss_weight: factor applied to the loss.
+        focal_gamma, focal_alpha: FocalLoss gamma and alpha.
+        asymmetric_gamma_pos, asymmetric_gamma_neg, asymmetric_clip: AsymmetricLoss gamma_pos,
+            gamma_neg and clip.
         mean, std: per-channel statistics on the 0-255 scale used for uint8 input.
         to_rgb: flip the channel order of uint8 input before normalising.
         model_cfg: the recipe's `model` section, kept for reference.
     """
 
     model_type = "finetune_resnet"
+    # `depth` has no default: tells transformers not to build a default instance to diff against.
+    has_no_defaults_at_init = True
 
     def __init__(
         self,
-        depth=50,
+        depth=None,
         style="pytorch",
         frozen_stages=-1,
         norm_eval=False,
         zero_init_residual=True,
+        with_cp=False,
         loss_type="CrossEntropyLoss",
+        use_sigmoid=False,
         label_smoothing=0.0,
         loss_weight=1.0,
+        focal_gamma=2.0,
+        focal_alpha=0.25,
+        asymmetric_gamma_pos=0.0,
+        asymmetric_gamma_neg=4.0,
+        asymmetric_clip=0.05,
         mean=IMAGENET_MEAN,
         std=IMAGENET_STD,
         to_rgb=False,
         model_cfg=None,
         **kwargs,
     ):
+        transformers_keys = {key: kwargs.pop(key) for key in TRANSFORMERS_RESNET_DEFAULTS if key in kwargs}
+        for key in TRANSFORMERS_RESNET_BACKBONE_KEYS:
+            kwargs.pop(key, None)
+        if transformers_keys:
+            depth, style = depth_from_transformers_keys(transformers_keys, depth)
+        if depth is None:
+            raise ValueError(f"depth is required; expected one of {sorted(RESNET_ARCH)} "
+                             "(or the depths/layer_type keys of a transformers ResNetConfig)")
         if depth not in RESNET_ARCH:
             raise ValueError(f"depth={depth!r} is not supported; expected one of {sorted(RESNET_ARCH)}")
         if style not in STYLES:
@@ -65,22 +146,25 @@ class FinetuneResNetConfig(PretrainedConfig):
             raise ValueError(f"frozen_stages={frozen_stages!r} is out of range; expected -1..4")
         if loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type={loss_type!r} is not supported; expected one of {list(LOSS_TYPES)}")
-        if not 0.0 <= float(label_smoothing) < 1.0:
-            raise ValueError(f"label_smoothing={label_smoothing!r} must be in [0, 1)")
         mean, std = [float(v) for v in mean], [float(v) for v in std]
         if len(mean) != 3 or len(std) != 3:
             raise ValueError(f"mean and std need 3 values each, got mean={mean} std={std}")
-        if min(std) <= 0:
-            raise ValueError(f"std values must be positive, got {std}")
 
         self.depth = int(depth)
         self.style = style
         self.frozen_stages = int(frozen_stages)
         self.norm_eval = bool(norm_eval)
         self.zero_init_residual = bool(zero_init_residual)
+        self.with_cp = bool(with_cp)
         self.loss_type = loss_type
+        self.use_sigmoid = bool(use_sigmoid)
         self.label_smoothing = float(label_smoothing)
         self.loss_weight = float(loss_weight)
+        self.focal_gamma = float(focal_gamma)
+        self.focal_alpha = float(focal_alpha)
+        self.asymmetric_gamma_pos = float(asymmetric_gamma_pos)
+        self.asymmetric_gamma_neg = float(asymmetric_gamma_neg)
+        self.asymmetric_clip = float(asymmetric_clip)
         self.mean = mean
         self.std = std
         self.to_rgb = bool(to_rgb)
@@ -89,10 +173,8 @@ class FinetuneResNetConfig(PretrainedConfig):
 
     @property
     def hidden_sizes(self):
-        """Output channels of the four stages (block expansion 1 for basic, 4 for bottleneck)."""
-        layer_type, _ = RESNET_ARCH[self.depth]
-        expansion = 4 if layer_type == "bottleneck" else 1
-        return [64 * expansion, 128 * expansion, 256 * expansion, 512 * expansion]
+        """Output channels of the four stages, as ResNetConfig.hidden_sizes."""
+        return stage_widths(RESNET_ARCH[self.depth][0])
 
     @property
     def feature_channels(self):

@@ -5,8 +5,13 @@ Self-contained on purpose: this file is copied next to saved weights and importe
 import torch / transformers and its sibling configuration file.
 """
 
+import contextlib
+import functools
+
 import torch
 from torch import nn
+from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel, ResNetModel
 from transformers.modeling_outputs import ImageClassifierOutput
 from transformers.models.resnet.modeling_resnet import ResNetBasicLayer, ResNetBottleNeckLayer
@@ -18,6 +23,109 @@ try:
     from transformers import initialization as init
 except ImportError:
     init = nn.init
+
+# Key names of a transformers ResNetForImageClassification checkpoint -> ours (from_pretrained).
+TRANSFORMERS_KEY_MAPPING = {r"^resnet\.": "backbone.", r"^classifier\.1\.": "head.fc."}
+
+
+# ----------------------------------------------------------------------------- losses
+def infer_problem_type(config, labels: torch.Tensor) -> str:
+    """transformers' rule (ResNetForImageClassification), stored in the config as there.
+
+    One output is regression; integer labels are single-label; anything else multi-label.
+    """
+    if config.problem_type is None:
+        if config.num_labels == 1:
+            config.problem_type = "regression"
+        elif labels.dtype in (torch.long, torch.int):
+            config.problem_type = "single_label_classification"
+        else:
+            config.problem_type = "multi_label_classification"
+    return config.problem_type
+
+
+def sigmoid_focal_loss(logits, targets, gamma: float, alpha: float) -> torch.Tensor:
+    """mmpretrain `sigmoid_focal_loss`, per element (no reduction)."""
+    probs = logits.sigmoid()
+    pt = (1 - probs) * targets + probs * (1 - targets)
+    focal_weight = (alpha * targets + (1 - alpha) * (1 - targets)) * pt.pow(gamma)
+    return F.binary_cross_entropy_with_logits(logits, targets, reduction="none") * focal_weight
+
+
+def asymmetric_loss(logits, targets, gamma_pos: float, gamma_neg: float, clip: float, eps=1e-8) -> torch.Tensor:
+    """mmpretrain `asymmetric_loss` (use_sigmoid=True), per element (no reduction)."""
+    probs = logits.sigmoid()
+    # The clip shifts negatives' probability down: easy negatives give no loss at all.
+    negative = (1 - probs + clip).clamp(max=1) if clip > 0 else 1 - probs
+    pt = negative * (1 - targets) + probs * targets
+    weight = (1 - pt).pow(gamma_pos * targets + gamma_neg * (1 - targets))
+    return -torch.log(pt.clamp(min=eps)) * weight
+
+
+def _sigmoid_loss(logits, targets, config) -> torch.Tensor:
+    """mmpretrain sigmoid losses: summed over classes, averaged over the batch (avg_factor=N)."""
+    if config.loss_type == "FocalLoss":
+        per_element = sigmoid_focal_loss(logits, targets, config.focal_gamma, config.focal_alpha)
+    elif config.loss_type == "AsymmetricLoss":
+        per_element = asymmetric_loss(logits, targets, config.asymmetric_gamma_pos, config.asymmetric_gamma_neg,
+                                      config.asymmetric_clip)
+    else:
+        per_element = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    return per_element.sum() / logits.shape[0]
+
+
+def classification_loss(logits: torch.Tensor, labels: torch.Tensor, config) -> torch.Tensor:
+    """The loss for `config.problem_type` (inferred when unset) and `config.loss_type`, times loss_weight."""
+    problem_type = infer_problem_type(config, labels)
+    logits, labels = logits.float(), labels.to(logits.device)
+    sigmoid = config.loss_type in ("FocalLoss", "AsymmetricLoss") or config.use_sigmoid
+    if problem_type == "regression":
+        if sigmoid or config.loss_type == "LabelSmoothLoss":
+            raise ValueError(f"loss_type={config.loss_type!r} (use_sigmoid={config.use_sigmoid}) does not apply "
+                             "to problem_type='regression', which uses the mean squared error")
+        if config.num_labels == 1:
+            loss = F.mse_loss(logits.squeeze(), labels.squeeze().float())
+        else:
+            loss = F.mse_loss(logits, labels.float())
+    elif problem_type == "single_label_classification":
+        if sigmoid:
+            targets = F.one_hot(labels.view(-1).long(), config.num_labels).float()
+            loss = _sigmoid_loss(logits, targets, config)
+        else:
+            loss = F.cross_entropy(logits.view(-1, config.num_labels), labels.view(-1).long(),
+                                   label_smoothing=config.label_smoothing)
+    elif problem_type == "multi_label_classification":
+        if config.loss_type == "LabelSmoothLoss" or config.label_smoothing:
+            raise ValueError("label smoothing applies to single-label classification only; "
+                             f"problem_type is {problem_type!r}")
+        if sigmoid:
+            loss = _sigmoid_loss(logits, labels.float(), config)
+        else:
+            loss = F.binary_cross_entropy_with_logits(logits, labels.float())
+    else:
+        raise ValueError(f"problem_type={problem_type!r} is not supported; expected 'single_label_classification', "
+                         "'multi_label_classification' or 'regression'")
+    return loss * config.loss_weight
+
+
+@contextlib.contextmanager
+def keep_batchnorm_statistics(module: nn.Module):
+    """Restore BatchNorm running statistics after the block runs: the recomputation of a
+    checkpointed block must not count its batch a second time."""
+    buffers = [buffer for norm in module.modules() if isinstance(norm, nn.modules.batchnorm._BatchNorm)
+               for buffer in norm.buffers(recurse=False)]
+    saved = [buffer.clone() for buffer in buffers]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in zip(buffers, saved):
+                buffer.copy_(value)
+
+
+def recompute_contexts(block: nn.Module):
+    """torch checkpoint `context_fn`: nothing around the forward, statistics kept around the recomputation."""
+    return contextlib.nullcontext(), keep_batchnorm_statistics(block)
 
 
 class LinearClsHead(nn.Module):
@@ -32,7 +140,7 @@ class LinearClsHead(nn.Module):
 
 
 class FinetuneResNetForImageClassification(PreTrainedModel):
-    """ResNet (transformers' ResNetModel) -> global average pooling -> linear head -> cross entropy.
+    """ResNet (transformers' ResNetModel) -> global average pooling -> linear head -> loss.
 
     `pixel_values` may be uint8 [N, 3, H, W] (converted and normalised here, on the model's
     device, with `config.mean` / `config.std`; `config.to_rgb` flips the channels first) or
@@ -46,6 +154,7 @@ class FinetuneResNetForImageClassification(PreTrainedModel):
     _no_split_modules = ["ResNetConvLayer", "ResNetShortCut"]
     # The loss is a per-batch mean: the Trainer must scale it for gradient accumulation itself.
     accepts_loss_kwargs = False
+    supports_gradient_checkpointing = True
 
     def __init__(self, config: FinetuneResNetConfig):
         super().__init__(config)
@@ -56,6 +165,9 @@ class FinetuneResNetForImageClassification(PreTrainedModel):
         std = torch.tensor(config.std, dtype=torch.float32).view(1, 3, 1, 1)
         self.register_buffer("pixel_mean", mean, persistent=False)
         self.register_buffer("pixel_std", std, persistent=False)
+        # Read by transformers' gradient_checkpointing_enable(), which also sets the function.
+        self.gradient_checkpointing = config.with_cp
+        self._gradient_checkpointing_func = functools.partial(checkpoint, use_reentrant=False)
         self.post_init()
         self._freeze_stages()
 
@@ -89,6 +201,8 @@ class FinetuneResNetForImageClassification(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
+        # A transformers ResNet folder loads too: its config maps to a depth (see the config class).
+        kwargs.setdefault("key_mapping", TRANSFORMERS_KEY_MAPPING)
         result = super().from_pretrained(*args, **kwargs)
         model = result[0] if isinstance(result, tuple) else result
         model._reset_normalization_buffers()
@@ -135,6 +249,29 @@ class FinetuneResNetForImageClassification(PreTrainedModel):
         pixel_values = (pixel_values.float() - self.pixel_mean) / self.pixel_std
         return pixel_values.to(self.backbone.embedder.embedder.convolution.weight.dtype)
 
+    def backbone_features(self, pixel_values: torch.Tensor, output_hidden_states: bool = False):
+        """ResNetModel's forward, block by block so that each block can be checkpointed.
+
+        Returns the last stage's output and, when asked, the hidden states ResNetModel returns:
+        the stem output then each of the four stages' outputs.
+        """
+        hidden_state = self.backbone.embedder(pixel_values)
+        hidden_states = (hidden_state,)
+        for stage in self.backbone.encoder.stages:
+            for block in stage.layers:
+                hidden_state = self._run_block(block, hidden_state)
+            hidden_states += (hidden_state,)
+        return hidden_state, (hidden_states if output_hidden_states else None)
+
+    def _run_block(self, block: nn.Module, hidden_state: torch.Tensor) -> torch.Tensor:
+        # Frozen blocks keep no activations for backward anyway: only trainable ones are checkpointed.
+        trainable = any(param.requires_grad for param in block.parameters())
+        if not (self.gradient_checkpointing and self.training and torch.is_grad_enabled() and trainable):
+            return block(hidden_state)
+        return self._gradient_checkpointing_func(
+            block.__call__, hidden_state, context_fn=functools.partial(recompute_contexts, block)
+        )
+
     def forward(
         self,
         pixel_values: torch.Tensor,
@@ -144,24 +281,19 @@ class FinetuneResNetForImageClassification(PreTrainedModel):
         **kwargs,
     ):
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        outputs = self.backbone(
-            self.normalize(pixel_values), output_hidden_states=output_hidden_states, return_dict=True
-        )
-        # GlobalAveragePooling neck: ResNetModel's pooler output [N, C, 1, 1].
-        features = torch.flatten(outputs.pooler_output, 1)
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        last_hidden_state, hidden_states = self.backbone_features(self.normalize(pixel_values), output_hidden_states)
+        # GlobalAveragePooling neck: ResNetModel's pooler, [N, C, 1, 1] -> [N, C].
+        features = torch.flatten(self.backbone.pooler(last_hidden_state), 1)
         logits = self.head(features)
 
-        loss = None
-        if labels is not None:
-            loss = nn.functional.cross_entropy(
-                logits.float(), labels.to(logits.device).long(), label_smoothing=self.config.label_smoothing
-            )
-            loss = loss * self.config.loss_weight
+        loss = classification_loss(logits, labels, self.config) if labels is not None else None
 
         if not return_dict:
-            output = (logits,) + ((outputs.hidden_states,) if outputs.hidden_states is not None else ())
+            output = (logits,) + ((hidden_states,) if hidden_states is not None else ())
             return ((loss,) + output) if loss is not None else output
-        return ImageClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
+        return ImageClassifierOutput(loss=loss, logits=logits, hidden_states=hidden_states)
 
 
 __all__ = ["FinetuneResNetForImageClassification", "LinearClsHead"]

@@ -1,0 +1,202 @@
+"""Batch augments on the device: mmpretrain's `model.train_cfg.augments` (Mixup, CutMix).
+
+As mmpretrain's RandomBatchAugment, one augment is chosen per batch (by `probs`, else
+uniformly; with `probs` summing to less than 1 the rest is "no augment"), and it mixes the
+batch with a permutation of itself under one ratio lambda ~ Beta(alpha, alpha). Labels become
+one-hot scores mixed with the same weights as the pixels, so the loss is cross entropy
+against soft targets (`soft_target_cross_entropy`).
+
+Label smoothing: mmpretrain smooths the one-hot scores (LabelSmoothLoss, mode "original":
+(1 - eps) * onehot + eps / K) of the mixed targets. Smoothing is affine and the mixing
+weights sum to 1, so smoothing before or after mixing gives the same targets; torch's
+`label_smoothing` on probability targets is that same formula.
+
+uint8 batches stay uint8 (the model normalises uint8 on the device): CutMix copies pixels,
+Mixup rounds the mixed values, as timm's uint8 collate mixup does. Float batches are mixed
+as they are.
+
+Randomness: each batch draws from a numpy Generator seeded with (seed, rank, batch index),
+so a run is reproducible per seed, ranks differ, and a resumed run draws what the
+uninterrupted run would have drawn once `batches_seen` is restored.
+"""
+
+import difflib
+import math
+import numbers
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from .errors import RecipeError
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _positive(value, key: str) -> float:
+    if not _is_number(value) or not value > 0:
+        raise RecipeError(f"{key}: expected a number > 0, got {value!r}")
+    return float(value)
+
+
+class Mixup:
+    """Blend each image with another of the batch: lam * x + (1 - lam) * x[perm]."""
+
+    ARGS = ("alpha",)
+
+    def __init__(self, alpha, *, key="Mixup"):
+        self.alpha = _positive(alpha, f"{key}.alpha")
+
+    def mix(self, images, scores, rng):
+        lam = rng.beta(self.alpha, self.alpha)
+        index = torch.from_numpy(rng.permutation(len(images))).to(images.device)
+        pixels = images if images.is_floating_point() else images.float()
+        mixed = pixels * lam + pixels[index] * (1 - lam)
+        if not images.is_floating_point():
+            mixed = mixed.round_().to(images.dtype)
+        return mixed, scores * lam + scores[index] * (1 - lam)
+
+
+class CutMix:
+    """Paste a box of another image of the batch; lam is the share of the image kept.
+
+    The box has sides sqrt(1 - lam) of the image's around a uniform centre, clipped to the
+    image, and lam is corrected to the clipped area (`correct_lam`). With `cutmix_minmax`
+    [min, max], the box sides are uniform in those fractions of the image sides instead
+    (alpha then does not matter) and lam is always the area share.
+    """
+
+    ARGS = ("alpha", "cutmix_minmax", "correct_lam")
+
+    def __init__(self, alpha, cutmix_minmax=None, correct_lam=True, *, key="CutMix"):
+        self.alpha = _positive(alpha, f"{key}.alpha")
+        if cutmix_minmax is not None:
+            if not (isinstance(cutmix_minmax, (list, tuple)) and len(cutmix_minmax) == 2
+                    and all(_is_number(v) for v in cutmix_minmax)
+                    and 0 < cutmix_minmax[0] < cutmix_minmax[1] < 1):
+                raise RecipeError(f"{key}.cutmix_minmax: expected [min, max] with "
+                                  f"0 < min < max < 1, got {cutmix_minmax!r}")
+            cutmix_minmax = (float(cutmix_minmax[0]), float(cutmix_minmax[1]))
+        if not isinstance(correct_lam, bool):
+            raise RecipeError(f"{key}.correct_lam: expected true or false, got {correct_lam!r}")
+        self.cutmix_minmax = cutmix_minmax
+        self.correct_lam = correct_lam
+
+    def _side(self, size, rng):
+        # Uniform in [min, max) of the side (at least one value on tiny images); max < 1
+        # keeps the side below the image's, so the box always fits.
+        low, high = (int(size * f) for f in self.cutmix_minmax)
+        return int(rng.integers(low, max(high, low + 1)))
+
+    def box(self, height, width, lam, rng):
+        """(top, bottom, left, right) of the pasted box."""
+        if self.cutmix_minmax is not None:
+            cut_h, cut_w = (self._side(size, rng) for size in (height, width))
+            top, left = int(rng.integers(0, height - cut_h)), int(rng.integers(0, width - cut_w))
+            return top, top + cut_h, left, left + cut_w
+        ratio = math.sqrt(1 - lam)
+        cut_h, cut_w = int(height * ratio), int(width * ratio)
+        cy, cx = int(rng.integers(0, height)), int(rng.integers(0, width))
+        top, bottom = np.clip([cy - cut_h // 2, cy + cut_h // 2], 0, height)
+        left, right = np.clip([cx - cut_w // 2, cx + cut_w // 2], 0, width)
+        return int(top), int(bottom), int(left), int(right)
+
+    def mix(self, images, scores, rng):
+        lam = rng.beta(self.alpha, self.alpha)
+        index = torch.from_numpy(rng.permutation(len(images))).to(images.device)
+        height, width = images.shape[-2:]
+        top, bottom, left, right = self.box(height, width, lam, rng)
+        if self.correct_lam or self.cutmix_minmax is not None:
+            lam = 1 - (bottom - top) * (right - left) / (height * width)
+        mixed = images.clone()
+        mixed[:, :, top:bottom, left:right] = images[index, :, top:bottom, left:right]
+        return mixed, scores * lam + scores[index] * (1 - lam)
+
+
+BATCH_AUGMENTS = {"Mixup": Mixup, "CutMix": CutMix}
+
+
+def _build_augment(config, key):
+    if not isinstance(config, dict) or "type" not in config:
+        raise RecipeError(f"{key}: each augment is an object with a 'type' (one of "
+                          f"{', '.join(BATCH_AUGMENTS)})")
+    name = config["type"]
+    if name not in BATCH_AUGMENTS:
+        close = difflib.get_close_matches(str(name), BATCH_AUGMENTS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise RecipeError(f"{key}.type: unknown batch augment {name!r}{hint}; known: "
+                          f"{', '.join(BATCH_AUGMENTS)}")
+    cls = BATCH_AUGMENTS[name]
+    args = {k: v for k, v in config.items() if k != "type"}
+    for arg in args:
+        if arg not in cls.ARGS:
+            raise RecipeError(f"{key}.{arg}: unknown argument for {name}; accepted: "
+                              f"{', '.join(cls.ARGS)}")
+    if "alpha" not in args:
+        raise RecipeError(f"{key}.alpha: {name} requires 'alpha' (the Beta distribution's "
+                          f"parameter, e.g. 0.8 for Mixup, 1.0 for CutMix)")
+    return cls(**args, key=key)
+
+
+def _check_probs(probs, count, key):
+    """mmpretrain's probs: one per augment, summing to at most 1; the rest is no augment."""
+    if probs is None:
+        return None
+    if _is_number(probs):
+        probs = [probs]
+    if not (isinstance(probs, (list, tuple)) and len(probs) == count
+            and all(_is_number(p) and 0 <= p <= 1 for p in probs)):
+        raise RecipeError(f"{key}: expected {count} probabilities in [0, 1], one per augment, "
+                          f"got {probs!r}")
+    total = sum(probs)
+    if total > 1 + 1e-6:
+        raise RecipeError(f"{key}: the probabilities sum to {total:g}; at most 1 is allowed")
+    return [float(p) for p in probs] + [max(0.0, 1.0 - total)]
+
+
+class BatchAugments:
+    """The recipe's `model.train_cfg.augments` (and `probs`) as one callable.
+
+    `__call__(pixel_values [N, C, H, W] uint8 or float, labels [N] int)` returns
+    (mixed pixel values, same dtype and device; soft targets [N, num_classes] float32).
+    """
+
+    def __init__(self, augments, num_classes, probs=None, seed=0, rank=0, *, key="model.train_cfg"):
+        if isinstance(augments, dict):
+            augments = [augments]
+        if not isinstance(augments, (list, tuple)) or not augments:
+            raise RecipeError(f"{key}.augments: expected a list of augments such as "
+                              f"[{{\"type\": \"Mixup\", \"alpha\": 0.8}}], got {augments!r}")
+        self.augments = [_build_augment(c, f"{key}.augments.{i}") for i, c in enumerate(augments)]
+        self.probs = _check_probs(probs, len(self.augments), f"{key}.probs")
+        self.num_classes = int(num_classes)
+        self.seed = int(seed)
+        self.rank = int(rank)
+        self.batches_seen = 0
+
+    def choose(self, rng):
+        """The augment for this batch, or None (no augment, only with probs)."""
+        if self.probs is None:
+            return self.augments[rng.integers(len(self.augments))]
+        return (self.augments + [None])[rng.choice(len(self.probs), p=self.probs)]
+
+    def __call__(self, pixel_values, labels):
+        rng = np.random.default_rng([self.seed, self.rank, self.batches_seen])
+        self.batches_seen += 1
+        scores = F.one_hot(labels.long(), self.num_classes).float()
+        augment = self.choose(rng)
+        if augment is None:
+            return pixel_values, scores
+        return augment.mix(pixel_values, scores, rng)
+
+
+def soft_target_cross_entropy(logits, targets, label_smoothing=0.0):
+    """Mean cross entropy of logits [N, K] against probability targets [N, K], in float32.
+
+    `label_smoothing` = eps turns each target t into (1 - eps) * t + eps / K first, which is
+    mmpretrain's LabelSmoothLoss (mode "original") on mixed targets.
+    """
+    return F.cross_entropy(logits.float(), targets.to(logits.device, torch.float32),
+                           label_smoothing=label_smoothing)

@@ -1,0 +1,268 @@
+"""`hf-finetune predict MODEL INPUTS...`: top-k labels for one's own images.
+
+MODEL is a work dir, a checkpoint-N folder inside one, a folder written by
+`hf-finetune export ... --format transformers`, or a Hub id. A work dir or checkpoint is
+fed exactly as its test split was during evaluation: the recipe's test pipeline on
+uint8 images, normalised by the model itself on the device. An exported folder is fed
+through its image processor.
+
+    rows = predict("work_dirs/cifar10", ["photos/"], topk=3)
+    # [{"file": "photos/cat.png", "predictions": [("cat", 0.91), ...], "error": None}, ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import glob
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+
+from hf_finetune.data.decode import decode_image
+from hf_finetune.data.sources import IMAGE_EXTENSIONS
+from hf_finetune.data.transforms import build_pipeline
+from hf_finetune.errors import CheckpointError, DataError, UserError
+
+RECIPE_FILE = "recipe.json"
+PROCESSOR_FILE = "preprocessor_config.json"
+HUB_FILES = ["*.json", "*.safetensors", "*.py"]  # the model at the repo root; no subfolders
+
+
+# ------------------------------------------------------------------ model
+def _eval_steps(model_dir: str):
+    """The pipeline steps the model was evaluated with, or None when no recipe is saved.
+
+    A work dir holds recipe.json; a checkpoint-N folder's parent does.
+    """
+    for folder in (model_dir, os.path.dirname(os.path.abspath(model_dir))):
+        path = os.path.join(folder, RECIPE_FILE)
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as handle:
+                recipe = json.load(handle)
+            pipeline = ((recipe.get("test_dataloader") or {}).get("dataset") or {}).get("pipeline")
+            return build_pipeline(pipeline, f"{path}: test_dataloader.dataset.pipeline")
+    return None
+
+
+def _download(repo_id: str) -> str:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(repo_id, allow_patterns=HUB_FILES)
+    except Exception as exc:  # offline, unknown repo, no access: all end the command the same way
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"cannot download {repo_id!r} from the Hub ({type(exc).__name__}: {reason}); "
+                              f"check the id and your connection, or pass a local folder") from None
+
+
+class Classifier:
+    """A loaded model and the preprocessing it was evaluated with: uint8 images -> probabilities."""
+
+    def __init__(self, model, *, steps=None, processor=None, device=None):
+        try:
+            self.device = torch.device(device or default_device())
+            self.model = model.to(self.device).eval()
+        except (RuntimeError, AssertionError) as exc:  # unknown name, or a device this torch lacks
+            raise UserError(f"--device {device}: not usable here ({str(exc).splitlines()[0]})") from None
+        self.steps, self.processor = steps, processor
+        self.labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+
+    @classmethod
+    def load(cls, source: str, device=None) -> "Classifier":
+        from hf_finetune.hub.card import is_hub_id
+
+        if not os.path.exists(source):
+            if not is_hub_id(source):
+                raise CheckpointError(f"model {source!r}: no such folder, and not a Hub id (org/name)")
+            source = _download(source)
+        if not os.path.isfile(os.path.join(source, "config.json")):
+            raise CheckpointError(f"model {source!r}: no config.json there; expected a work dir, a checkpoint-N "
+                                  f"folder, an exported folder or a Hub id")
+        steps = _eval_steps(source)
+        if steps is not None:
+            from hf_finetune.hub.export import load_work_dir_model
+
+            return cls(load_work_dir_model(source), steps=steps, device=device)
+        if not os.path.isfile(os.path.join(source, PROCESSOR_FILE)):
+            raise CheckpointError(f"model {source!r}: neither {RECIPE_FILE} (here or in the parent folder) nor "
+                                  f"{PROCESSOR_FILE}, so the preprocessing it expects is unknown")
+        from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+        try:
+            model = AutoModelForImageClassification.from_pretrained(source)
+            processor = AutoImageProcessor.from_pretrained(source)
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"cannot load the model in {source!r}: {exc}") from None
+        return cls(model, processor=processor, device=device)
+
+    def model_inputs(self, images: list[np.ndarray]) -> list[tuple[list[int], torch.Tensor]]:
+        """[(positions in `images`, pixel_values)]: one tensor per output size (usually one)."""
+        if self.processor is not None:
+            return [(list(range(len(images))), self.processor(images, return_tensors="pt")["pixel_values"])]
+        by_input_size: dict[tuple, list[int]] = {}
+        for position, image in enumerate(images):
+            by_input_size.setdefault(image.shape, []).append(position)
+        by_output_size: dict[tuple, tuple[list[int], list[torch.Tensor]]] = {}
+        for positions in by_input_size.values():
+            batch = torch.from_numpy(np.stack([images[p] for p in positions]))
+            for step in self.steps[:-1]:
+                batch = step(batch)
+            kept, tensors = by_output_size.setdefault(tuple(batch.shape[1:]), ([], []))
+            kept += positions
+            tensors.append(batch)
+        # NHWC -> the [N, 3, H, W] channels_last view PackClsInputs hands the model.
+        return [(positions, torch.cat(tensors).permute(0, 3, 1, 2)) for positions, tensors in by_output_size.values()]
+
+    @torch.inference_mode()
+    def probabilities(self, images: list[np.ndarray]) -> torch.Tensor:
+        """[len(images), num_labels] softmax scores, in the order of `images`."""
+        out = torch.empty(len(images), len(self.labels))
+        for positions, pixel_values in self.model_inputs(images):
+            logits = self.model(pixel_values=pixel_values.to(self.device, non_blocking=True)).logits
+            out[torch.tensor(positions)] = logits.float().softmax(-1).cpu()
+        return out
+
+
+def default_device() -> str:
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+# ------------------------------------------------------------------ inputs
+def find_images(inputs) -> list[str]:
+    """Files as given, image files under folders (recursive, sorted), glob matches; in order, once each."""
+    found = []
+    for item in inputs:
+        item = str(item)
+        if os.path.isdir(item):
+            found += sorted(os.path.join(root, name) for root, _, names in os.walk(item) for name in names
+                            if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS)
+        elif os.path.exists(item):
+            found.append(item)
+        elif glob.has_magic(item):
+            found += sorted(p for p in glob.glob(item, recursive=True) if os.path.isfile(p))
+        else:
+            raise DataError(f"input {item!r}: no such file or folder, and no glob pattern")
+    found = list(dict.fromkeys(found))
+    if not found:
+        raise DataError(f"no image files in {' '.join(map(str, inputs))} "
+                        f"(looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
+    return found
+
+
+def _read(path: str) -> np.ndarray:
+    with open(path, "rb") as handle:
+        return decode_image(handle.read())
+
+
+# ------------------------------------------------------------------ predict
+def predict(model, inputs, topk: int = 5, batch_size: int = 32, device=None, progress: bool = False) -> list[dict]:
+    """Top-k predictions for image files, folders and globs.
+
+    model: a path or Hub id (see the module docstring), or a loaded Classifier.
+    Returns one row per file: {"file", "predictions": [(label, probability), ...], "error"};
+    an unreadable file has no predictions and its error message.
+    """
+    from tqdm.auto import tqdm
+
+    classifier = model if isinstance(model, Classifier) else Classifier.load(str(model), device=device)
+    topk = min(int(topk), len(classifier.labels))
+    files = find_images(inputs)
+    rows = []
+    with tqdm(total=len(files), unit="img", disable=not progress or len(files) <= batch_size) as bar:
+        for start in range(0, len(files), batch_size):
+            images, readable = [], []
+            for path in files[start:start + batch_size]:
+                try:
+                    images.append(_read(path))
+                    readable.append(path)
+                except Exception as exc:
+                    rows.append({"file": path, "predictions": [], "error": f"cannot read the image: {exc}"})
+            if images:
+                scores, indices = classifier.probabilities(images).topk(topk, dim=-1)
+                for path, row_scores, row_indices in zip(readable, scores.tolist(), indices.tolist()):
+                    predictions = [(classifier.labels[i], s) for i, s in zip(row_indices, row_scores)]
+                    rows.append({"file": path, "predictions": predictions, "error": None})
+            bar.update(len(files[start:start + batch_size]))
+    order = {path: i for i, path in enumerate(files)}
+    return sorted(rows, key=lambda row: order[row["file"]])
+
+
+# ------------------------------------------------------------------ output
+def format_table(rows: list[dict]) -> str:
+    """file | top-1 | top-2 ... with scores in percent; an unreadable file says why on its line."""
+    topk = max((len(row["predictions"]) for row in rows), default=0)
+    header = ["file"] + [f"top-{k}" for k in range(1, topk + 1)]
+    cells = [[row["file"]] + [f"{label} ({100 * score:.1f}%)" for label, score in row["predictions"]]
+             for row in rows]
+    widths = [max(len(header[c]), *(len(r[c]) for r in cells if c < len(r))) for c in range(len(header))]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip()]
+    for row, cell in zip(rows, cells):
+        if row["error"]:
+            lines.append(f"{row['file'].ljust(widths[0])}  ERROR: {row['error']}")
+        else:
+            lines.append("  ".join(c.ljust(w) for c, w in zip(cell, widths)).rstrip())
+    return "\n".join(lines)
+
+
+def write_rows(rows: list[dict], path: str) -> None:
+    """CSV (file, label_1, score_1, ..., error) or JSON (the rows), chosen by the extension."""
+    if path.lower().endswith(".json"):
+        content = [{"file": row["file"], "error": row["error"],
+                    "predictions": [{"label": label, "score": score} for label, score in row["predictions"]]}
+                   for row in rows]
+        with open(path, "w", encoding="utf-8") as handle:
+            json.dump(content, handle, indent=2)
+        return
+    topk = max((len(row["predictions"]) for row in rows), default=0)
+    with open(path, "w", encoding="utf-8", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["file"] + [f"{kind}_{k}" for k in range(1, topk + 1) for kind in ("label", "score")]
+                        + ["error"])
+        for row in rows:
+            flat = [value for label, score in row["predictions"] for value in (label, f"{score:.6f}")]
+            writer.writerow([row["file"]] + flat + [""] * (2 * topk - len(flat)) + [row["error"] or ""])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hf-finetune predict",
+                                     description="Top-k labels for image files, folders (recursive) and globs.")
+    parser.add_argument("model", help="a work dir, a checkpoint-N folder, an exported folder, or a Hub id")
+    parser.add_argument("inputs", nargs="+", help="image files, folders or glob patterns")
+    parser.add_argument("--topk", type=int, default=5, help="labels per image (default 5)")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
+    parser.add_argument("--device", help="cuda, cuda:1, mps or cpu (default: the first available)")
+    parser.add_argument("--out", help="also write the predictions to FILE.csv or FILE.json")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.topk < 1 or args.batch_size < 1:
+            raise UserError(f"--topk {args.topk} / --batch-size {args.batch_size}: both must be >= 1")
+        if args.out and not args.out.lower().endswith((".csv", ".json")):
+            raise UserError(f"--out {args.out}: expected a .csv or .json file name")
+        rows = predict(args.model, args.inputs, topk=args.topk, batch_size=args.batch_size, device=args.device,
+                       progress=sys.stdout.isatty())
+        print(format_table(rows))
+        if args.out:
+            write_rows(rows, args.out)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return error.exit_code
+    failed = sum(1 for row in rows if row["error"])
+    if failed:
+        print(f"{failed} of {len(rows)} file(s) could not be read", file=sys.stderr)
+    return 0 if failed < len(rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

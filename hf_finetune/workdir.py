@@ -1,0 +1,363 @@
+"""The work dir: one run at a time, no silent mixing of two runs, writes that a reader never sees
+half done, and the checkpoints a resume or an evaluation can trust."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import logging
+import math
+import os
+import shutil
+import socket
+import tempfile
+from pathlib import Path
+
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, sort_checkpoints
+
+from .errors import CheckpointError, TrainingError, UserError
+from .models.checkpoints import WEIGHT_FILES, assert_finite, safe_torch_load
+
+logger = logging.getLogger("hf_finetune")
+
+LOCK_FILE = ".hf_finetune.lock"
+# Every temporary file or folder of an atomic write starts with this, so the next start can find
+# what a killed save left behind.
+TEMP_PREFIX = ".tmp-hf_finetune-"
+# What --resume needs besides the weights (the Trainer writes trainer_state.json last).
+RESUME_FILES = ("config.json", "trainer_state.json", "optimizer.pt", "scheduler.pt")
+# Read on resume when present.
+OPTIONAL_RESUME_FILES = ("scaler.pt",)
+FINAL_MODEL_FILES = ("config.json",) + WEIGHT_FILES
+_DISK_FULL_SIGNS = ("No space left on device", "Disk quota exceeded", "inline_container.cc")
+
+
+# --------------------------------------------------------------------------- one run per work dir
+class WorkDirLock:
+    """Hold `work_dir` for this run: a second run on it refuses, naming the process that holds it.
+
+    An flock on `.hf_finetune.lock`: the kernel releases it when the holder dies, however it
+    dies, so a lock file left by a killed run is stale by construction and is taken over with a
+    warning. Only the main process locks (`is_main`); the others of the same run skip.
+    """
+
+    def __init__(self, work_dir, *, is_main: bool = True):
+        self.path = Path(work_dir) / LOCK_FILE
+        self.is_main = is_main
+        self._fd = None
+
+    def __enter__(self):
+        if self.is_main:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._acquire()
+        return self
+
+    def __exit__(self, *exc_info):
+        if self._fd is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+            os.close(self._fd)  # releases the flock
+            self._fd = None
+
+    def _acquire(self):
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _read_holder(fd)
+                os.close(fd)
+                raise UserError(
+                    f"work dir {self.path.parent} is in use by another run ({holder}); wait for it to finish "
+                    "or choose another --work-dir"
+                ) from None
+            # The holder may have removed the file between our open and flock: lock the file on disk.
+            if _same_file(fd, self.path):
+                break
+            os.close(fd)
+        previous = _read_holder(fd)
+        if previous:
+            logger.warning("work dir %s: taking over the lock left by %s, which is no longer running",
+                           self.path.parent, previous)
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode())
+        os.fsync(fd)
+        self._fd = fd
+
+
+def _read_holder(fd) -> str:
+    """'pid N on host H' from a lock file, '' when empty or unreadable."""
+    with contextlib.suppress(OSError, ValueError, TypeError):
+        holder = json.loads(os.pread(fd, 4096, 0).decode())
+        return f"pid {holder['pid']} on host {holder['host']}"
+    return ""
+
+
+def _same_file(fd, path: Path) -> bool:
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except FileNotFoundError:
+        return False
+
+
+def check_fresh_start(work_dir, *, resume, overwrite: bool = False) -> None:
+    """Refuse to start a new run on top of another run's checkpoints or final model.
+
+    With `overwrite`, those are removed first, so the new run's outputs never mix with them.
+    """
+    work_dir = Path(work_dir)
+    if resume or not work_dir.is_dir():
+        return
+    checkpoints = sort_checkpoints(str(work_dir), PREFIX_CHECKPOINT_DIR)
+    model_files = [name for name in FINAL_MODEL_FILES if (work_dir / name).is_file()]
+    if not checkpoints and not model_files:
+        return
+    found = ", ".join([Path(c).name for c in checkpoints[-3:]] + model_files)
+    if not overwrite:
+        raise UserError(
+            f"work dir {work_dir} already holds a run ({found}); continue it with --resume, start a new run "
+            "with another --work-dir, or pass --overwrite to delete those outputs first"
+        )
+    logger.warning("--overwrite: deleting %s in %s", found, work_dir)
+    for checkpoint in checkpoints:
+        shutil.rmtree(checkpoint)
+    for name in model_files:
+        (work_dir / name).unlink()
+
+
+# --------------------------------------------------------------------------- writes that never show half done
+def _file_mode() -> int:
+    """The mode open() gives a new file (0666 less the umask); temp files start as 0600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """Whether `error` (or an error it wraps) says the disk or the quota is full.
+
+    safetensors wraps ENOSPC in a SafetensorError; torch.save fails in its zip writer
+    (inline_container.cc) without naming the cause.
+    """
+    while error is not None:
+        if getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(sign in str(error) for sign in _DISK_FULL_SIGNS):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+@contextlib.contextmanager
+def disk_full_guard(path):
+    """Turn a disk-full failure while writing `path` into one TrainingError line."""
+    try:
+        yield
+    except Exception as exc:
+        if not is_disk_full(exc):
+            raise
+        raise TrainingError(
+            f"writing {path} failed: the disk is full (no space left on device); free some space or choose "
+            "another --work-dir, then --resume (checkpoints saved before are intact)"
+        ) from None
+
+
+def _fsync_dir(folder) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_write(path, mode: str = "w"):
+    """A file object whose content replaces `path` only once fully written and synced.
+
+    The temp file lives in the same folder (so the rename is atomic) and is removed on any
+    failure, Ctrl-C included.
+    """
+    path = Path(path)
+    fd, temp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=path.parent)
+    try:
+        with disk_full_guard(path):
+            with os.fdopen(fd, mode) as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(temp, _file_mode())
+            os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _finite_or_none(obj):
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {key: _finite_or_none(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_none(value) for value in obj]
+    return obj
+
+
+def dump_json(obj, path, *, indent: int | None = 2) -> None:
+    """Write `obj` as strict JSON, atomically: NaN and +-inf (not JSON) become null."""
+    with atomic_write(path) as f:
+        json.dump(_finite_or_none(obj), f, indent=indent, allow_nan=False)
+        f.write("\n")
+
+
+def save_atomically(write, out_dir, *, last: tuple[str, ...] = ("config.json",)) -> list[Path]:
+    """Run `write(temp_dir)` (e.g. `model.save_pretrained`), then move its files into `out_dir`.
+
+    The files named in `last` move after all the others, so a reader that finds config.json
+    also finds the weights. Files get the usual mode (safetensors writes 0600). Returns the
+    paths written.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    temp_dir = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=out_dir))
+    try:
+        with disk_full_guard(out_dir):
+            write(str(temp_dir))
+            files = sorted((p for p in temp_dir.iterdir() if p.is_file()), key=lambda p: (p.name in last, p.name))
+            mode = _file_mode()
+            for file in files:
+                with open(file, "rb+") as f:
+                    os.fsync(f.fileno())
+                os.chmod(file, mode)
+            for file in files:
+                os.replace(file, out_dir / file.name)
+        _fsync_dir(out_dir)
+        return [out_dir / file.name for file in files]
+    finally:
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def save_model_atomically(model, work_dir) -> list[Path]:
+    """`model.save_pretrained(work_dir)`, written so that a reader never sees a half-written model."""
+    return save_atomically(model.save_pretrained, work_dir)
+
+
+def remove_stale_temp_files(work_dir) -> list[Path]:
+    """Delete what killed atomic writes left in `work_dir` (call at start, under the lock)."""
+    work_dir = Path(work_dir)
+    if not work_dir.is_dir():
+        return []
+    stale = sorted(work_dir.glob(TEMP_PREFIX + "*"))
+    for path in stale:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+    if stale:
+        logger.info("removed %d temporary file(s) left by an interrupted save in %s", len(stale), work_dir)
+    return stale
+
+
+# --------------------------------------------------------------------------- checkpoints to trust
+def _weights_file(folder: Path) -> Path | None:
+    return next((folder / name for name in WEIGHT_FILES if (folder / name).is_file()), None)
+
+
+def verify_weights(folder, *, key: str = "checkpoint") -> None:
+    """Read the weights saved in `folder` without running code from them, and check they are finite.
+
+    Raises CheckpointError with one line; call it before `from_pretrained(folder)`.
+    """
+    folder = Path(folder)
+    weights = _weights_file(folder)
+    if weights is None:
+        raise CheckpointError(f"{key}: {folder} has no {' or '.join(WEIGHT_FILES)}")
+    state = safe_torch_load(weights, key=key)
+    assert_finite(state, str(weights), key=key)
+
+
+def verify_checkpoint(path) -> list[str]:
+    """Problems with the files `--resume` will load from checkpoint folder `path` (empty: usable).
+
+    Each file is read as resume reads it, but safely: weights (finite), optimizer, scheduler,
+    scaler and rng states (no code run), trainer_state.json (parses).
+    """
+    path = Path(path)
+    missing = [name for name in RESUME_FILES if not (path / name).is_file()]
+    if _weights_file(path) is None:
+        missing.append(" or ".join(WEIGHT_FILES))
+    if missing:
+        return [f"{path}: missing {', '.join(missing)} (interrupted while saving)"]
+    problems = []
+    try:
+        verify_weights(path, key=str(path))
+    except CheckpointError as exc:
+        problems.append(str(exc))
+    state_files = [path / name for name in ("optimizer.pt", "scheduler.pt") + OPTIONAL_RESUME_FILES]
+    for file in state_files + sorted(path.glob("rng_state*.pth")):
+        if file.is_file():
+            try:
+                safe_torch_load(file, key=str(file))
+            except CheckpointError as exc:
+                problems.append(str(exc))
+    try:
+        json.loads((path / "trainer_state.json").read_text())
+    except (OSError, ValueError) as exc:
+        problems.append(f"{path / 'trainer_state.json'}: not readable JSON ({exc})")
+    return problems
+
+
+def usable_checkpoints(work_dir):
+    """The checkpoint folders of `work_dir` that verify, newest first.
+
+    A generator: each is verified only when reached, so `next(usable_checkpoints(d), None)` reads
+    just the newest usable one. Skipped folders are logged with the bad file.
+    """
+    if not Path(work_dir).is_dir():
+        return
+    for checkpoint in reversed(sort_checkpoints(str(work_dir), PREFIX_CHECKPOINT_DIR)):
+        problems = verify_checkpoint(checkpoint)
+        if problems:
+            logger.warning("skipping checkpoint %s: %s", checkpoint, "; ".join(problems))
+            continue
+        yield checkpoint
+
+
+def eval_source(work_dir) -> str:
+    """What `--eval-only` with no path evaluates: the final model, else the newest usable checkpoint."""
+    work_dir = Path(work_dir)
+    if (work_dir / "config.json").is_file():
+        try:
+            verify_weights(work_dir, key="--eval-only")
+            return str(work_dir)
+        except CheckpointError as exc:
+            logger.warning("the final model in %s is not usable (%s)", work_dir, exc)
+    checkpoint = next(usable_checkpoints(work_dir), None)
+    if checkpoint is None:
+        raise CheckpointError(
+            f"--eval-only: no complete model or checkpoint in {work_dir}; pass a checkpoint folder or weights "
+            "file: --eval-only PATH"
+        )
+    logger.warning("--eval-only: evaluating the newest usable checkpoint, %s", checkpoint)
+    return checkpoint
+
+
+__all__ = [
+    "WorkDirLock",
+    "atomic_write",
+    "check_fresh_start",
+    "disk_full_guard",
+    "dump_json",
+    "eval_source",
+    "is_disk_full",
+    "remove_stale_temp_files",
+    "save_atomically",
+    "save_model_atomically",
+    "usable_checkpoints",
+    "verify_checkpoint",
+    "verify_weights",
+]

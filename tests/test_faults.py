@@ -1,0 +1,314 @@
+"""The fault catalogue: hostile or broken inputs and interrupted writes, each ending in one clear
+line or a clean run, with nothing lost."""
+
+import errno
+import json
+import logging
+import multiprocessing
+import os
+import subprocess
+import sys
+import tarfile
+import time
+
+import pytest
+import torch
+from torch import nn
+from transformers import PretrainedConfig, PreTrainedModel, Trainer, TrainingArguments
+
+from hf_finetune.data import cifar
+from hf_finetune.data.synthetic import write_cifar10_batches, write_cifar10_tarball
+from hf_finetune.errors import CheckpointError, DataError, TrainingError, UserError
+from hf_finetune.models import FinetuneResNetConfig, FinetuneResNetForImageClassification, load_pretrained
+from hf_finetune.models.checkpoints import safe_torch_load
+from hf_finetune.workdir import (
+    TEMP_PREFIX,
+    WorkDirLock,
+    atomic_write,
+    check_fresh_start,
+    dump_json,
+    eval_source,
+    is_disk_full,
+    remove_stale_temp_files,
+    save_atomically,
+    save_model_atomically,
+    usable_checkpoints,
+    verify_checkpoint,
+    verify_weights,
+)
+
+
+def one_line(error) -> str:
+    message = str(error.value)
+    assert "\n" not in message and "weights_only" not in message, message
+    return message
+
+
+def resnet18():
+    return FinetuneResNetForImageClassification(FinetuneResNetConfig(depth=18, num_labels=10))
+
+
+class Evil:
+    """A pickle that runs `command` when loaded (os.system is on torch's block list; Popen is merely unknown)."""
+
+    def __init__(self, call, args):
+        self.call, self.args = call, args
+
+    def __reduce__(self):
+        return self.call, self.args
+
+
+# --------------------------------------------------------------------------- a real Trainer checkpoint
+class TinyModel(PreTrainedModel):
+    config_class = PretrainedConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.linear = nn.Linear(4, 2)
+        self.post_init()
+
+    def forward(self, x, labels=None):
+        logits = self.linear(x)
+        return {"loss": nn.functional.cross_entropy(logits, labels), "logits": logits}
+
+
+@pytest.fixture(scope="module")
+def trainer_checkpoints(tmp_path_factory):
+    """A work dir holding checkpoint-1 and checkpoint-2, written by transformers' Trainer."""
+    work_dir = tmp_path_factory.mktemp("run")
+    data = [{"x": torch.randn(4), "labels": i % 2} for i in range(8)]
+    args = TrainingArguments(str(work_dir), max_steps=2, save_steps=1, per_device_train_batch_size=4,
+                             report_to=[], use_cpu=True, logging_strategy="no", disable_tqdm=True)
+    Trainer(TinyModel(PretrainedConfig()), args, train_dataset=data).train()
+    return work_dir
+
+
+def copy_run(source, target):
+    import shutil
+
+    shutil.copytree(source, target)
+    return target
+
+
+# --------------------------------------------------------------------------- issue 10, class 2: one run per work dir
+def hold_lock(work_dir, locked):
+    with WorkDirLock(work_dir):
+        locked.set()
+        time.sleep(60)
+
+
+def test_second_run_on_a_work_dir_refuses_and_a_dead_holder_is_taken_over(tmp_path, caplog):
+    context = multiprocessing.get_context("fork")
+    locked = context.Event()
+    holder = context.Process(target=hold_lock, args=(tmp_path, locked))
+    holder.start()
+    try:
+        assert locked.wait(30)
+        with pytest.raises(UserError) as error:
+            WorkDirLock(tmp_path).__enter__()
+        assert f"in use by another run (pid {holder.pid} on host" in one_line(error)
+        with WorkDirLock(tmp_path, is_main=False):  # the other processes of one run do not lock
+            pass
+    finally:
+        holder.kill()  # SIGKILL: no cleanup, the lock file stays
+        holder.join()
+    assert (tmp_path / ".hf_finetune.lock").exists()
+    with caplog.at_level(logging.WARNING, logger="hf_finetune"), WorkDirLock(tmp_path):
+        assert f"pid {holder.pid}" in caplog.text and "no longer running" in caplog.text
+    assert not (tmp_path / ".hf_finetune.lock").exists()
+
+
+def test_fresh_run_on_a_used_work_dir_says_what_is_there(tmp_path, trainer_checkpoints):
+    work_dir = copy_run(trainer_checkpoints, tmp_path / "run")
+    (work_dir / "config.json").write_text("{}")
+    with pytest.raises(UserError) as error:
+        check_fresh_start(work_dir, resume=None)
+    message = one_line(error)
+    assert all(word in message for word in ("checkpoint-1", "checkpoint-2", "config.json", "--resume",
+                                            "--work-dir", "--overwrite"))
+    check_fresh_start(work_dir, resume=True)
+    assert (work_dir / "checkpoint-2").is_dir()
+    check_fresh_start(work_dir, resume=None, overwrite=True)
+    assert not list(work_dir.glob("checkpoint-*")) and not (work_dir / "config.json").exists()
+    check_fresh_start(work_dir, resume=None)  # nothing left to mix with
+
+
+# --------------------------------------------------------------------------- class 3: disk full, half-written files
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 1 MiB tmpfs (needs root); else the test is skipped."""
+    mount_point = tmp_path / "disk"
+    mount_point.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    yield mount_point
+    subprocess.run(["umount", str(mount_point)], check=True)
+
+
+def test_disk_full_while_saving_is_one_line_and_leaves_no_partial_model(tiny_disk):
+    (tiny_disk / "earlier.json").write_text('{"kept": true}')
+    with pytest.raises(TrainingError) as error:
+        save_model_atomically(resnet18(), tiny_disk / "run")  # 45 MB of weights on a 1 MiB disk
+    message = one_line(error)
+    assert str(tiny_disk / "run") in message and "disk is full" in message
+    assert list((tiny_disk / "run").iterdir()) == []  # no config.json without weights, no temp files
+    assert json.loads((tiny_disk / "earlier.json").read_text()) == {"kept": True}
+    with pytest.raises(TrainingError, match="disk is full"), atomic_write(tiny_disk / "big.pt", "wb") as f:
+        torch.save(torch.zeros(500_000), f)
+    assert sorted(p.name for p in tiny_disk.iterdir()) == ["earlier.json", "run"]
+
+
+@pytest.mark.parametrize("error", [
+    OSError(errno.ENOSPC, "No space left on device"),
+    RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534"),
+    Exception("Error while serializing: I/O error: No space left on device (os error 28)"),  # SafetensorError
+])
+def test_disk_full_is_recognised_in_every_library_wrapping(tmp_path, error):
+    assert is_disk_full(error)
+
+    def write(folder):
+        (tmp_path / "partial").mkdir(exist_ok=True)
+        with open(os.path.join(folder, "config.json"), "w") as f:
+            f.write("{}")
+        raise error
+
+    with pytest.raises(TrainingError, match=f"writing {tmp_path / 'out'} failed: the disk is full"):
+        save_atomically(write, tmp_path / "out")
+    assert list((tmp_path / "out").iterdir()) == []
+    assert not is_disk_full(OSError(errno.EACCES, "Permission denied"))
+
+
+def test_interrupted_write_keeps_the_old_file_and_no_temp(tmp_path):
+    path = tmp_path / "all_results.json"
+    dump_json({"epoch": 1}, path)
+    with pytest.raises(KeyboardInterrupt), atomic_write(path) as f:
+        f.write('{"epoch": ')
+        raise KeyboardInterrupt
+    assert json.loads(path.read_text()) == {"epoch": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["all_results.json"]
+
+
+def test_saved_files_get_the_usual_mode(tmp_path):
+    previous = os.umask(0o027)
+    try:
+        written = save_model_atomically(resnet18(), tmp_path)
+        dump_json({}, tmp_path / "metrics.json")
+    finally:
+        os.umask(previous)
+    assert {"config.json", "model.safetensors"} <= {p.name for p in written}
+    for name in ("model.safetensors", "config.json", "metrics.json"):
+        assert oct((tmp_path / name).stat().st_mode & 0o777) == oct(0o640), name
+
+
+def test_stray_temp_files_of_a_killed_save_are_removed_at_start(tmp_path):
+    (tmp_path / f"{TEMP_PREFIX}abc").mkdir()
+    (tmp_path / f"{TEMP_PREFIX}abc" / "model.safetensors").write_bytes(b"\0" * 1024)
+    (tmp_path / f"{TEMP_PREFIX}xyz").write_bytes(b"\0")
+    (tmp_path / "config.json").write_text("{}")
+    assert len(remove_stale_temp_files(tmp_path)) == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["config.json"]
+
+
+# --------------------------------------------------------------------------- classes 4 and 5: what resume / eval trust
+def test_corrupt_newest_checkpoint_falls_back_with_the_bad_file_named(tmp_path, trainer_checkpoints, caplog):
+    work_dir = copy_run(trainer_checkpoints, tmp_path / "run")
+    assert verify_checkpoint(work_dir / "checkpoint-2") == []
+    optimizer = work_dir / "checkpoint-2" / "optimizer.pt"
+    optimizer.write_bytes(optimizer.read_bytes()[:100])
+    with caplog.at_level(logging.WARNING, logger="hf_finetune"):
+        assert list(usable_checkpoints(work_dir)) == [str(work_dir / "checkpoint-1")]
+    assert str(optimizer) in caplog.text
+
+    (work_dir / "checkpoint-1" / "trainer_state.json").unlink()
+    assert "missing trainer_state.json" in verify_checkpoint(work_dir / "checkpoint-1")[0]
+    assert list(usable_checkpoints(work_dir)) == []
+
+
+def test_eval_only_after_an_interrupted_final_save(tmp_path, trainer_checkpoints, caplog):
+    work_dir = copy_run(trainer_checkpoints, tmp_path / "run")
+    (work_dir / "config.json").write_text("{}")  # the weights never made it
+    with caplog.at_level(logging.WARNING, logger="hf_finetune"):
+        assert eval_source(work_dir) == str(work_dir / "checkpoint-2")
+    assert "newest usable checkpoint" in caplog.text
+    (work_dir / "model.safetensors").write_bytes((work_dir / "checkpoint-2" / "model.safetensors").read_bytes())
+    assert eval_source(work_dir) == str(work_dir)
+    with pytest.raises(CheckpointError) as error:
+        eval_source(tmp_path / "empty")
+    assert "--eval-only PATH" in one_line(error)
+
+
+# --------------------------------------------------------------------------- class 8: NaN / inf weights
+def test_non_finite_weights_are_refused_on_every_load_route(tmp_path):
+    source = resnet18()
+    with torch.no_grad():
+        source.head.fc.weight[0, 0] = float("nan")
+        source.backbone.embedder.embedder.convolution.weight[0, 0, 0, 0] = float("inf")
+    source.save_pretrained(tmp_path / "run")
+    torch.save({"state_dict": source.state_dict()}, tmp_path / "run.pth")
+    names = "backbone.embedder.embedder.convolution.weight"
+
+    for path, scope in [(tmp_path / "run.pth", "model"), (tmp_path / "run", "model"), (tmp_path / "run", "backbone")]:
+        with pytest.raises(CheckpointError) as error:  # load_from, --eval-only FILE, init_cfg.checkpoint
+            load_pretrained(resnet18(), str(path), scope=scope, key="load_from")
+        assert names in one_line(error) and "non-finite" in str(error.value)
+    with pytest.raises(CheckpointError) as error:  # --eval-only DIR, from_pretrained folders, --resume weights
+        verify_weights(tmp_path / "run", key="--eval-only")
+    assert "head.fc.weight" in one_line(error) and names in str(error.value)
+
+
+def test_json_outputs_never_hold_nan(tmp_path):
+    path = tmp_path / "test_results.json"
+    dump_json({"test_loss": float("nan"), "lr": [float("inf"), 0.1], "n": 3}, path)
+
+    def refuse(constant):
+        raise ValueError(constant)
+
+    assert json.loads(path.read_text(), parse_constant=refuse) == {"test_loss": None, "lr": [None, 0.1], "n": 3}
+
+
+# --------------------------------------------------------------------------- class 11: incomplete CIFAR copies
+def test_incomplete_cifar_copies_name_the_missing_batches(tmp_path):
+    folder = write_cifar10_batches(tmp_path / "folder", n_train=10, n_test=2)
+    for name in ("data_batch_4", "test_batch"):
+        (folder / name).unlink()
+    with pytest.raises(DataError) as error:
+        cifar.read_batches_folder(folder)
+    assert "data_batch_4, test_batch missing" in one_line(error) and str(folder) in str(error.value)
+
+    # A plain .tar whose copy stopped after data_batch_2: it ends cleanly, nothing else says so.
+    full = write_cifar10_tarball(tmp_path / "full", n_train=10, n_test=2)
+    cut = tmp_path / "cifar-10-python.tar"
+    with tarfile.open(full) as source, tarfile.open(cut, "w") as target:
+        for member in source:
+            if member.name.endswith(("data_batch_1", "data_batch_2", "batches.meta")):
+                target.addfile(member, source.extractfile(member))
+    with pytest.raises(DataError) as error:
+        cifar.read_tarball(cut)
+    assert "data_batch_3, data_batch_4, data_batch_5, test_batch missing" in one_line(error)
+    splits, _ = cifar.read_tarball(full)
+    assert len(splits["train"][0]) == 10 and len(splits["test"][0]) == 2
+
+
+# --------------------------------------------------------------------------- class 12: refused pickles, one line
+@pytest.mark.parametrize("call,args", [(os.system, ("touch {marker}",)),
+                                       (subprocess.call, (["touch", "{marker}"],))])
+def test_malicious_pickles_on_resume_and_eval_routes_are_one_line(tmp_path, trainer_checkpoints, call, args):
+    marker = tmp_path / "PWNED"
+    args = tuple(a.format(marker=marker) if isinstance(a, str) else [x.format(marker=marker) for x in a]
+                 for a in args)
+    work_dir = copy_run(trainer_checkpoints, tmp_path / "run")
+    checkpoint = work_dir / "checkpoint-2"
+    torch.save({"state": {}, "param_groups": [], "x": Evil(call, args)}, checkpoint / "optimizer.pt")
+    with pytest.raises(CheckpointError) as error:  # --resume
+        safe_torch_load(checkpoint / "optimizer.pt", key="--resume")
+    assert "refuses to load" in one_line(error) and "optimizer.pt" in str(error.value)
+    assert "refuses to load" in verify_checkpoint(checkpoint)[0]
+
+    (checkpoint / "model.safetensors").unlink()
+    torch.save({"linear.weight": torch.zeros(2, 4), "x": Evil(call, args)}, checkpoint / "pytorch_model.bin")
+    with pytest.raises(CheckpointError) as error:  # --eval-only DIR
+        verify_weights(checkpoint, key="--eval-only")
+    assert one_line(error).startswith("--eval-only: ") and "refuses to load" in str(error.value)
+    time.sleep(0.1)
+    assert not marker.exists()

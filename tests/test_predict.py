@@ -1,0 +1,135 @@
+"""`hf-finetune predict`: the same predictions as the evaluation path, bad files on their line."""
+
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from hf_finetune.data import build_dataloader, build_datasets
+from hf_finetune.models import FinetuneResNetConfig, FinetuneResNetForImageClassification
+from hf_finetune.predict import main, predict
+
+LABELS = ["cat", "dog", "ship"]
+TEST_PIPELINE = [{"type": "Resize", "scale": 32}, {"type": "PackClsInputs"}]
+# Mixed sizes, PNG and JPEG; same-size files share a batch in both paths.
+IMAGES = [("a.png", 40, 48), ("b.jpg", 32, 32), ("c.png", 64, 20), ("d.jpeg", 40, 48), ("e.png", 32, 32)]
+
+
+@pytest.fixture(scope="module")
+def work_dir(tmp_path_factory):
+    """A random ResNet-18 saved as training saves it, with the recipe's test pipeline."""
+    root = tmp_path_factory.mktemp("predict")
+    torch.manual_seed(0)
+    config = FinetuneResNetConfig(depth=18, id2label=dict(enumerate(LABELS)),
+                                  label2id={name: i for i, name in enumerate(LABELS)})
+    model = FinetuneResNetForImageClassification(config).eval()
+    out = root / "work"
+    model.save_pretrained(out)
+    recipe = {"test_dataloader": {"dataset": {"type": "HFImageDataset", "pipeline": TEST_PIPELINE}}}
+    (out / "recipe.json").write_text(json.dumps(recipe))
+    return out
+
+
+@pytest.fixture(scope="module")
+def image_root(tmp_path_factory):
+    """root/test/cat/<images>: an image folder the data API reads as a test split."""
+    root = tmp_path_factory.mktemp("images")
+    folder = root / "test" / "cat"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name, height, width in IMAGES:
+        pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / name)
+    return root
+
+
+def eval_path_probabilities(work_dir, image_root):
+    """What evaluation computes: the test split through build_datasets + the whole-batch loader."""
+    recipe = {"model": {"head": {"num_classes": len(LABELS)}},
+              "test_dataloader": {"dataset": {"type": "HFImageDataset", "data_root": str(image_root),
+                                              "split": "test", "pipeline": TEST_PIPELINE}}}
+    dataset = build_datasets(recipe)["test"]
+    model = FinetuneResNetForImageClassification.from_pretrained(work_dir).eval()
+    with torch.no_grad():
+        logits = torch.cat([model(pixel_values=batch["pixel_values"]).logits
+                            for batch in build_dataloader(dataset, 2)])
+    return logits.softmax(-1)
+
+
+def test_predictions_match_the_evaluation_path(work_dir, image_root):
+    expected = eval_path_probabilities(work_dir, image_root)
+    rows = predict(str(work_dir), [str(image_root)], topk=3, batch_size=4)
+    assert [os.path.basename(row["file"]) for row in rows] == sorted(name for name, _, _ in IMAGES)
+    for row, probabilities in zip(rows, expected):
+        assert row["error"] is None
+        got = {label: score for label, score in row["predictions"]}
+        want = {label: probabilities[i].item() for i, label in enumerate(LABELS)}
+        assert got == pytest.approx(want, abs=1e-5)
+        scores = [score for _, score in row["predictions"]]
+        assert scores == sorted(scores, reverse=True)
+
+
+def test_a_checkpoint_folder_uses_the_recipe_of_its_work_dir(work_dir, image_root):
+    checkpoint = work_dir / "checkpoint-6"
+    FinetuneResNetForImageClassification.from_pretrained(work_dir).save_pretrained(checkpoint)
+    from_checkpoint = predict(str(checkpoint), [str(image_root / "test" / "cat" / "*.png")], topk=2)
+    from_work_dir = predict(str(work_dir), [str(image_root / "test" / "cat" / "*.png")], topk=2)
+    assert len(from_checkpoint) == 3
+    assert from_checkpoint == from_work_dir
+
+
+def test_bad_file_on_its_line_and_the_run_goes_on(work_dir, image_root, tmp_path, capsys):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not really an image")
+    good = image_root / "test" / "cat" / "b.jpg"
+    assert main([str(work_dir), str(good), str(bad), "--topk", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["file", "top-1", "top-2"]
+    assert lines[1].startswith(str(good)) and lines[1].count("%)") == 2
+    assert lines[2].startswith(str(bad)) and "ERROR: cannot read the image" in lines[2]
+
+    assert main([str(work_dir), str(bad)]) != 0  # nothing could be read
+
+
+def test_out_csv_and_json(work_dir, image_root, tmp_path):
+    inputs = [str(image_root / "test" / "cat" / "a.png"), str(image_root / "test" / "cat" / "d.jpeg")]
+    expected = predict(str(work_dir), inputs, topk=2)
+    assert main([str(work_dir), *inputs, "--topk", "2", "--out", str(tmp_path / "p.csv")]) == 0
+    with open(tmp_path / "p.csv", newline="") as handle:
+        table = list(csv.DictReader(handle))
+    assert [row["file"] for row in table] == inputs
+    for row, want in zip(table, expected):
+        assert [row["label_1"], row["label_2"]] == [label for label, _ in want["predictions"]]
+        assert float(row["score_1"]) == pytest.approx(want["predictions"][0][1], abs=1e-6)
+        assert row["error"] == ""
+
+    assert main([str(work_dir), *inputs, "--topk", "2", "--out", str(tmp_path / "p.json")]) == 0
+    content = json.loads((tmp_path / "p.json").read_text())
+    assert [[p["label"] for p in row["predictions"]] for row in content] == \
+        [[label for label, _ in row["predictions"]] for row in expected]
+
+
+def test_exported_folder_uses_its_image_processor(work_dir, image_root, tmp_path):
+    from hf_finetune.hub.export import export_transformers
+    from hf_finetune.hub.processor import write_image_processor_config
+
+    write_image_processor_config(work_dir)
+    out = export_transformers(str(work_dir), str(tmp_path / "native"))
+    square = [str(image_root / "test" / "cat" / name) for name in ("b.jpg", "e.png")]  # already 32 px
+    native = predict(out, square, topk=3)
+    ours = predict(str(work_dir), square, topk=3)
+    for a, b in zip(native, ours):
+        assert [label for label, _ in a["predictions"]] == [label for label, _ in b["predictions"]]
+        assert [s for _, s in a["predictions"]] == pytest.approx([s for _, s in b["predictions"]], abs=1e-4)
+
+
+def test_unknown_model_and_offline_hub_fail_in_one_line(image_root, capsys):
+    assert main(["no/such-model-here", str(image_root)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: cannot download 'no/such-model-here'") and "\n" not in err
+    assert main([str(image_root / "missing"), str(image_root)]) == 2
+    assert "no such folder" in capsys.readouterr().err
