@@ -379,7 +379,7 @@ class LoggerHookCfg:
 
 
 def _interval(v):
-    return None if v == -1 or v >= 1 else "expected -1 (never) or a positive number"
+    return None if v == -1 or v >= 1 else f"{v} is out of range; expected -1 (never) or >= 1"
 
 
 @dataclass
@@ -493,7 +493,7 @@ def _check_training_args(value):
         if key in OWNED_FIELDS:
             return f"{key}: set by the recipe's {OWNED_FIELDS[key]}; set it there"
         if key not in known:
-            return f"{key}: " + unknown_message("transformers.TrainingArguments field", key, known)
+            return f"{shorten(key)}: " + unknown_message("transformers.TrainingArguments field", key, known)
     return None
 
 
@@ -653,7 +653,7 @@ class _Parser:
                 source = show_path(self.origins[path[:n]])
                 break
         key = ".".join(str(p) for p in path) or "(top level)"
-        return RecipeError(f"{source}: {key}: {message}")
+        return RecipeError(f"{source}: {shorten(key)}: {message}")
 
     def section(self, cls, value, path):
         if not isinstance(value, dict):
@@ -776,7 +776,11 @@ class _Parser:
         try:
             op = PIPELINE_STEPS[name].from_config(value, key)
         except RecipeError as e:
-            raise self.error(path, str(e).removeprefix(key + ".").removeprefix(key + ": ")) from None
+            text = str(e)
+            if text.startswith(key + "."):  # "key.argument: message": name the argument
+                argument, _, text = text[len(key) + 1:].partition(": ")
+                raise self.error(path + (argument,), text) from None
+            raise self.error(path, text.removeprefix(key + ": ")) from None
         return Step(name, {k: v for k, v in value.items() if k != "type"}, op)
 
 
@@ -948,8 +952,15 @@ def describe_config():
 
 
 def did_you_mean(name, options):
+    if len(str(name)) > 200:  # no key is that long, and difflib takes minutes on megabytes
+        return ""
     close = difflib.get_close_matches(str(name), [str(o) for o in options], n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def shorten(text, limit=200):
+    """A dotted key cut short: keys come from the recipe and can be megabytes."""
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def unknown_message(what, name, known):

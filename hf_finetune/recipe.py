@@ -182,7 +182,11 @@ def _apply_option(recipe, option, origins):
             )
         walked.append(str(part))
         if last:
-            value = parse_value(raw)
+            try:
+                value = parse_value(raw)
+            except RecursionError:
+                raise RecipeError(f"{CFG_OPTIONS}: {excerpt(key)}: nested deeper than {MAX_DEPTH} "
+                                  "levels") from None
             check_size(value, f"{CFG_OPTIONS} {key}")
             node[part] = value
             _mark_option(tuple(walked), node[part], origins)

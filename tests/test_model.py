@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from hf_finetune.config import config_from_dict
 from hf_finetune.errors import RecipeError
 from hf_finetune.models import (
     FinetuneResNetConfig,
@@ -38,6 +39,16 @@ def recipe(depth=18, num_classes=10, backbone=None, head=None, preprocessor=None
     }
 
 
+def model_from(recipe, id2label=None):
+    cfg = config_from_dict(recipe)
+    return build_model(cfg.model, cfg.data_preprocessor, id2label)
+
+
+def config_from(recipe, id2label=None):
+    cfg = config_from_dict(recipe)
+    return build_config(cfg.model, cfg.data_preprocessor, id2label)
+
+
 def images(n=4, seed=0):
     return torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
 
@@ -53,7 +64,7 @@ def residual_blocks(model):
 # ----------------------------------------------------------------------------- structure and init
 def test_structure_and_mmcls_init():
     torch.manual_seed(0)
-    model = build_model(recipe(depth=18))
+    model = model_from(recipe(depth=18))
     assert model.config.model_type == "finetune_resnet"
     assert type(model.backbone).__name__ == "ResNetModel"
     assert isinstance(model.head.fc, nn.Linear) and model.head.fc.weight.shape == (10, 512)
@@ -72,7 +83,7 @@ def test_structure_and_mmcls_init():
         assert torch.all(block.layer[0].normalization.weight == 1)
     assert all(torch.all(bn.bias == 0) for bn in batchnorms(model))
 
-    no_zero = build_model(recipe(depth=18, backbone={"zero_init_residual": False}))
+    no_zero = model_from(recipe(depth=18, backbone={"zero_init_residual": False}))
     assert all(torch.all(b.layer[-1].normalization.weight == 1) for b in residual_blocks(no_zero))
 
 
@@ -80,17 +91,17 @@ def test_structure_and_mmcls_init():
                                                        (101, [3, 4, 23, 3], "bottleneck"),
                                                        (152, [3, 8, 36, 3], "bottleneck")])
 def test_depth_architectures(depth, blocks, layer_type):
-    config = build_config(recipe(depth=depth)).backbone_config()
+    config = config_from(recipe(depth=depth)).backbone_config()
     assert (config.depths, config.layer_type) == (blocks, layer_type)
 
 
 def test_resnet50_styles():
     """pytorch style strides the 3x3 conv, caffe style the first 1x1 conv (mmcls)."""
-    pytorch = build_model(recipe(depth=50))
+    pytorch = model_from(recipe(depth=50))
     first = pytorch.backbone.encoder.stages[1].layers[0].layer
     assert (first[0].convolution.stride, first[1].convolution.stride) == ((1, 1), (2, 2))
     assert pytorch.head.fc.in_features == 2048
-    caffe_config = build_config(recipe(depth=50, backbone={"style": "caffe"}))
+    caffe_config = config_from(recipe(depth=50, backbone={"style": "caffe"}))
     caffe = FinetuneResNetForImageClassification(caffe_config)
     first = caffe.backbone.encoder.stages[1].layers[0].layer
     assert (first[0].convolution.stride, first[1].convolution.stride) == ((2, 2), (1, 1))
@@ -100,7 +111,7 @@ def test_resnet50_styles():
 
 # ----------------------------------------------------------------------------- input contract
 def test_uint8_is_normalised_inside_and_float_passes_through():
-    model = build_model(recipe(depth=18, preprocessor={"to_rgb": True})).eval()
+    model = model_from(recipe(depth=18, preprocessor={"to_rgb": True})).eval()
     x = images()
     expected = (x.flip(1).float() - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
     with torch.no_grad():
@@ -114,7 +125,7 @@ def test_uint8_is_normalised_inside_and_float_passes_through():
 
 
 def test_channels_last_and_bf16_autocast():
-    model = build_model(recipe(depth=18)).eval()
+    model = model_from(recipe(depth=18)).eval()
     x = images()
     with torch.no_grad():
         reference = model(x).logits
@@ -130,7 +141,7 @@ def test_channels_last_and_bf16_autocast():
 
 
 def test_bf16_weights_accept_uint8():
-    model = build_model(recipe(depth=18)).eval().to(torch.bfloat16)
+    model = model_from(recipe(depth=18)).eval().to(torch.bfloat16)
     with torch.no_grad():
         assert model(images(2)).logits.dtype == torch.bfloat16
 
@@ -142,7 +153,7 @@ def test_bf16_weights_accept_uint8():
     ({"type": "LabelSmoothLoss", "label_smooth_val": 0.2, "loss_weight": 0.5}, 0.2, 0.5),
 ])
 def test_loss(loss, smoothing, weight):
-    model = build_model(recipe(depth=18, head={"loss": loss})).eval()
+    model = model_from(recipe(depth=18, head={"loss": loss})).eval()
     labels = torch.tensor([0, 3, 9, 1])
     with torch.no_grad():
         out = model(images(), labels=labels)
@@ -170,7 +181,7 @@ def _snapshot(module):
 
 
 def test_frozen_stages_grads_and_bn_statistics():
-    model = build_model(recipe(depth=18, backbone={"frozen_stages": 2}))
+    model = model_from(recipe(depth=18, backbone={"frozen_stages": 2}))
     frozen = [model.backbone.embedder, model.backbone.encoder.stages[0], model.backbone.encoder.stages[1]]
     trainable = [model.backbone.encoder.stages[2], model.backbone.encoder.stages[3], model.head]
     assert all(not p.requires_grad for m in frozen for p in m.parameters())
@@ -193,7 +204,7 @@ def test_frozen_stages_grads_and_bn_statistics():
 
 
 def test_frozen_stage_zero_is_stem_only():
-    model = build_model(recipe(depth=18, backbone={"frozen_stages": 0}))
+    model = model_from(recipe(depth=18, backbone={"frozen_stages": 0}))
     assert all(not p.requires_grad for p in model.backbone.embedder.parameters())
     assert all(p.requires_grad for p in model.backbone.encoder.parameters())
     model.train()
@@ -202,7 +213,7 @@ def test_frozen_stage_zero_is_stem_only():
 
 
 def test_norm_eval_keeps_every_bn_still_but_trains_weights():
-    model = build_model(recipe(depth=18, backbone={"norm_eval": True}))
+    model = model_from(recipe(depth=18, backbone={"norm_eval": True}))
     before = _snapshot(model)
     _train_step(model)
     assert all(not bn.training for bn in batchnorms(model))
@@ -218,7 +229,7 @@ def test_save_pretrained_round_trip_and_auto_classes(tmp_path):
     from transformers import AutoConfig, AutoModelForImageClassification
 
     labels = {i: f"class{i}" for i in range(10)}
-    model = build_model(recipe(depth=18, backbone={"frozen_stages": 1}, preprocessor={"to_rgb": True}), labels)
+    model = model_from(recipe(depth=18, backbone={"frozen_stages": 1}, preprocessor={"to_rgb": True}), labels)
     _train_step(model)  # non-trivial BN statistics
     model.eval()
     model.save_pretrained(tmp_path)
@@ -251,7 +262,7 @@ def test_save_pretrained_round_trip_and_auto_classes(tmp_path):
 
 
 def test_remote_code_loads_without_the_package(tmp_path):
-    model = build_model(recipe(depth=18, preprocessor={"to_rgb": True})).eval()
+    model = model_from(recipe(depth=18, preprocessor={"to_rgb": True})).eval()
     save_dir = tmp_path / "saved"
     model.save_pretrained(save_dir)
     x = images(2)
@@ -287,7 +298,7 @@ def test_remote_code_loads_without_the_package(tmp_path):
 def test_native_transformers_export_keys():
     from transformers import ResNetForImageClassification
 
-    model = build_model(recipe(depth=18, backbone={"zero_init_residual": False})).eval()
+    model = model_from(recipe(depth=18, backbone={"zero_init_residual": False})).eval()
     config = model.config.backbone_config()
     config.num_labels = 10
     native = ResNetForImageClassification(config).eval()
@@ -302,19 +313,19 @@ def test_native_transformers_export_keys():
     ({"backbone": {"depth": 51}}, "model.backbone.depth"),
     ({"backbone": {"frozen_stages": 5}}, "model.backbone.frozen_stages"),
     ({"backbone": {"frozen_stages": -2}}, "out of range"),
-    ({"backbone": {"deep_stem": True}}, "model.backbone.deep_stem=True is not supported"),
-    ({"backbone": {"avg_down": True}}, "model.backbone.avg_down=True is not supported"),
+    ({"backbone": {"deep_stem": True}}, "model.backbone.deep_stem: a boolean true is not allowed"),
+    ({"backbone": {"avg_down": True}}, "model.backbone.avg_down: a boolean true is not allowed"),
     ({"backbone": {"num_stages": 3}}, "model.backbone.num_stages"),
     ({"backbone": {"out_indices": [2, 3]}}, "model.backbone.out_indices"),
     ({"backbone": {"in_channels": 4}}, "model.backbone.in_channels"),
     ({"backbone": {"stem_channels": 32}}, "model.backbone.stem_channels"),
     ({"backbone": {"base_channels": 32}}, "model.backbone.base_channels"),
-    ({"backbone": {"with_cp": True}}, "model.backbone.with_cp"),
+    ({"backbone": {"with_cp": "yes"}}, "model.backbone.with_cp: expected true/false"),
     ({"backbone": {"style": "cafe"}}, "did you mean 'caffe'"),
     ({"backbone": {"init_cfg": {"type": "Kaiming"}}}, "model.backbone.init_cfg.type"),
     ({"num_classes": 3}, "model.head.topk"),
     ({"head": {"in_channels": 2048}}, "model.head.in_channels"),
-    ({"head": {"loss": {"type": "FocalLoss"}}}, "model.head.loss.type"),
+    ({"head": {"loss": {"type": "FocalLos"}}}, "did you mean 'FocalLoss'"),
     ({"head": {"loss": {"type": "CrossEntropyLoss", "label_smoothing": 1.5}}}, "label_smoothing"),
     ({"head": {"type": "StackedLinearClsHead"}}, "model.head.type"),
     ({"preprocessor": {"num_classes": 100}}, "data_preprocessor.num_classes"),
@@ -325,16 +336,18 @@ def test_bad_recipe_values(changes, expected):
     bad = recipe(depth=18, num_classes=num_classes, backbone=changes.get("backbone"),
                  head=changes.get("head"), preprocessor={"num_classes": num_classes, **changes.get("preprocessor", {})})
     with pytest.raises(RecipeError) as info:
-        build_model(bad)
+        model_from(bad)
     assert expected in str(info.value)
 
 
 def test_topk_message_and_small_label_sets():
     with pytest.raises(RecipeError, match=r"model.head.topk.*num_classes is 3.*\[1\]"):
-        build_config(recipe(num_classes=3))
-    assert build_config(recipe(num_classes=3, head={"topk": [1]})).num_labels == 3
+        config_from(recipe(num_classes=3))
+    assert config_from(recipe(num_classes=3, head={"topk": [1]})).num_labels == 3
 
 
 def test_id2label_must_match_num_classes():
     with pytest.raises(RecipeError, match="num_classes is 10 but the dataset has 3"):
-        build_config(recipe(), {0: "a", 1: "b", 2: "c"})
+        config_from(recipe(), {0: "a", 1: "b", 2: "c"})
+    assert config_from(recipe(num_classes=3, head={"topk": [1]}),
+                       {0: "a", 1: "b", 2: "c"}).id2label[2] == "c"

@@ -6,18 +6,26 @@ import pytest
 import torch
 from torch import nn
 
+from hf_finetune.config import config_from_dict
 from hf_finetune.errors import RecipeError
 from hf_finetune.optim import build_lr_scheduler, build_optimizer
 from hf_finetune.training import BatchPlan, plan_batches, updates_per_epoch
 
 SGD = {"type": "SGD", "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4}
+MODEL = {"head": {"num_classes": 10}}
+
+
+def config(recipe):
+    """The typed config of a recipe that sets only the sections under test."""
+    return config_from_dict({"model": MODEL, **recipe})
 
 
 def lrs_over(recipe, updates_per_epoch, total, lr=0.1):
     """The LR each optimizer update uses, as the Trainer steps the scheduler."""
     param = nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.SGD([param], lr=lr)
-    scheduler = build_lr_scheduler(optimizer, recipe, updates_per_epoch, total)
+    scheduler = build_lr_scheduler(optimizer, config(recipe).param_scheduler, updates_per_epoch,
+                                   total)
     seen = []
     for _ in range(total):
         seen.append(optimizer.param_groups[0]["lr"])
@@ -80,7 +88,7 @@ def test_constant_lr_and_begin_offsets():
 
 
 def test_bad_scheduler_values_are_recipe_errors():
-    with pytest.raises(RecipeError, match="param_scheduler.milestones: required"):
+    with pytest.raises(RecipeError, match="param_scheduler.0.milestones: required"):
         lrs_over({"param_scheduler": {"type": "MultiStepLR"}}, 2, 4)
     with pytest.raises(RecipeError, match=r"param_scheduler.1.end: must be larger"):
         lrs_over({"param_scheduler": [{"type": "ConstantLR"},
@@ -111,7 +119,7 @@ def test_paramwise_cfg_and_frozen_parameters():
         "paramwise_cfg": {"custom_keys": {"head": {"lr_mult": 10.0, "decay_mult": 0.0}},
                           "norm_decay_mult": 0.0, "bias_decay_mult": 0.5},
     }}
-    optimizer = build_optimizer(model, recipe)
+    optimizer = build_optimizer(model, config(recipe).optim_wrapper)
     got = groups_by_param(optimizer, model)
     assert "frozen.weight" not in got and "frozen.bias" not in got
     assert got["head.weight"] == pytest.approx((1.0, 0.0))
@@ -125,8 +133,8 @@ def test_paramwise_cfg_and_frozen_parameters():
 
 def test_weight_decay_on_every_trainable_parameter_by_default():
     model = Tiny()
-    optimizer = build_optimizer(model, {"optim_wrapper": {"optimizer": {"type": "AdamW", "lr": 1e-3,
-                                                                         "weight_decay": 0.05}}})
+    recipe = {"optim_wrapper": {"optimizer": {"type": "AdamW", "lr": 1e-3, "weight_decay": 0.05}}}
+    optimizer = build_optimizer(model, config(recipe).optim_wrapper)
     assert isinstance(optimizer, torch.optim.AdamW)
     assert set(groups_by_param(optimizer, model).values()) == {(1e-3, 0.05)}
 
@@ -135,19 +143,21 @@ def test_weight_decay_on_every_trainable_parameter_by_default():
 
 
 def recipe_with_batch(total=128, per_device=16, accumulation=None, scale=False):
-    recipe = {"train_cfg": {"total_batch_size": total}, "train_dataloader": {"batch_size": per_device},
-              "val_dataloader": {"batch_size": per_device},
+    data = {"type": "SyntheticCIFAR10", "pipeline": [{"type": "PackClsInputs"}]}
+    recipe = {"train_cfg": {"total_batch_size": total},
+              "train_dataloader": {"batch_size": per_device, "dataset": data},
+              "val_dataloader": {"batch_size": per_device, "dataset": data},
               "optim_wrapper": {"optimizer": dict(SGD, lr=0.01)},
               "auto_scale_lr": {"base_batch_size": 128, "enable": scale}}
     if accumulation:
         recipe["optim_wrapper"]["accumulative_counts"] = accumulation
-    return recipe
+    return config(recipe)
 
 
 @pytest.mark.parametrize("world, accumulation, per_device", [(1, 1, 128), (2, 1, 64), (8, 1, 16),
                                                              (8, 2, 8)])
 def test_total_batch_holds_on_any_number_of_processes(world, accumulation, per_device):
-    plan = plan_batches(recipe_with_batch(accumulation=accumulation), num_processes=world)
+    plan = plan_batches(recipe_with_batch(accumulation=accumulation), world_size=world)
     assert plan.per_device == per_device and plan.total == 128
     assert plan.per_device * world * accumulation == 128
     assert plan.lr == 0.01
@@ -155,11 +165,11 @@ def test_total_batch_holds_on_any_number_of_processes(world, accumulation, per_d
 
 def test_indivisible_total_batch_is_an_error():
     with pytest.raises(RecipeError, match="train_cfg.total_batch_size: 128 is not divisible by 3"):
-        plan_batches(recipe_with_batch(), num_processes=3)
+        plan_batches(recipe_with_batch(), world_size=3)
 
 
 def test_without_total_the_loader_batch_is_per_device_and_auto_scale_lr_scales():
-    plan = plan_batches(recipe_with_batch(total=None, per_device=16, scale=True), num_processes=2)
+    plan = plan_batches(recipe_with_batch(total=None, per_device=16, scale=True), world_size=2)
     assert (plan.per_device, plan.total) == (16, 32)
     assert plan.lr == pytest.approx(0.01 * 32 / 128)
 

@@ -1,5 +1,6 @@
 """Recipe loading: mmengine merge rules, --cfg-options, validation and the CLI's errors."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -7,8 +8,10 @@ import sys
 
 import pytest
 
-from hf_finetune import load_recipe
+from hf_finetune.config import (AdamWCfg, Config, SGDCfg, config_from_dict, load_config,
+                                read_config)
 from hf_finetune.errors import RecipeError
+from hf_finetune.recipe import load_recipe
 from hf_finetune.run import main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,6 +32,14 @@ MODEL_BASE = {
                  "loss": {"type": "CrossEntropyLoss", "loss_weight": 1.0}},
     }
 }
+SMOKE = os.path.join(REPO, "recipes", "cifar10_smoke.json")
+
+
+def merged(path, cfg_options=None):
+    """The merged recipe dict, before typing."""
+    return load_recipe(path, cfg_options)[0]
+
+
 SCHEDULE_BASE = {
     "optim_wrapper": {"optimizer": {"type": "SGD", "lr": 0.1, "momentum": 0.9,
                                     "weight_decay": 0.0001}},
@@ -45,32 +56,36 @@ def test_child_dict_merges_key_by_key_and_lists_replace_whole(tmp_path):
         "_base_": ["base/model.json"],
         "model": {"backbone": {"frozen_stages": 2}, "head": {"num_classes": 10, "topk": [1]}},
     })
-    recipe = load_recipe(child)
+    recipe = merged(child)
     backbone = recipe["model"]["backbone"]
     assert backbone["frozen_stages"] == 2 and backbone["depth"] == 50  # merged
     assert recipe["model"]["head"]["num_classes"] == 10
     assert recipe["model"]["head"]["topk"] == [1]  # list replaced, not merged
     assert recipe["model"]["head"]["loss"] == {"type": "CrossEntropyLoss", "loss_weight": 1.0}
+    cfg = load_config(child)
+    assert cfg.model.backbone.frozen_stages == 2 and cfg.model.backbone.depth == 50
+    assert cfg.model.head.num_classes == 10 and cfg.model.head.topk == [1]
 
 
 def test_delete_replaces_the_base_dict(tmp_path):
-    write(tmp_path / "schedule.json", SCHEDULE_BASE)
+    write(tmp_path / "schedule.json", {**MODEL_BASE, **SCHEDULE_BASE})
     child = write(tmp_path / "child.json", {
         "_base_": "schedule.json",
         "optim_wrapper": {"optimizer": {"_delete_": True, "type": "AdamW", "lr": 0.001}},
     })
-    optimizer = load_recipe(child)["optim_wrapper"]["optimizer"]
+    optimizer = merged(child)["optim_wrapper"]["optimizer"]
     assert optimizer == {"type": "AdamW", "lr": 0.001}
+    assert load_config(child).optim_wrapper.optimizer == AdamWCfg(lr=0.001)
 
 
 def test_without_delete_a_type_switch_keeps_base_keys_and_says_how_to_fix(tmp_path):
-    write(tmp_path / "schedule.json", SCHEDULE_BASE)
+    write(tmp_path / "schedule.json", {**MODEL_BASE, **SCHEDULE_BASE})
     child = write(tmp_path / "child.json", {
         "_base_": "schedule.json",
         "optim_wrapper": {"optimizer": {"type": "AdamW", "lr": 0.001}},
     })
     with pytest.raises(RecipeError) as err:
-        load_recipe(child)
+        load_config(child)
     message = str(err.value)
     assert "optim_wrapper.optimizer.momentum" in message and "_delete_" in message
 
@@ -79,7 +94,7 @@ def test_bases_are_relative_to_the_including_file_and_recursive(tmp_path):
     write(tmp_path / "a" / "b" / "deep.json", {"log_level": "DEBUG"})
     write(tmp_path / "a" / "mid.json", {"_base_": ["b/deep.json"], "load_from": None})
     top = write(tmp_path / "top" / "recipe.json", {"_base_": ["../a/mid.json"], "resume": True})
-    recipe = load_recipe(top)
+    recipe = merged(top)
     assert recipe == {"log_level": "DEBUG", "load_from": None, "resume": True}
 
 
@@ -88,7 +103,7 @@ def test_same_top_level_key_in_two_bases_is_an_error(tmp_path):
     write(tmp_path / "two.json", {"log_level": "DEBUG"})
     child = write(tmp_path / "child.json", {"_base_": ["one.json", "two.json"]})
     with pytest.raises(RecipeError) as err:
-        load_recipe(child)
+        load_config(child)
     message = str(err.value)
     assert "log_level" in message and "one.json" in message and "two.json" in message
 
@@ -97,13 +112,13 @@ def test_base_cycle_is_an_error(tmp_path):
     write(tmp_path / "a.json", {"_base_": ["b.json"]})
     write(tmp_path / "b.json", {"_base_": ["a.json"]})
     with pytest.raises(RecipeError, match="cycle.*a.json -> .*b.json -> .*a.json"):
-        load_recipe(str(tmp_path / "a.json"))
+        load_config(str(tmp_path / "a.json"))
 
 
 def test_missing_base_names_the_including_file(tmp_path):
     child = write(tmp_path / "child.json", {"_base_": ["nope/missing.json"]})
     with pytest.raises(RecipeError) as err:
-        load_recipe(child)
+        load_config(child)
     message = str(err.value)
     assert "missing.json" in message and "child.json" in message and "not found" in message
 
@@ -111,14 +126,14 @@ def test_missing_base_names_the_including_file(tmp_path):
 def test_malformed_json_reports_line_and_column(tmp_path):
     bad = write(tmp_path / "bad.json", '{\n  "log_level": "INFO",\n  "resume": tru\n}')
     with pytest.raises(RecipeError, match=r"bad\.json:3:\d+: malformed JSON"):
-        load_recipe(bad)
+        load_config(bad)
 
 
 # --- --cfg-options ----------------------------------------------------------------------------
 
 
 def test_cfg_options_parse_json_values_strings_and_list_indices():
-    recipe = load_recipe(CIFAR10, [
+    cfg = load_config(CIFAR10, [
         "optim_wrapper.optimizer.lr=0.02",
         "train_dataloader.dataset.pipeline.0.padding=2",
         "model.backbone.norm_eval=true",
@@ -126,12 +141,13 @@ def test_cfg_options_parse_json_values_strings_and_list_indices():
         "work_dir=runs/x",
         "training_args.bf16=true",
     ])
-    assert recipe["optim_wrapper"]["optimizer"]["lr"] == 0.02
-    assert recipe["train_dataloader"]["dataset"]["pipeline"][0]["padding"] == 2
-    assert recipe["model"]["backbone"]["norm_eval"] is True
-    assert recipe["param_scheduler"]["milestones"] == [5, 8]
-    assert recipe["work_dir"] == "runs/x"
-    assert recipe["training_args"] == {"bf16": True}
+    assert cfg.optim_wrapper.optimizer.lr == 0.02
+    crop = cfg.train_dataloader.dataset.pipeline[0]
+    assert crop.args["padding"] == 2 and crop.op.padding == (2, 2, 2, 2)
+    assert cfg.model.backbone.norm_eval is True
+    assert cfg.param_scheduler[0].milestones == [5, 8]
+    assert cfg.work_dir == "runs/x"
+    assert cfg.training_args == {"bf16": True}
 
 
 @pytest.mark.parametrize("option, expected", [
@@ -144,7 +160,7 @@ def test_cfg_options_parse_json_values_strings_and_list_indices():
 ])
 def test_bad_cfg_options_name_the_option(option, expected):
     with pytest.raises(RecipeError) as err:
-        load_recipe(CIFAR10, [option])
+        load_config(CIFAR10, [option])
     assert expected in str(err.value)
     assert "--cfg-options" in str(err.value)
 
@@ -152,12 +168,17 @@ def test_bad_cfg_options_name_the_option(option, expected):
 # --- validation ---------------------------------------------------------------------------------
 
 
+def with_model(**sections):
+    """A recipe that sets a model, so checking reaches the sections under test."""
+    return {**MODEL_BASE, **sections}
+
+
 def test_unknown_key_names_the_file_and_the_closest_key(tmp_path):
     write(tmp_path / "base.json", MODEL_BASE)
     child = write(tmp_path / "child.json",
                   {"_base_": ["base.json"], "model": {"backbone": {"frozen_stagse": 2}}})
     with pytest.raises(RecipeError) as err:
-        load_recipe(child)
+        load_config(child)
     message = str(err.value)
     assert message.startswith(os.path.relpath(child)) or message.startswith(child)
     assert "model.backbone.frozen_stagse" in message
@@ -165,9 +186,16 @@ def test_unknown_key_names_the_file_and_the_closest_key(tmp_path):
 
 
 def test_unknown_top_level_section(tmp_path):
-    bad = write(tmp_path / "r.json", {"optim_wraper": {}})
+    bad = write(tmp_path / "r.json", with_model(optim_wraper={}))
     with pytest.raises(RecipeError, match="did you mean 'optim_wrapper'"):
-        load_recipe(bad)
+        load_config(bad)
+
+
+def test_missing_model_names_the_file(tmp_path):
+    bad = write(tmp_path / "r.json", {"log_level": "INFO"})
+    with pytest.raises(RecipeError) as err:
+        load_config(bad)
+    assert "r.json" in str(err.value) and "model" in str(err.value)
 
 
 def test_wrong_type_names_expected_and_found(tmp_path):
@@ -175,69 +203,231 @@ def test_wrong_type_names_expected_and_found(tmp_path):
     child = write(tmp_path / "child.json",
                   {"_base_": ["base.json"], "model": {"head": {"num_classes": "ten"}}})
     with pytest.raises(RecipeError) as err:
-        load_recipe(child)
+        load_config(child)
     message = str(err.value)
     assert "child.json" in message and "model.head.num_classes" in message
-    assert "expected an integer" in message and '"ten"' in message
+    assert "expected an integer" in message and "'ten'" in message
 
 
 def test_bool_is_not_accepted_as_a_number(tmp_path):
-    bad = write(tmp_path / "r.json", {"train_cfg": {"max_epochs": True}})
+    bad = write(tmp_path / "r.json", with_model(train_cfg={"max_epochs": True}))
     with pytest.raises(RecipeError, match="train_cfg.max_epochs: expected an integer"):
-        load_recipe(bad)
+        load_config(bad)
 
 
-@pytest.mark.parametrize("section, value, known", [
-    ("optim_wrapper", {"optimizer": {"type": "SGDD", "lr": 0.1}}, "SGD"),
-    ("param_scheduler", {"type": "CosineLR"}, "CosineAnnealingLR"),
-    ("model", {"type": "ImageClassifier", "backbone": {"type": "ResNeXt"}}, "ResNet"),
-    ("val_evaluator", {"type": "F1"}, "Accuracy"),
+@pytest.mark.parametrize("section, value, key, bad_type, known", [
+    ("optim_wrapper", {"optimizer": {"type": "SGDD", "lr": 0.1}}, "optim_wrapper.optimizer.type",
+     "SGDD", "SGD"),
+    ("param_scheduler", {"type": "CosineLR"}, "param_scheduler.0.type", "CosineLR",
+     "CosineAnnealingLR"),
+    ("model", {"type": "ImageClassifier", "backbone": {"type": "ResNeXt"},
+               "head": {"num_classes": 10}}, "model.backbone.type", "ResNeXt", "ResNet"),
+    ("val_evaluator", {"type": "F1"}, "val_evaluator.0.type", "F1", "Accuracy"),
 ])
-def test_unknown_type_lists_known_types(tmp_path, section, value, known):
-    bad = write(tmp_path / "r.json", {section: value})
+def test_unknown_type_lists_known_types(tmp_path, section, value, key, bad_type, known):
+    bad = write(tmp_path / "r.json", with_model(**{section: value}))
     with pytest.raises(RecipeError) as err:
-        load_recipe(bad)
+        load_config(bad)
     message = str(err.value)
-    assert "unknown type" in message and known in message and "r.json" in message
+    assert "unknown type" in message or "is not allowed" in message
+    assert key in message and f"'{bad_type}'" in message
+    assert known in message and "r.json" in message
 
 
 def test_unknown_pipeline_step_and_argument(tmp_path):
     def recipe_with(step):
-        return {"train_dataloader": {"dataset": {"type": "CIFAR10", "pipeline": [step]}}}
+        return with_model(train_dataloader={"dataset": {"type": "CIFAR10", "pipeline": [step]}})
 
     bad = write(tmp_path / "a.json", recipe_with({"type": "RandomCorp", "crop_size": 32}))
     with pytest.raises(RecipeError) as err:
-        load_recipe(bad)
+        load_config(bad)
     assert "did you mean 'RandomCrop'" in str(err.value)
     assert "train_dataloader.dataset.pipeline.0.type" in str(err.value)
 
     bad = write(tmp_path / "b.json", recipe_with({"type": "RandomFlip", "probability": 0.5}))
     with pytest.raises(RecipeError) as err:
-        load_recipe(bad)
+        load_config(bad)
     assert "train_dataloader.dataset.pipeline.0.probability" in str(err.value)
     assert "prob" in str(err.value)
 
 
 def test_tutorial_recipe_translates_key_for_key():
-    recipe = load_recipe(CIFAR10)
-    backbone = recipe["model"]["backbone"]
-    assert backbone["depth"] == 50 and backbone["frozen_stages"] == 2
-    assert backbone["init_cfg"]["prefix"] == "backbone"
-    assert backbone["init_cfg"]["checkpoint"].endswith("resnet50_8xb32_in1k_20210831-ea4938fc.pth")
-    assert recipe["model"]["head"]["num_classes"] == 10
-    assert recipe["model"]["head"]["in_channels"] == 2048
-    train_steps = [s["type"] for s in recipe["train_dataloader"]["dataset"]["pipeline"]]
+    cfg = load_config(CIFAR10)
+    backbone = cfg.model.backbone
+    assert backbone.depth == 50 and backbone.frozen_stages == 2
+    assert backbone.init_cfg.prefix == "backbone"
+    assert backbone.init_cfg.checkpoint.endswith("resnet50_8xb32_in1k_20210831-ea4938fc.pth")
+    assert cfg.model.head.num_classes == 10
+    assert cfg.model.head.in_channels == 2048
+    train_steps = [s.type for s in cfg.train_dataloader.dataset.pipeline]
     assert train_steps == ["RandomCrop", "RandomFlip", "Resize", "PackClsInputs"]
-    for split in ("val_dataloader", "test_dataloader"):
-        assert recipe[split]["dataset"]["pipeline"] == [
+    for split in (cfg.val_dataloader, cfg.test_dataloader):
+        assert [s.to_dict() for s in split.dataset.pipeline] == [
             {"type": "Resize", "scale": 224}, {"type": "PackClsInputs"}]
-        assert recipe[split]["dataset"]["split"] == "test"
-    assert recipe["optim_wrapper"]["optimizer"] == {
+        assert split.dataset.split == "test"
+    assert merged(CIFAR10)["optim_wrapper"]["optimizer"] == {
         "type": "SGD", "lr": 0.01, "momentum": 0.9, "weight_decay": 0.0001}
-    assert recipe["param_scheduler"]["milestones"] == [15]
-    assert recipe["train_cfg"]["max_epochs"] == 200 and recipe["train_cfg"]["total_batch_size"] == 128
-    assert recipe["train_dataloader"]["batch_size"] == 16
-    assert recipe["data_preprocessor"]["mean"] == [125.307, 122.961, 113.8575]
+    assert cfg.optim_wrapper.optimizer == SGDCfg(lr=0.01, momentum=0.9, weight_decay=0.0001)
+    assert cfg.param_scheduler[0].milestones == [15]
+    assert cfg.train_cfg.max_epochs == 200 and cfg.train_cfg.total_batch_size == 128
+    assert cfg.train_dataloader.batch_size == 16
+    assert cfg.data_preprocessor.mean == [125.307, 122.961, 113.8575]
+
+
+@pytest.mark.parametrize("key, value, accepted", [
+    ("train_cfg.max_epochs", 0, ">= 1"),
+    ("train_cfg.max_epochs", -1, ">= 1"),
+    ("train_dataloader.batch_size", 0, ">= 1"),
+    ("train_dataloader.num_workers", -1, ">= 0"),
+    ("optim_wrapper.optimizer.lr", 0, "> 0"),
+    ("default_hooks.logger.interval", 0, ">= 1"),
+    ("default_hooks.checkpoint.interval", 0, ">= 1"),
+])
+def test_out_of_range_values_name_the_key_value_and_range(tmp_path, key, value, accepted):
+    section = value
+    for part in reversed(key.split(".")):
+        section = {part: section}
+    bad = write(tmp_path / "r.json", {"_base_": [os.path.relpath(CIFAR10, tmp_path)], **section})
+    with pytest.raises(RecipeError) as err:
+        load_config(bad)
+    message = str(err.value)
+    assert message.startswith("r.json: ") or message.startswith(bad)
+    assert f"{key}: {value}" in message and accepted in message and "\n" not in message
+
+
+def deep_json(levels):
+    return '{"a": ' * levels + "0" + "}" * levels
+
+
+def test_deeply_nested_recipe_is_one_recipe_error(tmp_path, capsys):
+    deep = write(tmp_path / "deep.json", '{"model": ' + deep_json(5000) + "}")
+    assert main([deep, "--print-recipe"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "deep.json" in err and "nested deeper" in err
+    assert "RecursionError" not in err
+
+    with pytest.raises(RecipeError, match="--cfg-options.*model.backbone.x.*nested deeper") as err:
+        load_config(CIFAR10, ["model.backbone.x=" + deep_json(5000)])
+    assert "\n" not in str(err.value)
+    nested = json.loads(deep_json(500))
+    with pytest.raises(RecipeError, match="nested deeper"):
+        config_from_dict({"model": nested})
+
+
+@pytest.mark.parametrize("where", ["top level", "model.backbone", "training_args",
+                                   "train_dataloader.dataset.pipeline.0"])
+def test_a_huge_unknown_key_gives_a_short_message(where):
+    key = "k" * 5_000_000
+    option = key if where == "top level" else f"{where}.{key}"
+    with pytest.raises(RecipeError) as err:
+        load_config(CIFAR10, [option + "=1"])
+    message = str(err.value)
+    assert len(message) < 1024 and "kkkk" in message and "\n" not in message
+    if where != "top level":
+        assert where in message
+    with pytest.raises(RecipeError) as err:
+        config_from_dict({**MODEL_BASE, key: 1})
+    assert len(str(err.value)) < 1024 and "unknown key" in str(err.value)
+
+
+# --- the saved recipe round-trips --------------------------------------------------------------
+
+
+EVERY_SECTION = {
+    "model": {
+        "type": "ImageClassifier",
+        "backbone": {"type": "ResNet", "depth": 18, "frozen_stages": 1, "norm_eval": True,
+                     "style": "caffe", "with_cp": True,
+                     "init_cfg": {"type": "Pretrained", "checkpoint": "weights.pth",
+                                  "prefix": "backbone"}},
+        "neck": {"type": "GlobalAveragePooling"},
+        "head": {"type": "LinearClsHead", "num_classes": 10, "in_channels": 512, "topk": [1, 3],
+                 "loss": {"type": "LabelSmoothLoss", "label_smooth_val": 0.1, "loss_weight": 2.0}},
+    },
+    "data_preprocessor": {"num_classes": 10, "mean": [1.0, 2.0, 3.0], "std": [4.0, 5.0, 6.0],
+                          "to_rgb": True},
+    "train_dataloader": {
+        "batch_size": 8, "num_workers": 2, "persistent_workers": False, "pin_memory": False,
+        "prefetch_factor": 3, "drop_last": True, "sampler": {"type": "DefaultSampler",
+                                                             "shuffle": False},
+        "dataset": {"type": "HFImageDataset", "hub_id": "user/images", "revision": "main",
+                    "image_column": "image", "label_column": "fine_label", "download": False,
+                    "indices": 100, "on_corrupt": "skip",
+                    "pipeline": [{"type": "RandomCrop", "crop_size": 28, "padding": [2, 3]},
+                                 {"type": "RandomFlip", "prob": 0.25, "direction": "horizontal"},
+                                 {"type": "PackClsInputs"}]},
+    },
+    "val_dataloader": {"batch_size": 4, "dataset": {
+        "type": "SyntheticCIFAR10", "num_samples": 64, "seed": 3,
+        "pipeline": [{"type": "Resize", "scale": [40, 48]}, {"type": "CenterCrop", "crop_size": 32},
+                     {"type": "PackClsInputs"}]}},
+    "test_dataloader": {"batch_size": 4, "dataset": {
+        "type": "CIFAR10", "data_root": "data/c10", "split": "test", "indices": [0, 5, 9],
+        "pipeline": [{"type": "PackClsInputs"}]}},
+    "val_evaluator": [{"type": "Accuracy", "topk": [1, 3]}],
+    "test_evaluator": {"type": "Accuracy", "topk": 1},
+    "optim_wrapper": {
+        "type": "AmpOptimWrapper", "dtype": "bfloat16", "accumulative_counts": 2,
+        "optimizer": {"type": "AdamW", "lr": 0.001, "betas": [0.8, 0.99], "weight_decay": 0.05},
+        "paramwise_cfg": {"custom_keys": {"head": {"lr_mult": 10.0}}, "norm_decay_mult": 0.0,
+                          "bias_decay_mult": 0.0, "layer_decay_rate": 0.9},
+        "constructor": "LearningRateDecayOptimWrapperConstructor",
+        "clip_grad": {"max_norm": 5.0},
+    },
+    "param_scheduler": [
+        {"type": "LinearLR", "start_factor": 0.1, "by_epoch": False, "begin": 0, "end": 10},
+        {"type": "CosineAnnealingLR", "by_epoch": True, "begin": 1, "eta_min_ratio": 0.01,
+         "convert_to_iter_based": True},
+    ],
+    "train_cfg": {"type": "EpochBasedTrainLoop", "max_epochs": 7, "val_interval": 2,
+                  "total_batch_size": 16},
+    "val_cfg": {"type": "ValLoop"},
+    "test_cfg": {"type": "TestLoop"},
+    "auto_scale_lr": {"enable": True, "base_batch_size": 256},
+    "default_scope": "mmcls",
+    "default_hooks": {"logger": {"type": "LoggerHook", "interval": 5},
+                      "checkpoint": {"type": "CheckpointHook", "interval": 2, "max_keep_ckpts": -1,
+                                     "save_best": "accuracy/top1", "rule": "greater"},
+                      "visualization": None},
+    "env_cfg": {"cudnn_benchmark": True, "channels_last": False,
+                "dist_cfg": {"backend": "nccl"}},
+    "visualizer": {"type": "ClsVisualizer", "vis_backends": [{"type": "TensorboardVisBackend"}]},
+    "log_level": "DEBUG",
+    "load_from": "whole_model.pth",
+    "resume": True,
+    "randomness": {"seed": 7, "deterministic": True},
+    "work_dir": "runs/every",
+    "training_args": {"bf16": True, "report_to": "none"},
+    "hub": {"push": True, "model_id": "user/model", "private": True, "strategy": "checkpoint"},
+    "custom_hooks": [{"type": "EMAHook", "momentum": 0.001}],
+    "name": "every_section",
+}
+
+
+def test_every_section_example_sets_every_section():
+    assert set(EVERY_SECTION) == {f.name for f in dataclasses.fields(Config)
+                                  if not f.metadata.get("secret")}
+
+
+@pytest.mark.parametrize("source", ["cifar10", "cifar10_smoke", "every_section"])
+def test_saved_recipe_round_trips(tmp_path, source):
+    if source == "every_section":
+        cfg = config_from_dict(EVERY_SECTION)
+        assert cfg.to_dict() != config_from_dict({"model": EVERY_SECTION["model"]}).to_dict()
+    else:
+        cfg = load_config(os.path.join(REPO, "recipes", source + ".json"))
+    assert config_from_dict(cfg.to_dict()) == cfg
+    saved = write(tmp_path / "recipe.json", json.dumps(cfg.to_dict()))
+    assert read_config(saved) == cfg
+    again = read_config(saved)
+    assert [s.op.__class__ for s in again.train_dataloader.dataset.pipeline] == \
+        [s.op.__class__ for s in cfg.train_dataloader.dataset.pipeline]
+
+
+def test_saved_recipe_differs_when_a_value_differs():
+    cfg = load_config(SMOKE)
+    changed = load_config(SMOKE, ["train_dataloader.dataset.pipeline.0.padding=2"])
+    assert config_from_dict(changed.to_dict()) != cfg
 
 
 # --- the entry point -----------------------------------------------------------------------------
@@ -264,6 +454,14 @@ def test_cli_flags_fold_into_the_recipe(capsys, tmp_path):
         assert printed[split]["dataset"]["data_root"] == str(tmp_path)
     assert printed["work_dir"] == str(tmp_path / "out")
     assert printed["auto_scale_lr"]["enable"] is True
+
+
+def test_missing_data_root_exits_2_with_one_line_naming_it(capsys):
+    assert main([SMOKE, "--data-root", "/does/not/exist", "--print-recipe"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.count("\n") == 1 and "/does/not/exist" in captured.err
+    assert captured.err.startswith("error: ")
 
 
 def test_bad_recipe_exits_2_with_one_line_and_no_traceback(tmp_path):

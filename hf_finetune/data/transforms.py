@@ -63,6 +63,7 @@ class PipelineStep:
         for name in args:
             if name not in cls.ARGS:
                 accepted = ", ".join(cls.ARGS) if cls.ARGS else "none"
+                name = name if len(name) <= 200 else name[:197] + "..."  # keys can be megabytes
                 raise RecipeError(f"{key}.{name}: unknown argument for {cls.__name__}{_did_you_mean(name, cls.ARGS)}; "
                                   f"accepted arguments: {accepted}")
         for name in cls.REQUIRED:
