@@ -26,6 +26,11 @@ def build_config(model_cfg, preprocessor_cfg, id2label=None) -> FinetuneResNetCo
     backbone, head = model_cfg.backbone, model_cfg.head
     names = id2label or {i: str(i) for i in range(head.num_classes)}
     id2label = {int(k): str(v) for k, v in dict(names).items()}
+    if len(id2label) != head.num_classes:
+        from hf_finetune.errors import RecipeError
+
+        raise RecipeError(f"model.head.num_classes is {head.num_classes} but the dataset has "
+                          f"{len(id2label)} classes; set model.head.num_classes={len(id2label)}")
     return FinetuneResNetConfig(
         depth=backbone.depth,
         style=backbone.style,
@@ -33,9 +38,17 @@ def build_config(model_cfg, preprocessor_cfg, id2label=None) -> FinetuneResNetCo
         norm_eval=backbone.norm_eval,
         # mmcls skips the zero-init of residual BNs when the backbone loads pretrained weights.
         zero_init_residual=backbone.zero_init_residual and backbone.init_cfg is None,
+        with_cp=backbone.with_cp,
+        problem_type="multi_label_classification" if head.multi_label else "single_label_classification",
         loss_type=head.loss.type,
+        use_sigmoid=head.loss.use_sigmoid,
         label_smoothing=head.loss.smoothing(),
         loss_weight=head.loss.loss_weight,
+        focal_gamma=head.loss.gamma,
+        focal_alpha=head.loss.alpha,
+        asymmetric_gamma_pos=head.loss.gamma_pos,
+        asymmetric_gamma_neg=head.loss.gamma_neg,
+        asymmetric_clip=head.loss.clip,
         mean=preprocessor_cfg.mean,
         std=preprocessor_cfg.std,
         to_rgb=preprocessor_cfg.to_rgb,
