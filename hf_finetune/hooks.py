@@ -25,13 +25,14 @@ import os
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .errors import CheckpointError, RecipeError
+from .workdir import atomic_write
 
 logger = logging.getLogger("hf_finetune")
 
@@ -142,9 +143,8 @@ class EMAHook(TrainerCallback):
         tensors = {name: t.detach().cpu().contiguous()
                    for name, t in zip(names, self._tensors(self.averaged.module))}
         metadata = {"steps": str(self.steps), "weights": "trained" if self.swapped else "averaged"}
-        path = os.path.join(checkpoint_dir, EMA_STATE_NAME)
-        save_file(tensors, path + ".tmp", metadata=metadata)
-        os.replace(path + ".tmp", path)  # never a half-written file under the real name
+        with atomic_write(os.path.join(checkpoint_dir, EMA_STATE_NAME), "wb") as f:
+            f.write(save(tensors, metadata=metadata))
 
     @torch.no_grad()
     def load_checkpoint(self, checkpoint_dir, model):
@@ -288,7 +288,8 @@ class EarlyStoppingHook(TrainerCallback, ExportableState):
                           f"{self.best_score:.4g}")
         if self.stopping_threshold is not None and self.better(value, self.stopping_threshold):
             self.best_score = value
-            return True, f"{self.monitor} = {value:.4g} reached the stopping threshold {self.stopping_threshold}"
+            return True, (f"{self.monitor} = {value:.4g} reached the stopping threshold "
+                          f"{self.stopping_threshold}")
         delta = self.min_delta if self.rule == "greater" else -self.min_delta
         if self.better(self.best_score + delta, value):  # not improved by min_delta
             self.wait_count += 1

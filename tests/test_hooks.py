@@ -1,10 +1,9 @@
 """EMAHook and EarlyStoppingHook: update rule and stop decisions against hand computations,
 and both inside a real Trainer (evaluation and checkpoints on the averaged weights, exact
-resume)."""
+resume). Also layer-wise LR decay, the optimizer side of the same fine-tune configs."""
 
 import json
 import math
-import os
 
 import pytest
 import torch
@@ -16,6 +15,8 @@ from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState,
 
 from hf_finetune.errors import RecipeError
 from hf_finetune.hooks import EMA_STATE_NAME, EarlyStoppingHook, EMAHook, build_custom_hooks
+from hf_finetune.layer_decay import layer_decay_param_groups
+from hf_finetune.models import FinetuneResNetConfig, FinetuneResNetForImageClassification
 
 
 @pytest.fixture(autouse=True)
@@ -289,3 +290,70 @@ def test_invalid_hooks_name_the_key(config, key):
     with pytest.raises(RecipeError) as error:
         build_custom_hooks(config)
     assert str(error.value).startswith(f"{key}:") and "\n" not in str(error.value)
+
+
+# --- layer-wise LR decay (the optimizer side of mmpretrain's fine-tune configs) -------------
+
+
+def resnet(depth, frozen_stages=-1):
+    return FinetuneResNetForImageClassification(
+        FinetuneResNetConfig(depth=depth, num_labels=10, frozen_stages=frozen_stages))
+
+
+def mmpretrain_layer(name, blocks_per_layer):
+    """mmpretrain ResNet.get_layer_depth, written out: stem 0, stage 1 -> 1, stages 2 and 3
+    in groups of blocks, stage 4 -> 6, head -> 7 (ResNet-50 and the ResNet-18 extension)."""
+    if name.startswith("head."):
+        return 7
+    if not name.startswith("backbone.encoder.stages."):
+        return 0
+    stage, block = (int(v) for v in name.split(".")[3:6:2])
+    per2, per3 = blocks_per_layer
+    return {0: 1, 1: 2 + block // per2, 2: 4 + block // per3, 3: 6}[stage]
+
+
+@pytest.mark.parametrize("depth, blocks_per_layer", [(50, (2, 3)), (18, (1, 1))])
+def test_layer_decay_lr_per_parameter_follows_the_formula(depth, blocks_per_layer):
+    model = resnet(depth)
+    groups = layer_decay_param_groups(model, base_lr=0.1, weight_decay=0.05, layer_decay_rate=0.5)
+    group_of = {id(p): g for g in groups for p in g["params"]}
+    names = dict(model.named_parameters())
+    assert len(group_of) == len(names)
+    layers = set()
+    for name, param in names.items():
+        layer = mmpretrain_layer(name, blocks_per_layer)
+        layers.add(layer)
+        assert group_of[id(param)]["layer_id"] == layer, name
+        assert group_of[id(param)]["lr"] == pytest.approx(0.1 * 0.5 ** (8 - 1 - layer)), name
+        assert group_of[id(param)]["weight_decay"] == 0.05
+    assert layers == set(range(8))
+
+
+def test_layer_decay_skips_frozen_stages_and_applies_decay_mults():
+    model = resnet(18, frozen_stages=2)
+    groups = layer_decay_param_groups(
+        model, base_lr=1.0, weight_decay=0.1, layer_decay_rate=0.9, norm_decay_mult=0.0,
+        bias_decay_mult=0.0, custom_keys={"head.fc": {"decay_mult": 0.5}})
+    in_groups = {id(p) for g in groups for p in g["params"]}
+    for name, param in model.named_parameters():
+        assert (id(param) in in_groups) == param.requires_grad, name
+    assert min(g["layer_id"] for g in groups) == 4  # stem and stages 1, 2 frozen
+    decay = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    params = dict(model.named_parameters())
+    assert decay[id(params["head.fc.bias"])] == pytest.approx(0.05)  # custom key first
+    assert decay[id(params["head.fc.weight"])] == pytest.approx(0.05)
+    stage4 = "backbone.encoder.stages.3.layers.0.layer.0."
+    assert decay[id(params[stage4 + "normalization.weight"])] == 0.0
+    assert decay[id(params[stage4 + "convolution.weight"])] == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("kwargs, key", [
+    ({"layer_decay_rate": 0}, "optim_wrapper.paramwise_cfg.layer_decay_rate"),
+    ({"layer_decay_rate": 0.7, "custom_keys": {"head": {"lr_mult": 10}}},
+     "optim_wrapper.paramwise_cfg.custom_keys.head"),
+    ({"layer_decay_rate": 0.7, "norm_decay_mult": -1}, "optim_wrapper.paramwise_cfg.norm_decay_mult"),
+])
+def test_layer_decay_errors_name_the_key(kwargs, key):
+    with pytest.raises(RecipeError) as error:
+        layer_decay_param_groups(Tiny(), base_lr=0.1, weight_decay=0.0, **kwargs)
+    assert str(error.value).startswith(f"{key}:")
