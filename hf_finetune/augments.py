@@ -16,8 +16,9 @@ Mixup rounds the mixed values, as timm's uint8 collate mixup does. Float batches
 as they are.
 
 Randomness: each batch draws from a numpy Generator seeded with (seed, rank, batch index),
-so a run is reproducible per seed, ranks differ, and a resumed run draws what the
-uninterrupted run would have drawn once `batches_seen` is restored.
+so a run is reproducible per seed and ranks differ. Registered as a Trainer callback, the
+batch index restarts where a resumed run left off, so it draws what the uninterrupted run
+would have drawn.
 """
 
 import difflib
@@ -27,6 +28,7 @@ import numbers
 import numpy as np
 import torch
 from torch.nn import functional as F
+from transformers import TrainerCallback
 
 from .errors import RecipeError
 
@@ -156,11 +158,12 @@ def _check_probs(probs, count, key):
     return [float(p) for p in probs] + [max(0.0, 1.0 - total)]
 
 
-class BatchAugments:
+class BatchAugments(TrainerCallback):
     """The recipe's `model.train_cfg.augments` (and `probs`) as one callable.
 
     `__call__(pixel_values [N, C, H, W] uint8 or float, labels [N] int)` returns
     (mixed pixel values, same dtype and device; soft targets [N, num_classes] float32).
+    Call it once per training batch (micro-batch with gradient accumulation).
     """
 
     def __init__(self, augments, num_classes, probs=None, seed=0, rank=0, *, key="model.train_cfg"):
@@ -175,6 +178,10 @@ class BatchAugments:
         self.seed = int(seed)
         self.rank = int(rank)
         self.batches_seen = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # Resumed at update k: the batches before it were drawn by the interrupted run.
+        self.batches_seen = state.global_step * args.gradient_accumulation_steps
 
     def choose(self, rng):
         """The augment for this batch, or None (no augment, only with probs)."""

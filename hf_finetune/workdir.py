@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -31,6 +32,8 @@ RESUME_FILES = ("config.json", "trainer_state.json", "optimizer.pt", "scheduler.
 # Read on resume when present.
 OPTIONAL_RESUME_FILES = ("scaler.pt",)
 FINAL_MODEL_FILES = ("config.json",) + WEIGHT_FILES
+# safetensors' save_file writes `.tmpXXXXXX` (Rust tempfile crate, mode 0600) and renames it.
+_SAFETENSORS_TEMP = re.compile(r"\.tmp[A-Za-z0-9]{6}")
 _DISK_FULL_SIGNS = ("No space left on device", "Disk quota exceeded", "inline_container.cc")
 
 
@@ -245,12 +248,21 @@ def save_model_atomically(model, work_dir) -> list[Path]:
     return save_atomically(model.save_pretrained, work_dir)
 
 
-def remove_stale_temp_files(work_dir) -> list[Path]:
-    """Delete what killed atomic writes left in `work_dir` (call at start, under the lock)."""
+def remove_interrupted_saves(work_dir) -> list[Path]:
+    """Delete what killed saves left in `work_dir`: temp files of atomic writes and of safetensors,
+    and checkpoint folders without trainer_state.json (the Trainer writes it last; resume never
+    uses such a folder).
+
+    Call at start, holding the WorkDirLock, on the main process.
+    """
     work_dir = Path(work_dir)
     if not work_dir.is_dir():
         return []
+    checkpoints = [Path(c) for c in sort_checkpoints(str(work_dir), PREFIX_CHECKPOINT_DIR)]
     stale = sorted(work_dir.glob(TEMP_PREFIX + "*"))
+    for folder in [work_dir] + checkpoints:
+        stale += sorted(p for p in folder.iterdir() if _SAFETENSORS_TEMP.fullmatch(p.name) and p.is_file())
+    stale += [c for c in checkpoints if not (c / "trainer_state.json").is_file()]
     for path in stale:
         if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
@@ -258,7 +270,8 @@ def remove_stale_temp_files(work_dir) -> list[Path]:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
     if stale:
-        logger.info("removed %d temporary file(s) left by an interrupted save in %s", len(stale), work_dir)
+        logger.warning("removed what an interrupted save left in %s: %s", work_dir,
+                       ", ".join(str(p.relative_to(work_dir)) for p in stale))
     return stale
 
 
@@ -327,6 +340,31 @@ def usable_checkpoints(work_dir):
         yield checkpoint
 
 
+def resume_checkpoint(work_dir, resume) -> str | None:
+    """The checkpoint folder `--resume` continues from (None: start fresh).
+
+    `resume`: None/False (fresh), True/"auto" (the newest usable checkpoint of `work_dir`), or a
+    checkpoint folder. Raises CheckpointError when checkpoints exist but none can be used.
+    """
+    if resume in (None, False):
+        return None
+    if resume not in (True, "auto"):
+        problems = verify_checkpoint(resume) if Path(resume).is_dir() else [f"{resume}: no such folder"]
+        if problems:
+            raise CheckpointError(f"--resume: {problems[0]}")
+        return str(resume)
+    checkpoint = next(usable_checkpoints(work_dir), None)
+    if checkpoint is not None:
+        return checkpoint
+    if Path(work_dir).is_dir() and sort_checkpoints(str(work_dir), PREFIX_CHECKPOINT_DIR):
+        raise CheckpointError(
+            f"--resume: no checkpoint in {work_dir} can be used (see the warnings above for each bad file); "
+            "start a new run with --overwrite or another --work-dir"
+        )
+    logger.warning("--resume: no checkpoint in %s; starting from scratch", work_dir)
+    return None
+
+
 def eval_source(work_dir) -> str:
     """What `--eval-only` with no path evaluates: the final model, else the newest usable checkpoint."""
     work_dir = Path(work_dir)
@@ -354,7 +392,8 @@ __all__ = [
     "dump_json",
     "eval_source",
     "is_disk_full",
-    "remove_stale_temp_files",
+    "remove_interrupted_saves",
+    "resume_checkpoint",
     "save_atomically",
     "save_model_atomically",
     "usable_checkpoints",

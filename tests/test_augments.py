@@ -2,11 +2,13 @@
 label smoothing, recipe validation."""
 
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from torch.nn import functional as F
+from transformers import TrainerControl, TrainerState
 
 from hf_finetune.augments import BatchAugments, soft_target_cross_entropy
 from hf_finetune.errors import RecipeError
@@ -140,8 +142,10 @@ def test_same_seed_same_batches_and_resume_by_batch_count():
     runs = [[first(images, labels) for _ in range(5)], [second(images, labels) for _ in range(5)]]
     for (a, ta), (b, tb) in zip(*runs):
         assert torch.equal(a, b) and torch.equal(ta, tb)
+    # Resumed at update 1 with 3 batches per update: the next batch is the fourth.
     resumed = BatchAugments(config, K, seed=7)
-    resumed.batches_seen = 3
+    resumed.on_train_begin(SimpleNamespace(gradient_accumulation_steps=3), TrainerState(global_step=1),
+                           TrainerControl())
     assert torch.equal(resumed(images, labels)[1], runs[0][3][1])
     other_seed = BatchAugments(config, K, seed=8)
     other_rank = BatchAugments(config, K, seed=7, rank=1)

@@ -20,7 +20,7 @@ from hf_finetune.data import cifar
 from hf_finetune.data.synthetic import write_cifar10_batches, write_cifar10_tarball
 from hf_finetune.errors import CheckpointError, DataError, TrainingError, UserError
 from hf_finetune.models import FinetuneResNetConfig, FinetuneResNetForImageClassification, load_pretrained
-from hf_finetune.models.checkpoints import safe_torch_load
+from hf_finetune.models.checkpoints import assert_finite, safe_torch_load
 from hf_finetune.workdir import (
     TEMP_PREFIX,
     WorkDirLock,
@@ -29,7 +29,8 @@ from hf_finetune.workdir import (
     dump_json,
     eval_source,
     is_disk_full,
-    remove_stale_temp_files,
+    remove_interrupted_saves,
+    resume_checkpoint,
     save_atomically,
     save_model_atomically,
     usable_checkpoints,
@@ -44,7 +45,9 @@ def one_line(error) -> str:
     return message
 
 
+@pytest.fixture(scope="module")
 def resnet18():
+    """One model for the module: the loads tested here fail before changing it."""
     return FinetuneResNetForImageClassification(FinetuneResNetConfig(depth=18, num_labels=10))
 
 
@@ -146,10 +149,10 @@ def tiny_disk(tmp_path):
     subprocess.run(["umount", str(mount_point)], check=True)
 
 
-def test_disk_full_while_saving_is_one_line_and_leaves_no_partial_model(tiny_disk):
+def test_disk_full_while_saving_is_one_line_and_leaves_no_partial_model(tiny_disk, resnet18):
     (tiny_disk / "earlier.json").write_text('{"kept": true}')
     with pytest.raises(TrainingError) as error:
-        save_model_atomically(resnet18(), tiny_disk / "run")  # 45 MB of weights on a 1 MiB disk
+        save_model_atomically(resnet18, tiny_disk / "run")  # 45 MB of weights on a 1 MiB disk
     message = one_line(error)
     assert str(tiny_disk / "run") in message and "disk is full" in message
     assert list((tiny_disk / "run").iterdir()) == []  # no config.json without weights, no temp files
@@ -189,10 +192,10 @@ def test_interrupted_write_keeps_the_old_file_and_no_temp(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["all_results.json"]
 
 
-def test_saved_files_get_the_usual_mode(tmp_path):
+def test_saved_files_get_the_usual_mode(tmp_path, resnet18):
     previous = os.umask(0o027)
     try:
-        written = save_model_atomically(resnet18(), tmp_path)
+        written = save_model_atomically(resnet18, tmp_path)
         dump_json({}, tmp_path / "metrics.json")
     finally:
         os.umask(previous)
@@ -201,13 +204,19 @@ def test_saved_files_get_the_usual_mode(tmp_path):
         assert oct((tmp_path / name).stat().st_mode & 0o777) == oct(0o640), name
 
 
-def test_stray_temp_files_of_a_killed_save_are_removed_at_start(tmp_path):
-    (tmp_path / f"{TEMP_PREFIX}abc").mkdir()
-    (tmp_path / f"{TEMP_PREFIX}abc" / "model.safetensors").write_bytes(b"\0" * 1024)
-    (tmp_path / f"{TEMP_PREFIX}xyz").write_bytes(b"\0")
-    (tmp_path / "config.json").write_text("{}")
-    assert len(remove_stale_temp_files(tmp_path)) == 2
-    assert [p.name for p in tmp_path.iterdir()] == ["config.json"]
+def test_what_a_killed_save_left_is_removed_at_start(tmp_path, trainer_checkpoints):
+    work_dir = copy_run(trainer_checkpoints, tmp_path / "run")
+    (work_dir / f"{TEMP_PREFIX}abc").mkdir()
+    (work_dir / f"{TEMP_PREFIX}abc" / "model.safetensors").write_bytes(b"\0" * 1024)
+    (work_dir / f"{TEMP_PREFIX}xyz").write_bytes(b"\0")
+    (work_dir / "checkpoint-1" / ".tmpU4vWVU").write_bytes(b"\0" * 1024)  # a killed safetensors save_file
+    (work_dir / "checkpoint-2" / "trainer_state.json").unlink()  # killed before the Trainer's last write
+    before = {p.name for p in work_dir.iterdir()}
+    removed = {str(p.relative_to(work_dir)) for p in remove_interrupted_saves(work_dir)}
+    assert removed == {f"{TEMP_PREFIX}abc", f"{TEMP_PREFIX}xyz", "checkpoint-1/.tmpU4vWVU", "checkpoint-2"}
+    assert {p.name for p in work_dir.iterdir()} == before - {f"{TEMP_PREFIX}abc", f"{TEMP_PREFIX}xyz", "checkpoint-2"}
+    assert verify_checkpoint(work_dir / "checkpoint-1") == []
+    assert ".tmpU4vWVU" not in {p.name for p in (work_dir / "checkpoint-1").iterdir()}
 
 
 # --------------------------------------------------------------------------- classes 4 and 5: what resume / eval trust
@@ -220,9 +229,18 @@ def test_corrupt_newest_checkpoint_falls_back_with_the_bad_file_named(tmp_path, 
         assert list(usable_checkpoints(work_dir)) == [str(work_dir / "checkpoint-1")]
     assert str(optimizer) in caplog.text
 
+    assert resume_checkpoint(work_dir, "auto") == str(work_dir / "checkpoint-1")
+    with pytest.raises(CheckpointError) as error:
+        resume_checkpoint(work_dir, str(work_dir / "checkpoint-2"))
+    assert str(optimizer) in one_line(error)
+
     (work_dir / "checkpoint-1" / "trainer_state.json").unlink()
     assert "missing trainer_state.json" in verify_checkpoint(work_dir / "checkpoint-1")[0]
     assert list(usable_checkpoints(work_dir)) == []
+    with pytest.raises(CheckpointError) as error:
+        resume_checkpoint(work_dir, True)
+    assert "no checkpoint in" in one_line(error) and "--overwrite" in str(error.value)
+    assert resume_checkpoint(tmp_path / "new", True) is None and resume_checkpoint(work_dir, None) is None
 
 
 def test_eval_only_after_an_interrupted_final_save(tmp_path, trainer_checkpoints, caplog):
@@ -239,22 +257,23 @@ def test_eval_only_after_an_interrupted_final_save(tmp_path, trainer_checkpoints
 
 
 # --------------------------------------------------------------------------- class 8: NaN / inf weights
-def test_non_finite_weights_are_refused_on_every_load_route(tmp_path):
-    source = resnet18()
-    with torch.no_grad():
-        source.head.fc.weight[0, 0] = float("nan")
-        source.backbone.embedder.embedder.convolution.weight[0, 0, 0, 0] = float("inf")
-    source.save_pretrained(tmp_path / "run")
-    torch.save({"state_dict": source.state_dict()}, tmp_path / "run.pth")
+def test_non_finite_weights_are_refused_on_every_load_route(tmp_path, resnet18):
+    state = {name: tensor.clone() for name, tensor in resnet18.state_dict().items()}
+    state["head.fc.weight"][0, 0] = float("nan")
+    state["backbone.embedder.embedder.convolution.weight"][0, 0, 0, 0] = float("inf")
+    torch.save({"state_dict": state}, tmp_path / "run.pth")
+    resnet18.save_pretrained(tmp_path / "run", state_dict=dict(state))
     names = "backbone.embedder.embedder.convolution.weight"
 
     for path, scope in [(tmp_path / "run.pth", "model"), (tmp_path / "run", "model"), (tmp_path / "run", "backbone")]:
         with pytest.raises(CheckpointError) as error:  # load_from, --eval-only FILE, init_cfg.checkpoint
-            load_pretrained(resnet18(), str(path), scope=scope, key="load_from")
+            load_pretrained(resnet18, str(path), scope=scope, key="load_from")
         assert names in one_line(error) and "non-finite" in str(error.value)
+    assert torch.isfinite(resnet18.head.fc.weight).all()
     with pytest.raises(CheckpointError) as error:  # --eval-only DIR, from_pretrained folders, --resume weights
         verify_weights(tmp_path / "run", key="--eval-only")
     assert "head.fc.weight" in one_line(error) and names in str(error.value)
+    assert_finite({"huge but finite": torch.tensor([3e38, 3e38]), "steps": torch.tensor([2**62])}, "x")
 
 
 def test_json_outputs_never_hold_nan(tmp_path):

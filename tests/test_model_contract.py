@@ -140,6 +140,18 @@ def test_label_smoothing_still_applies_to_single_label():
     assert torch.allclose(smoothed, -(target * logits.log_softmax(-1)).sum(-1).mean())
 
 
+def test_single_label_takes_soft_targets_when_told():
+    # Mixup / CutMix hand float [N, C] scores: an explicit single-label problem type keeps softmax cross entropy.
+    logits, labels = torch.randn(4, 3), torch.tensor([0, 2, 1, 2])
+    one_hot = nn.functional.one_hot(labels, 3).float()
+    smoothing = config(problem_type="single_label_classification", label_smoothing=0.1)
+    from_indices = classification_loss(logits, labels, smoothing)
+    assert torch.allclose(classification_loss(logits, one_hot, smoothing), from_indices)
+    mixed = 0.7 * one_hot + 0.3 * one_hot.roll(1, 0)
+    expected = -((0.9 * mixed + 0.1 / 3) * logits.log_softmax(-1)).sum(-1).mean()
+    assert torch.allclose(classification_loss(logits, mixed, smoothing), expected)
+
+
 @pytest.mark.parametrize("kwargs, labels, message", [
     ({"label_smoothing": 0.1}, torch.ones(2, 3), "single-label classification only"),
     ({"loss_type": "FocalLoss", "num_labels": 1}, torch.randn(2), "problem_type='regression'"),

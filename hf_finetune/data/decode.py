@@ -5,12 +5,18 @@ control conversion and errors. Two formats get a fast path because they are
 what our sources hold: 8-bit RGB PNG (the Hub's CIFAR-10, synthetic data) and
 binary PPM (our Arrow cache of local CIFAR copies: raw pixels behind a tiny
 header, so decoding is a copy). Everything else goes through PIL and is
-converted to RGB (grayscale, RGBA, palette, 16-bit ...).
+converted to 8-bit RGB by ``to_rgb8`` (every Pillow mode, see there).
+
+``LazyImage`` defers decoding until a pipeline step knows which region it needs
+and at what size: a JPEG is then decoded at a reduced scale (libjpeg's DCT
+scaling, Pillow's ``draft``) whenever that still leaves at least as many pixels
+as the step outputs, and only the region is converted.
 """
 
 from __future__ import annotations
 
 import io
+import math
 import re
 import struct
 
@@ -85,14 +91,43 @@ def _decode_png_rgb8(data: bytes) -> np.ndarray | None:
     return np.frombuffer(raw, dtype=np.uint8).reshape(height, width, 3)
 
 
+def _composite_on_white(im: Image.Image) -> Image.Image:
+    """Transparent pixels shown over white, as transformers' convert_to_rgb does at inference."""
+    rgba = im.convert("RGBA")
+    return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+
+
+def _scaled_to_8bit(values: np.ndarray, full_scale: float) -> np.ndarray:
+    gray = np.clip(np.rint(values.astype(np.float64) * (255.0 / full_scale)), 0, 255).astype(np.uint8)
+    return np.repeat(gray[..., None], 3, axis=2)
+
+
+def to_rgb8(im: Image.Image) -> np.ndarray:
+    """A loaded PIL image of any mode -> uint8 [H, W, 3] RGB.
+
+    Pillow's own convert() clips wide grayscale modes at 255 (a 16-bit image turns
+    white), so those are scaled here: I;16* and I (Pillow's mode for 16-bit sources)
+    from 0..65535, i.e. divided by 257; F from 0..1 when its values lie there (the
+    usual float convention), else from 0..255 like Pillow. Alpha (LA, RGBA, PA,
+    palette or RGB transparency) is composited on white; 1, L, P, CMYK, YCbCr ...
+    convert as Pillow does.
+    """
+    if im.mode == "RGB" and "transparency" not in im.info:
+        return np.asarray(im)
+    if im.mode.startswith("I"):
+        return _scaled_to_8bit(np.asarray(im), 65535.0)
+    if im.mode == "F":
+        values = np.nan_to_num(np.asarray(im))
+        return _scaled_to_8bit(values, 1.0 if values.size and 0.0 <= values.min() and values.max() <= 1.0 else 255.0)
+    if "A" in im.getbands() or "transparency" in im.info:
+        return np.asarray(_composite_on_white(im))
+    return np.asarray(im.convert("RGB"))
+
+
 def _decode_with_pil(data: bytes) -> np.ndarray:
     with Image.open(io.BytesIO(data)) as im:
         im.load()
-        if im.mode != "RGB":
-            if im.mode == "P" and "transparency" in im.info:
-                im = im.convert("RGBA")  # PIL wants palette transparency expanded first
-            im = im.convert("RGB")
-        return np.asarray(im)
+        return to_rgb8(im)
 
 
 def image_bytes(item) -> bytes:
@@ -110,19 +145,73 @@ def image_bytes(item) -> bytes:
 
 def decode_image(item) -> np.ndarray:
     """One image value -> uint8 [H, W, 3] RGB array. Raises on undecodable data."""
-    global _fast_png_available
     data = image_bytes(item)
+    arr = _decode_fast(data)
+    if arr is None:
+        arr = _decode_with_pil(data)
+    if arr.ndim != 3 or arr.shape[2] != 3 or arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise ValueError(f"decoded to an array of shape {arr.shape}, expected [H, W, 3]")
+    return arr
+
+
+def _decode_fast(data: bytes) -> np.ndarray | None:
+    """PPM or 8-bit RGB PNG without Image.open; None for anything else."""
+    global _fast_png_available
     arr = _decode_ppm(data)
     if arr is None and _fast_png_available:
         try:
             arr = _decode_png_rgb8(data)
         except (AttributeError, TypeError):  # a Pillow without these internals: use the public API
             _fast_png_available = False
-            arr = None
         except Exception:
-            arr = None  # malformed: the general path below raises a readable error
-    if arr is None:
-        arr = _decode_with_pil(data)
-    if arr.ndim != 3 or arr.shape[2] != 3 or arr.shape[0] == 0 or arr.shape[1] == 0:
-        raise ValueError(f"decoded to an array of shape {arr.shape}, expected [H, W, 3]")
+            pass  # malformed: the general path raises a readable error
     return arr
+
+
+class LazyImage:
+    """One encoded image whose size is known (from its header) before it is decoded.
+
+    ``pixels(box, min_size)`` decodes the region ``box`` = (top, left, height, width)
+    at a resolution of at least ``min_size`` = (height, width) for that region: a
+    JPEG is decoded at 1/2, 1/4 or 1/8 scale when that is still enough. Raises
+    ValueError (or OSError) on undecodable data, like decode_image.
+    """
+
+    def __init__(self, item):
+        data = image_bytes(item)
+        self._array = _decode_fast(data)
+        self._pil = None
+        self.failed = False  # set when pixels() raised: tells the batch which file it was
+        if self._array is not None:
+            self.height, self.width = self._array.shape[:2]
+        else:
+            self._pil = Image.open(io.BytesIO(data))
+            self.width, self.height = self._pil.size
+        if self.height == 0 or self.width == 0:
+            raise ValueError(f"image of size {self.width}x{self.height}")
+
+    def pixels(self, box=None, min_size=None) -> np.ndarray:
+        top, left, height, width = box or (0, 0, self.height, self.width)
+        if self._array is not None:
+            return self._array[top:top + height, left:left + width]
+        try:
+            return self._decode_region(top, left, height, width, min_size)
+        except Exception:
+            self.failed = True
+            raise
+
+    def _decode_region(self, top, left, height, width, min_size) -> np.ndarray:
+        im = self._pil
+        if min_size is not None and im.format == "JPEG":
+            # Ask for the whole image at the size that gives the region min_size pixels.
+            wanted = (math.ceil(self.width * min_size[1] / width), math.ceil(self.height * min_size[0] / height))
+            im.draft("RGB", wanted)
+        im.load()
+        if im.size != (self.width, self.height):  # the region on the reduced grid, never below min_size
+            scale_x, scale_y = im.size[0] / self.width, im.size[1] / self.height
+            left, top = int(left * scale_x), int(top * scale_y)
+            width = min(max(math.ceil(width * scale_x), min_size[1]), im.size[0] - left)
+            height = min(max(math.ceil(height * scale_y), min_size[0]), im.size[1] - top)
+        if (top, left, height, width) != (0, 0, im.size[1], im.size[0]):
+            im = im.crop((left, top, left + width, top + height))
+        return to_rgb8(im)

@@ -29,6 +29,12 @@ class BatchDataError(DataError):
         super().__init__(_strip_worker_traceback(message, type(self)))
 
 
+def undecodable_message(where: str, exc: Exception) -> str:
+    """The one line for an image that cannot be decoded (`where`: its index, path and source)."""
+    return (f"cannot decode image at {where}: {exc}. Fix or remove it, or set dataset.on_corrupt to \"skip\" "
+            f"to drop undecodable images")
+
+
 def _strip_worker_traceback(message: str, cls: type) -> str:
     if not (isinstance(message, str) and message.startswith("Caught ") and "Original Traceback" in message):
         return message

@@ -10,21 +10,27 @@ model (``data_preprocessor``), never here.
 Random steps split their work in two so tests can replay the exact draws:
 ``sample(n, height, width)`` draws the parameters for n images from the pipeline
 RNG (see runtime.pipeline_generator), ``apply(images, params)`` uses them.
+
+Images of different sizes (photos) reach the first step as a list of
+``LazyImage`` (decoded on demand). Steps that can take such a list
+(``accepts_list``: RandomResizedCrop, ResizeEdge, Resize, CenterCrop) decode
+each image's region only, at a reduced JPEG scale when the output is much
+smaller, and return one batch tensor when their outputs share a size.
 """
 
 from __future__ import annotations
 
 import difflib
+import math
 import numbers
 import warnings
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..errors import RecipeError
-from .decode import decode_image
-from .runtime import BatchDataError, pipeline_generator
+from .decode import LazyImage
+from .runtime import BatchDataError, pipeline_generator, undecodable_message
 
 ROW_COLUMN = "__row__"  # original row index within the split, for error messages
 
@@ -50,12 +56,88 @@ def _size_pair(value, key: str) -> tuple[int, int]:
     raise RecipeError(f"{key}: expected a positive int or [height, width] of positive ints, got {value!r}")
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _choice(value, options, key: str) -> str:
+    if value not in options:
+        raise RecipeError(f"{key}: expected one of {', '.join(options)}, got {value!r}{_did_you_mean(value, options)}")
+    return value
+
+
+def _probability(value, key: str) -> float:
+    if not _is_number(value) or not 0.0 <= value <= 1.0:
+        raise RecipeError(f"{key}: expected a number in [0, 1], got {value!r}")
+    return float(value)
+
+
+def _range(value, key: str, low: float, high: float, *, ordered: bool = True) -> tuple[float, float]:
+    """[a, b] of numbers within [low, high] (a <= b when ordered)."""
+    if (isinstance(value, (list, tuple)) and len(value) == 2 and all(_is_number(v) and low <= v <= high for v in value)
+            and (not ordered or value[0] <= value[1])):
+        return float(value[0]), float(value[1])
+    raise RecipeError(f"{key}: expected [min, max] with {low} <= min <= max <= {high}, got {value!r}")
+
+
+def _color(value, key: str) -> tuple[int, int, int]:
+    """An int 0..255 or [r, g, b] of them."""
+    if _is_int(value) and 0 <= value <= 255:
+        return (int(value),) * 3
+    if isinstance(value, (list, tuple)) and len(value) == 3 and all(_is_int(v) and 0 <= v <= 255 for v in value):
+        return tuple(int(v) for v in value)
+    raise RecipeError(f"{key}: expected an int 0..255 or [r, g, b] of them, got {value!r}")
+
+
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+BACKENDS = ("cv2", "pillow")  # mmcv's resize backends: pillow antialiases when shrinking, cv2 does not
+
+
+def _resize(images: torch.Tensor, size: tuple[int, int], mode: str, antialias: bool = False) -> torch.Tensor:
+    """uint8 NHWC -> uint8 NHWC of `size`, with half-pixel centres (cv2 / PIL geometry)."""
+    if tuple(images.shape[1:3]) == tuple(size):
+        return images
+    nchw = images.permute(0, 3, 1, 2)  # channels_last view of the NHWC batch
+    if not nchw.is_contiguous(memory_format=torch.channels_last):
+        nchw = nchw.contiguous(memory_format=torch.channels_last)
+    extra = {} if mode == "nearest" else {"align_corners": False, "antialias": antialias}
+    return F.interpolate(nchw, size=size, mode=mode, **extra).permute(0, 2, 3, 1)
+
+
+def _pixels(image, box=None, min_size=None) -> torch.Tensor:
+    """[H, W, 3] uint8 of a LazyImage (decoding only `box`) or an already decoded tensor."""
+    if isinstance(image, LazyImage):
+        pixels = image.pixels(box, min_size)
+        # Decoders hand out read-only buffers; torch wants writable memory (a copy of the region only).
+        return torch.from_numpy(pixels if pixels.flags.writeable else pixels.copy())
+    if box is None:
+        return image
+    top, left, height, width = box
+    return image[top:top + height, left:left + width]
+
+
+def _image_size(image) -> tuple[int, int]:
+    return (image.height, image.width) if isinstance(image, LazyImage) else tuple(image.shape[:2])
+
+
+def _stack_or_list(images: list[torch.Tensor]):
+    """One batch tensor when every image has the same shape, else the list."""
+    if all(im.shape == images[0].shape for im in images):
+        return torch.stack(images)
+    return images
+
+
 class PipelineStep:
     """Base class: argument validation shared by every step."""
 
     ARGS: tuple[str, ...] = ()
     REQUIRED: tuple[str, ...] = ()
     random = False
+    accepts_list = False  # apply_list(list of LazyImage / [H, W, 3] tensors) -> batch tensor or list
+
+    def output_size(self, in_hw: tuple[int, int]) -> tuple[int, int]:
+        """(height, width) this step outputs for an input of in_hw (the image-processor export asks)."""
+        return tuple(in_hw)
 
     @classmethod
     def from_config(cls, config: dict, key: str) -> "PipelineStep":
@@ -119,6 +201,9 @@ class RandomCrop(PipelineStep):
         raise RecipeError(f"{key}: expected a non-negative int, [left/right, top/bottom] or "
                           f"[left, top, right, bottom], got {padding!r}")
 
+    def output_size(self, in_hw):
+        return self.crop_size
+
     def _padded_size(self, height: int, width: int) -> tuple[int, int]:
         left, top, right, bottom = self.padding
         return height + top + bottom, width + left + right
@@ -160,30 +245,50 @@ class RandomCrop(PipelineStep):
 
 
 class RandomFlip(PipelineStep):
-    """Flip each image with probability ``prob`` (mmcls RandomFlip)."""
+    """Flip each image with probability ``prob`` (mmcv RandomFlip).
+
+    direction: 'horizontal', 'vertical', 'diagonal' (both axes) or a list of them.
+    With a list, ``prob`` is either one number shared equally between the
+    directions or a list with one probability per direction (sum <= 1); each
+    image gets at most one flip.
+    """
 
     ARGS = ("prob", "direction")
-    DIRECTIONS = {"horizontal": 2, "vertical": 1}  # the NHWC dim each direction reverses
+    DIRECTIONS = {"horizontal": (2,), "vertical": (1,), "diagonal": (1, 2)}  # the NHWC dims each one reverses
     random = True
 
     def __init__(self, prob=0.5, direction="horizontal", *, key="RandomFlip"):
-        if not isinstance(prob, numbers.Real) or isinstance(prob, bool) or not 0.0 <= prob <= 1.0:
-            raise RecipeError(f"{key}.prob: expected a number in [0, 1], got {prob!r}")
-        if direction not in self.DIRECTIONS:
-            raise RecipeError(f"{key}.direction: expected one of {', '.join(self.DIRECTIONS)}, got {direction!r}"
-                              f"{_did_you_mean(direction, self.DIRECTIONS)}")
-        self.prob = float(prob)
+        directions = [direction] if isinstance(direction, str) else direction
+        if not isinstance(directions, (list, tuple)) or not directions:
+            raise RecipeError(f"{key}.direction: expected one of {', '.join(self.DIRECTIONS)} or a list of them, "
+                              f"got {direction!r}")
+        for d in directions:
+            _choice(d, self.DIRECTIONS, f"{key}.direction")
+        if isinstance(prob, (list, tuple)):
+            if len(prob) != len(directions) or not all(_is_number(p) and p >= 0 for p in prob) or sum(prob) > 1:
+                raise RecipeError(f"{key}.prob: a list of prob needs one number >= 0 per direction "
+                                  f"({len(directions)}) summing to at most 1, got {prob!r}")
+            probs = [float(p) for p in prob]
+        else:
+            probs = [_probability(prob, f"{key}.prob") / len(directions)] * len(directions)
+        self.prob = prob if isinstance(prob, (list, tuple)) else float(prob)
         self.direction = direction
+        self.directions = list(directions)
+        self.bounds = torch.tensor(probs, dtype=torch.float64).cumsum(0)  # direction k when u < bounds[k]
 
     def sample(self, n: int, height: int = 0, width: int = 0) -> dict:
-        return {"flip": torch.rand(n, generator=pipeline_generator()) < self.prob}
+        u = torch.rand(n, generator=pipeline_generator(), dtype=torch.float64)
+        choice = torch.searchsorted(self.bounds, u, right=True)  # == len(directions): no flip
+        return {"flip": choice < len(self.directions), "direction": choice}
 
     def apply(self, images: torch.Tensor, params: dict, *, inplace: bool = False) -> torch.Tensor:
-        chosen = params["flip"].nonzero().squeeze(1)
-        if chosen.numel() == 0:
+        if not params["flip"].any():
             return images
         out = images if inplace else images.clone()
-        out[chosen] = images[chosen].flip(self.DIRECTIONS[self.direction])
+        for k, name in enumerate(self.directions):
+            chosen = (params["flip"] & (params["direction"] == k)).nonzero().squeeze(1)
+            if chosen.numel():
+                out[chosen] = images[chosen].flip(self.DIRECTIONS[name])
         return out
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
@@ -194,31 +299,32 @@ class RandomFlip(PipelineStep):
 class Resize(PipelineStep):
     """Resize to ``scale`` (int -> square, or [height, width]); no keep-ratio, as mmcv Resize.
 
-    Bilinear uses half-pixel centres without antialiasing (cv2.INTER_LINEAR semantics).
+    interpolation: bilinear (default), bicubic or nearest, with half-pixel centres
+    and no antialiasing (cv2 semantics); backend 'pillow' antialiases when shrinking.
     """
 
-    ARGS = ("scale", "interpolation")
+    ARGS = ("scale", "interpolation", "backend")
     REQUIRED = ("scale",)
-    MODES = ("bilinear", "nearest")
+    accepts_list = True
 
-    def __init__(self, scale, interpolation="bilinear", *, key="Resize"):
+    def __init__(self, scale, interpolation="bilinear", backend="cv2", *, key="Resize"):
         self.scale = _size_pair(scale, f"{key}.scale")
-        if interpolation not in self.MODES:
-            raise RecipeError(f"{key}.interpolation: expected one of {', '.join(self.MODES)}, got {interpolation!r}"
-                              f"{_did_you_mean(interpolation, self.MODES)}")
-        self.interpolation = interpolation
+        self.interpolation = _choice(interpolation, INTERPOLATIONS, f"{key}.interpolation")
+        self.backend = _choice(backend, BACKENDS, f"{key}.backend")
+
+    def output_size(self, in_hw):
+        return self.scale
 
     def apply(self, images: torch.Tensor, params: dict | None = None) -> torch.Tensor:
-        if tuple(images.shape[1:3]) == self.scale:
-            return images
-        nchw = images.permute(0, 3, 1, 2)  # channels_last view of the NHWC batch
-        if not nchw.is_contiguous(memory_format=torch.channels_last):
-            nchw = nchw.contiguous(memory_format=torch.channels_last)
-        extra = {"align_corners": False, "antialias": False} if self.interpolation == "bilinear" else {}
-        out = F.interpolate(nchw, size=self.scale, mode=self.interpolation, **extra)
-        return out.permute(0, 2, 3, 1)
+        return _resize(images, self.scale, self.interpolation, self.backend == "pillow")
 
     __call__ = apply
+
+    def apply_list(self, images: list) -> torch.Tensor:
+        pixels = [_pixels(im, min_size=self.scale) for im in images]
+        if all(p.shape == pixels[0].shape for p in pixels):
+            return self.apply(torch.stack(pixels))
+        return torch.cat([self.apply(p[None]) for p in pixels])
 
 
 class CenterCrop(PipelineStep):
@@ -226,21 +332,656 @@ class CenterCrop(PipelineStep):
 
     ARGS = ("crop_size",)
     REQUIRED = ("crop_size",)
+    accepts_list = True
 
     def __init__(self, crop_size, *, key="CenterCrop"):
         self.crop_size = _size_pair(crop_size, f"{key}.crop_size")
 
-    def apply(self, images: torch.Tensor, params: dict | None = None) -> torch.Tensor:
-        height, width = images.shape[1:3]
+    def output_size(self, in_hw):
+        return self.crop_size
+
+    def box(self, height: int, width: int) -> tuple[int, int, int, int]:
         crop_h, crop_w = self.crop_size
         if crop_h > height or crop_w > width:
             raise BatchDataError(f"CenterCrop: crop_size {crop_h}x{crop_w} is larger than the image "
                                  f"{height}x{width}; put a Resize before it or lower crop_size")
         top = max(0, int(round((height - crop_h) / 2.0)))
         left = max(0, int(round((width - crop_w) / 2.0)))
+        return top, left, crop_h, crop_w
+
+    def apply(self, images: torch.Tensor, params: dict | None = None) -> torch.Tensor:
+        top, left, crop_h, crop_w = self.box(*images.shape[1:3])
         return images[:, top:top + crop_h, left:left + crop_w]
 
     __call__ = apply
+
+    def apply_list(self, images: list) -> torch.Tensor:
+        return torch.stack([_pixels(im, self.box(*_image_size(im))) for im in images])
+
+
+class RandomResizedCrop(PipelineStep):
+    """Crop a random area and aspect ratio, resize it to ``scale`` (mmpretrain RandomResizedCrop).
+
+    Per image: up to ``max_attempts`` draws of an area fraction in ``crop_ratio_range``
+    and a log-uniform aspect ratio (width / height) in ``aspect_ratio_range``; the
+    first crop that fits is taken at a uniform offset, else the centre crop of the
+    whole image clamped to the ratio range. Takes a list of images of any sizes:
+    only the crop is decoded (a JPEG at reduced scale when the crop is >= 2x scale).
+    """
+
+    ARGS = ("scale", "crop_ratio_range", "aspect_ratio_range", "max_attempts", "interpolation", "backend")
+    REQUIRED = ("scale",)
+    random = True
+    accepts_list = True
+
+    def __init__(self, scale, crop_ratio_range=(0.08, 1.0), aspect_ratio_range=(3.0 / 4.0, 4.0 / 3.0),
+                 max_attempts=10, interpolation="bilinear", backend="cv2", *, key="RandomResizedCrop"):
+        self.scale = _size_pair(scale, f"{key}.scale")
+        self.crop_ratio_range = _range(crop_ratio_range, f"{key}.crop_ratio_range", 0.0, 1.0)
+        if self.crop_ratio_range[1] <= 0:
+            raise RecipeError(f"{key}.crop_ratio_range: the upper bound must be > 0, got {crop_ratio_range!r}")
+        self.aspect_ratio_range = _range(aspect_ratio_range, f"{key}.aspect_ratio_range", 1e-6, 1e6)
+        if not _is_int(max_attempts) or max_attempts < 0:
+            raise RecipeError(f"{key}.max_attempts: expected an int >= 0, got {max_attempts!r}")
+        self.max_attempts = int(max_attempts)
+        self.interpolation = _choice(interpolation, INTERPOLATIONS, f"{key}.interpolation")
+        self.backend = _choice(backend, BACKENDS, f"{key}.backend")
+
+    def output_size(self, in_hw):
+        return self.scale
+
+    def sample(self, n: int, height, width) -> dict:
+        """Boxes (top, left, height, width) for n images of sizes height x width (ints or [n] tensors)."""
+        generator = pipeline_generator()
+        h = torch.as_tensor(height, dtype=torch.float64).expand(n)
+        w = torch.as_tensor(width, dtype=torch.float64).expand(n)
+        attempts = max(self.max_attempts, 1)
+        area = torch.empty(n, attempts, dtype=torch.float64).uniform_(*self.crop_ratio_range, generator=generator)
+        area = area * (h * w)[:, None]
+        log_low, log_high = math.log(self.aspect_ratio_range[0]), math.log(self.aspect_ratio_range[1])
+        ratio = torch.empty(n, attempts, dtype=torch.float64).uniform_(log_low, log_high, generator=generator).exp()
+        crop_w = (area * ratio).sqrt().round()
+        crop_h = (area / ratio).sqrt().round()
+        fits = (crop_w > 0) & (crop_w <= w[:, None]) & (crop_h > 0) & (crop_h <= h[:, None])
+        fits[:, self.max_attempts:] = False  # max_attempts=0: always the fallback
+        first = fits.int().argmax(1)
+        found = fits.any(1)
+        crop_h, crop_w = crop_h.gather(1, first[:, None])[:, 0], crop_w.gather(1, first[:, None])[:, 0]
+        u = torch.rand(n, 2, generator=generator, dtype=torch.float64)
+        top = (u[:, 0] * (h - crop_h + 1)).floor()
+        left = (u[:, 1] * (w - crop_w + 1)).floor()
+        # Fallback: the centre crop, clamped to the aspect ratio range.
+        low, high = self.aspect_ratio_range
+        in_ratio = w / h
+        fb_w = torch.where(in_ratio > high, (h * high).round(), w)
+        fb_h = torch.where(in_ratio < low, (w / low).round(), h)
+        boxes = torch.stack([torch.where(found, top, ((h - fb_h) / 2).floor()),
+                             torch.where(found, left, ((w - fb_w) / 2).floor()),
+                             torch.where(found, crop_h, fb_h), torch.where(found, crop_w, fb_w)], 1)
+        return {"boxes": boxes.long()}
+
+    def apply_list(self, images: list, params: dict | None = None) -> torch.Tensor:
+        if params is None:
+            sizes = torch.tensor([_image_size(im) for im in images])
+            params = self.sample(len(images), sizes[:, 0], sizes[:, 1])
+        out = torch.empty((len(images), *self.scale, 3), dtype=torch.uint8)
+        for i, (image, box) in enumerate(zip(images, params["boxes"].tolist())):
+            out[i] = _resize(_pixels(image, box, self.scale)[None], self.scale, self.interpolation,
+                             self.backend == "pillow")[0]
+        return out
+
+    def apply(self, images: torch.Tensor, params: dict) -> torch.Tensor:
+        return self.apply_list(list(images), params)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return self.apply_list(list(images))
+
+
+class ResizeEdge(PipelineStep):
+    """Resize keeping the aspect ratio so that one edge equals ``scale`` (mmpretrain ResizeEdge).
+
+    edge: 'short' (default), 'long', 'height' or 'width'; the other edge is
+    int(scale * other / edge) as mmpretrain computes it. Images of different sizes
+    give different outputs: follow it with a CenterCrop to make one batch.
+    """
+
+    ARGS = ("scale", "edge", "interpolation", "backend")
+    REQUIRED = ("scale",)
+    EDGES = ("short", "long", "height", "width")
+    accepts_list = True
+
+    def __init__(self, scale, edge="short", interpolation="bilinear", backend="cv2", *, key="ResizeEdge"):
+        if not _is_int(scale) or scale < 1:
+            raise RecipeError(f"{key}.scale: expected a positive int (the edge length), got {scale!r}")
+        self.scale = int(scale)
+        self.edge = _choice(edge, self.EDGES, f"{key}.edge")
+        self.interpolation = _choice(interpolation, INTERPOLATIONS, f"{key}.interpolation")
+        self.backend = _choice(backend, BACKENDS, f"{key}.backend")
+
+    def output_size(self, in_hw):
+        height, width = in_hw
+        if (self.edge == "short" and width < height) or (self.edge == "long" and width > height) \
+                or self.edge == "width":
+            return max(1, int(self.scale * height / width)), self.scale
+        return self.scale, max(1, int(self.scale * width / height))
+
+    def _resize_one(self, pixels: torch.Tensor, size) -> torch.Tensor:
+        return _resize(pixels[None], size, self.interpolation, self.backend == "pillow")[0]
+
+    def apply(self, images: torch.Tensor, params: dict | None = None) -> torch.Tensor:
+        return _resize(images, self.output_size(images.shape[1:3]), self.interpolation, self.backend == "pillow")
+
+    __call__ = apply
+
+    def apply_list(self, images: list):
+        sizes = [self.output_size(_image_size(im)) for im in images]
+        return _stack_or_list([self._resize_one(_pixels(im, min_size=size), size) for im, size in zip(images, sizes)])
+
+
+# ---------------------------------------------------------------- colour and pixel operations (float, per image)
+
+def _gray(images: torch.Tensor) -> torch.Tensor:
+    """ITU-R 601 luma of float NHWC RGB in PIL's fixed point (its "L" mode) -> [N, H, W, 1]."""
+    weights = images.new_tensor([19595.0, 38470.0, 7471.0])
+    return torch.floor(((images * weights).sum(-1, keepdim=True) + 32768.0) / 65536.0)
+
+
+def _blend(images: torch.Tensor, other, factor: torch.Tensor) -> torch.Tensor:
+    """factor * images + (1 - factor) * other, per image, clipped to 0..255 (PIL ImageEnhance)."""
+    f = factor.view(-1, 1, 1, 1).to(images.dtype)
+    return (f * images + (1 - f) * other).clamp(0, 255)
+
+
+def _adjust_brightness(images, factor):
+    return _blend(images, 0.0, factor)
+
+
+def _adjust_contrast(images, factor):
+    return _blend(images, _gray(images).mean((1, 2, 3), keepdim=True).round(), factor)
+
+
+def _adjust_saturation(images, factor):
+    return _blend(images, _gray(images), factor)
+
+
+def _adjust_sharpness(images, factor):
+    """Blend with PIL's SMOOTH filter (border pixels kept), as ImageEnhance.Sharpness."""
+    kernel = images.new_tensor([[1, 1, 1], [1, 5, 1], [1, 1, 1]]) / 13
+    nchw = images.permute(0, 3, 1, 2)
+    smooth = F.conv2d(nchw.reshape(-1, 1, *nchw.shape[2:]), kernel[None, None]).reshape(*nchw.shape[:2], -1,
+                                                                                          nchw.shape[3] - 2)
+    degenerate = images.clone()
+    degenerate[:, 1:-1, 1:-1] = smooth.permute(0, 2, 3, 1)
+    return _blend(images, degenerate, factor)
+
+
+def _shift_hue(images, shift):
+    """Rotate the hue by `shift` (fraction of a turn) per image, through HSV (torchvision's formulas)."""
+    x = images / 255.0
+    r, g, b = x.unbind(-1)
+    maxc, minc = x.max(-1).values, x.min(-1).values
+    flat = maxc == minc
+    chroma = maxc - minc
+    ones = torch.ones_like(maxc)
+    sat = chroma / torch.where(flat, ones, maxc)
+    chroma = torch.where(flat, ones, chroma)
+    rc, gc, bc = (maxc - r) / chroma, (maxc - g) / chroma, (maxc - b) / chroma
+    hue = ((maxc == r) * (bc - gc) + ((maxc == g) & (maxc != r)) * (2.0 + rc - bc)
+           + ((maxc != g) & (maxc != r)) * (4.0 + gc - rc))
+    hue = (hue / 6.0 + 1.0 + shift.view(-1, 1, 1).to(x.dtype)) % 1.0
+    sector = torch.floor(hue * 6.0)
+    frac = hue * 6.0 - sector
+    sector = sector.long() % 6
+    v = maxc
+    p = (v * (1 - sat)).clamp(0, 1)
+    q = (v * (1 - sat * frac)).clamp(0, 1)
+    t = (v * (1 - sat * (1 - frac))).clamp(0, 1)
+    table = torch.stack([torch.stack(c, -1) for c in ((v, q, p, p, t, v), (t, v, v, q, p, p), (p, p, t, v, v, q))], -2)
+    rgb = table.gather(-1, sector[..., None, None].expand(*sector.shape, 3, 1))[..., 0]
+    return rgb * 255.0
+
+
+def _to_uint8(images: torch.Tensor) -> torch.Tensor:
+    return images.round_().clamp_(0, 255).to(torch.uint8)
+
+
+class ColorJitter(PipelineStep):
+    """Random brightness, contrast, saturation and hue per image, in a random order (mmpretrain ColorJitter).
+
+    brightness / contrast / saturation: b -> factor uniform in [max(0, 1 - b), 1 + b],
+    or [min, max]; hue: h in [0, 0.5] -> shift uniform in [-h, h] (fraction of a turn), or [min, max].
+    """
+
+    ARGS = ("brightness", "contrast", "saturation", "hue", "backend")
+    random = True
+    FACTORS = ("brightness", "contrast", "saturation", "hue")
+    OPS = (_adjust_brightness, _adjust_contrast, _adjust_saturation, _shift_hue)
+
+    def __init__(self, brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0, backend="pillow", *, key="ColorJitter"):
+        self.brightness = self._factor_range(brightness, f"{key}.brightness")
+        self.contrast = self._factor_range(contrast, f"{key}.contrast")
+        self.saturation = self._factor_range(saturation, f"{key}.saturation")
+        if _is_number(hue) and 0 <= hue <= 0.5:
+            self.hue = (-float(hue), float(hue))
+        else:
+            self.hue = _range(hue, f"{key}.hue", -0.5, 0.5)
+        self.backend = _choice(backend, BACKENDS, f"{key}.backend")
+
+    @staticmethod
+    def _factor_range(value, key):
+        if _is_number(value) and value >= 0:
+            return max(0.0, 1.0 - value), 1.0 + float(value)
+        return _range(value, key, 0.0, math.inf)
+
+    def _identity(self, name) -> bool:
+        return getattr(self, name) == ((0.0, 0.0) if name == "hue" else (1.0, 1.0))
+
+    def sample(self, n: int, height: int = 0, width: int = 0) -> dict:
+        generator = pipeline_generator()
+        params = {"order": torch.rand(n, 4, generator=generator).argsort(1)}
+        for name in self.FACTORS:
+            params[name] = torch.empty(n, dtype=torch.float64).uniform_(*getattr(self, name), generator=generator)
+        return params
+
+    def apply(self, images: torch.Tensor, params: dict) -> torch.Tensor:
+        out = images.float()
+        for position in range(4):
+            for op_index, (name, op) in enumerate(zip(self.FACTORS, self.OPS)):
+                if self._identity(name):
+                    continue
+                chosen = (params["order"][:, position] == op_index).nonzero().squeeze(1)
+                if chosen.numel():
+                    out[chosen] = op(out[chosen], params[name][chosen])
+        return _to_uint8(out)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return self.apply(images, self.sample(images.shape[0]))
+
+
+# ---------------------------------------------------------------- RandAugment / AutoAugment operations
+# Each takes uint8 NHWC images and a float64 magnitude per image and returns uint8, like
+# mmpretrain's transforms of the same names (each of which rounds to uint8 too).
+
+def _auto_contrast(images, magnitude):
+    """Stretch each channel's min..max to 0..255 (channels with one value stay)."""
+    x = images.float()
+    low, high = x.amin((1, 2), keepdim=True), x.amax((1, 2), keepdim=True)
+    stretched = ((x - low) * (255.0 / (high - low).clamp(min=1))).floor()
+    return torch.where(high > low, stretched, x).to(torch.uint8)
+
+
+def _equalize(images, magnitude):
+    """Histogram equalisation per channel, PIL ImageOps.equalize's lookup table."""
+    n, height, width, channels = images.shape
+    planes = images.permute(0, 3, 1, 2).reshape(n * channels, -1).long()
+    offsets = torch.arange(n * channels)[:, None] * 256
+    histogram = torch.bincount((planes + offsets).flatten(), minlength=n * channels * 256).view(-1, 256)
+    top_value = planes.amax(1)
+    step = (height * width - histogram.gather(1, top_value[:, None])[:, 0]) // 255
+    lut = (histogram.cumsum(1) + (step // 2)[:, None]) // step.clamp(min=1)[:, None]
+    lut = torch.cat([torch.zeros_like(lut[:, :1]), lut[:, :-1]], 1).clamp(max=255)
+    identity = torch.arange(256).expand_as(lut)
+    lut = torch.where((step > 0)[:, None], lut, identity)
+    out = lut.gather(1, planes).to(torch.uint8)
+    return out.view(n, channels, height, width).permute(0, 2, 3, 1)
+
+
+def _invert(images, magnitude):
+    return 255 - images
+
+
+def _posterize(images, magnitude):
+    """Keep the ceil(magnitude) highest bits."""
+    shift = 8 - magnitude.ceil().clamp(0, 8).long()
+    mask = ((255 << shift) & 255).to(torch.uint8)
+    return images & mask.view(-1, 1, 1, 1)
+
+
+def _solarize(images, magnitude):
+    """Invert the pixels >= magnitude (the threshold)."""
+    return torch.where(images.float() >= magnitude.view(-1, 1, 1, 1), 255 - images, images)
+
+
+def _solarize_add(images, magnitude):
+    """Add magnitude to the pixels < 128 (saturating)."""
+    added = (images.double() + magnitude.view(-1, 1, 1, 1)).clamp(max=255).floor().to(torch.uint8)
+    return torch.where(images < 128, added, images)
+
+
+def _enhance(adjust):
+    """A PIL ImageEnhance-style op: factor = 1 + magnitude."""
+    return lambda images, magnitude: _to_uint8(adjust(images.float(), 1.0 + magnitude))
+
+
+def _rotate_matrix(magnitude, height, width):
+    """Clockwise rotation by magnitude degrees about the image centre (mmcv imrotate): output -> input."""
+    angle = torch.deg2rad(magnitude)
+    cos, sin = angle.cos(), angle.sin()
+    cx, cy = (width - 1) * 0.5, (height - 1) * 0.5
+    return torch.stack([torch.stack([cos, sin, cx - cos * cx - sin * cy], -1),
+                        torch.stack([-sin, cos, cy + sin * cx - cos * cy], -1)], 1)
+
+
+def _shear_matrix(magnitude, height, width, direction):
+    """mmcv imshear: x' = x + m * y (horizontal) or y' = y + m * x; output -> input."""
+    m, zero, one = magnitude, torch.zeros_like(magnitude), torch.ones_like(magnitude)
+    rows = ([one, -m, zero], [zero, one, zero]) if direction == "horizontal" else ([one, zero, zero], [-m, one, zero])
+    return torch.stack([torch.stack(r, -1) for r in rows], 1)
+
+
+def _translate_matrix(magnitude, height, width, direction):
+    """mmcv imtranslate by magnitude * width (or height) pixels; output -> input."""
+    zero, one = torch.zeros_like(magnitude), torch.ones_like(magnitude)
+    if direction == "horizontal":
+        rows = ([one, zero, -magnitude * width], [zero, one, zero])
+    else:
+        rows = ([one, zero, zero], [zero, one, -magnitude * height])
+    return torch.stack([torch.stack(r, -1) for r in rows], 1)
+
+
+def _warp(images, matrices, interpolation: str, pad_val) -> torch.Tensor:
+    """Sample each image at matrices[i] @ (x, y, 1) (pixel coordinates); outside pixels get pad_val."""
+    n, height, width, _ = images.shape
+    ys, xs = torch.meshgrid(torch.arange(height, dtype=torch.float64), torch.arange(width, dtype=torch.float64),
+                            indexing="ij")
+    a = matrices.view(n, 2, 3, 1, 1)
+    src_x = a[:, 0, 0] * xs + a[:, 0, 1] * ys + a[:, 0, 2]
+    src_y = a[:, 1, 0] * xs + a[:, 1, 1] * ys + a[:, 1, 2]
+    grid = torch.stack([src_x * (2.0 / max(width - 1, 1)) - 1, src_y * (2.0 / max(height - 1, 1)) - 1], -1)
+    pad = torch.tensor(pad_val, dtype=torch.float32).view(1, 3, 1, 1)
+    # Sampling (image - pad) with zero padding, then adding pad back, pads with pad_val exactly.
+    shifted = images.permute(0, 3, 1, 2).float() - pad
+    out = F.grid_sample(shifted, grid.float(), mode=interpolation, padding_mode="zeros", align_corners=True) + pad
+    return _to_uint8(out).permute(0, 2, 3, 1).contiguous()
+
+
+PIXEL_OPS = {
+    "AutoContrast": _auto_contrast, "Equalize": _equalize, "Invert": _invert, "Posterize": _posterize,
+    "Solarize": _solarize, "SolarizeAdd": _solarize_add, "ColorTransform": _enhance(_adjust_saturation),
+    "Contrast": _enhance(_adjust_contrast), "Brightness": _enhance(_adjust_brightness),
+    "Sharpness": _enhance(_adjust_sharpness),
+}
+GEOMETRIC_OPS = {"Rotate": "nearest", "Shear": "bicubic", "Translate": "nearest"}  # mmpretrain's interpolation
+SIGNED_OPS = {"Rotate", "Shear", "Translate", "ColorTransform", "Contrast", "Brightness", "Sharpness"}
+
+
+class AugOp:
+    """One RandAugment / AutoAugment policy: an op, its magnitude (fixed or a level range), prob, direction."""
+
+    def __init__(self, name, magnitude=None, magnitude_range=None, prob=0.5, direction="horizontal"):
+        self.name, self.magnitude, self.magnitude_range = name, magnitude, magnitude_range
+        self.prob, self.direction = prob, direction
+
+    def __call__(self, images, magnitude, interpolation, pad_val):
+        if self.name not in GEOMETRIC_OPS:
+            return PIXEL_OPS[self.name](images, magnitude)
+        height, width = images.shape[1:3]
+        if self.name == "Rotate":
+            matrices = _rotate_matrix(magnitude, height, width)
+        elif self.name == "Shear":
+            matrices = _shear_matrix(magnitude, height, width, self.direction)
+        else:
+            matrices = _translate_matrix(magnitude, height, width, self.direction)
+        return _warp(images, matrices, interpolation or GEOMETRIC_OPS[self.name], pad_val)
+
+    def __repr__(self):
+        return f"{self.name}({self.magnitude if self.magnitude_range is None else self.magnitude_range})"
+
+
+RANDAUG_POLICIES = {  # mmpretrain's RANDAUG_POLICIES (timm's _RAND_INCREASING_TRANSFORMS)
+    "timm_increasing": [
+        AugOp("AutoContrast"), AugOp("Equalize"), AugOp("Invert"),
+        AugOp("Rotate", magnitude_range=(0, 30)), AugOp("Posterize", magnitude_range=(4, 0)),
+        AugOp("Solarize", magnitude_range=(256, 0)), AugOp("SolarizeAdd", magnitude_range=(0, 110)),
+        AugOp("ColorTransform", magnitude_range=(0, 0.9)), AugOp("Contrast", magnitude_range=(0, 0.9)),
+        AugOp("Brightness", magnitude_range=(0, 0.9)), AugOp("Sharpness", magnitude_range=(0, 0.9)),
+        AugOp("Shear", magnitude_range=(0, 0.3), direction="horizontal"),
+        AugOp("Shear", magnitude_range=(0, 0.3), direction="vertical"),
+        AugOp("Translate", magnitude_range=(0, 0.45), direction="horizontal"),
+        AugOp("Translate", magnitude_range=(0, 0.45), direction="vertical"),
+    ],
+    "simple_increasing": [
+        AugOp("AutoContrast"), AugOp("Equalize"), AugOp("Rotate", magnitude_range=(0, 30)),
+        AugOp("Shear", magnitude_range=(0, 0.3), direction="horizontal"),
+        AugOp("Shear", magnitude_range=(0, 0.3), direction="vertical"),
+    ],
+}
+
+
+def _autoaug(*pairs):
+    return [AugOp(name, magnitude, prob=prob, direction="horizontal") for name, magnitude, prob in pairs]
+
+
+AUTOAUG_POLICIES = {  # mmpretrain's AUTOAUG_POLICIES["imagenet"] (DeepVoltaire/AutoAugment)
+    "imagenet": [
+        _autoaug(("Posterize", 4, 0.4), ("Rotate", 30.0, 0.6)),
+        _autoaug(("Solarize", 256 / 9 * 4, 0.6), ("AutoContrast", 0, 0.6)),
+        _autoaug(("Equalize", 0, 0.8), ("Equalize", 0, 0.6)),
+        _autoaug(("Posterize", 5, 0.6), ("Posterize", 5, 0.6)),
+        _autoaug(("Equalize", 0, 0.4), ("Solarize", 256 / 9 * 5, 0.2)),
+        _autoaug(("Equalize", 0, 0.4), ("Rotate", 30 / 9 * 8, 0.8)),
+        _autoaug(("Solarize", 256 / 9 * 6, 0.6), ("Equalize", 0, 0.6)),
+        _autoaug(("Posterize", 6, 0.8), ("Equalize", 0, 1.0)),
+        _autoaug(("Rotate", 10.0, 0.2), ("Solarize", 256 / 9, 0.6)),
+        _autoaug(("Equalize", 0, 0.6), ("Posterize", 5, 0.4)),
+        _autoaug(("Rotate", 30 / 9 * 8, 0.8), ("ColorTransform", 0.0, 0.4)),
+        _autoaug(("Rotate", 30.0, 0.4), ("Equalize", 0, 0.6)),
+        _autoaug(("Equalize", 0, 0.0), ("Equalize", 0, 0.8)),
+        _autoaug(("Invert", 0, 0.6), ("Equalize", 0, 1.0)),
+        _autoaug(("ColorTransform", 0.4, 0.6), ("Contrast", 0.8, 1.0)),
+        _autoaug(("Rotate", 30 / 9 * 8, 0.8), ("ColorTransform", 0.2, 1.0)),
+        _autoaug(("ColorTransform", 0.8, 0.8), ("Solarize", 256 / 9 * 2, 0.8)),
+        _autoaug(("Sharpness", 0.7, 0.4), ("Invert", 0, 0.6)),
+        _autoaug(("Shear", 0.3 / 9 * 5, 0.6), ("Equalize", 0, 1.0)),
+        _autoaug(("ColorTransform", 0.0, 0.4), ("Equalize", 0, 0.6)),
+        _autoaug(("Equalize", 0, 0.4), ("Solarize", 256 / 9 * 5, 0.2)),
+        _autoaug(("Solarize", 256 / 9 * 4, 0.6), ("AutoContrast", 0, 0.6)),
+        _autoaug(("Invert", 0, 0.6), ("Equalize", 0, 1.0)),
+        _autoaug(("ColorTransform", 0.4, 0.6), ("Contrast", 0.8, 1.0)),
+        _autoaug(("Equalize", 0, 0.8), ("Equalize", 0, 0.6)),
+    ],
+}
+
+
+def _hparams(hparams, key: str) -> tuple:
+    """mmpretrain's hparams: pad_val (int or [r, g, b]) and interpolation for the geometric ops."""
+    if not isinstance(hparams, dict):
+        raise RecipeError(f"{key}: expected a dict with pad_val and/or interpolation, got {hparams!r}")
+    for name in hparams:
+        if name not in ("pad_val", "interpolation"):
+            raise RecipeError(f"{key}.{name}: unknown hparam{_did_you_mean(name, ('pad_val', 'interpolation'))}; "
+                              f"accepted: pad_val, interpolation")
+    pad_val = _color(hparams.get("pad_val", 128), f"{key}.pad_val")
+    interpolation = hparams.get("interpolation")
+    if interpolation is not None:
+        _choice(interpolation, INTERPOLATIONS, f"{key}.interpolation")
+    return pad_val, interpolation
+
+
+def _apply_ops(images: torch.Tensor, ops: list, chosen_op: torch.Tensor, magnitude: torch.Tensor,
+               interpolation, pad_val) -> torch.Tensor:
+    """images[i] <- ops[chosen_op[i]](images[i], magnitude[i]) for chosen_op >= 0, batched per op."""
+    for k, op in enumerate(ops):
+        chosen = (chosen_op == k).nonzero().squeeze(1)
+        if chosen.numel():
+            images[chosen] = op(images[chosen], magnitude[chosen], interpolation, pad_val)
+    return images
+
+
+class RandAugment(PipelineStep):
+    """mmpretrain RandAugment: per image, num_policies ops drawn from the policy set, each applied with
+    probability 0.5 at magnitude level magnitude_level (of total_level), Gaussian noise magnitude_std
+    ('inf': uniform in [0, level]), and a random sign for the signed ops.
+    """
+
+    ARGS = ("policies", "num_policies", "magnitude_level", "magnitude_std", "total_level", "hparams")
+    REQUIRED = ("policies", "num_policies", "magnitude_level")
+    random = True
+
+    def __init__(self, policies, num_policies, magnitude_level, magnitude_std=0.0, total_level=10,
+                 hparams=None, *, key="RandAugment"):
+        self.policies = _choice(policies, RANDAUG_POLICIES, f"{key}.policies")
+        self.ops = RANDAUG_POLICIES[policies]
+        if not _is_int(num_policies) or num_policies < 1:
+            raise RecipeError(f"{key}.num_policies: expected an int >= 1, got {num_policies!r}")
+        if not _is_number(total_level) or total_level <= 0:
+            raise RecipeError(f"{key}.total_level: expected a number > 0, got {total_level!r}")
+        if not _is_number(magnitude_level) or magnitude_level < 0:
+            raise RecipeError(f"{key}.magnitude_level: expected a number >= 0, got {magnitude_level!r}")
+        if magnitude_std != "inf" and not _is_number(magnitude_std):
+            raise RecipeError(f"{key}.magnitude_std: expected a number or 'inf', got {magnitude_std!r}")
+        self.num_policies, self.magnitude_level = int(num_policies), float(magnitude_level)
+        self.magnitude_std, self.total_level = magnitude_std, float(total_level)
+        self.hparams = {"pad_val": 128} if hparams is None else hparams
+        self.pad_val, self.interpolation = _hparams(self.hparams, f"{key}.hparams")
+        self.ranges = torch.tensor([op.magnitude_range or (0, 0) for op in self.ops], dtype=torch.float64)
+        self.signed = torch.tensor([op.name in SIGNED_OPS for op in self.ops])
+
+    def _levels(self, n: int, generator) -> torch.Tensor:
+        level = torch.full((n,), self.magnitude_level, dtype=torch.float64)
+        if self.magnitude_std == "inf":
+            return level * torch.rand(n, generator=generator, dtype=torch.float64)
+        if self.magnitude_std > 0:
+            noise = torch.randn(n, generator=generator, dtype=torch.float64) * self.magnitude_std
+            return (level + noise).clamp(0, self.total_level)
+        return level
+
+    def sample(self, n: int, height: int = 0, width: int = 0) -> dict:
+        """Per round: op index per image (-1: skipped) and its signed magnitude."""
+        generator = pipeline_generator()
+        rounds = []
+        for _ in range(self.num_policies):
+            op = torch.randint(len(self.ops), (n,), generator=generator)
+            applied = torch.rand(n, generator=generator) < 0.5
+            negative = torch.rand(n, generator=generator) < 0.5
+            low, high = self.ranges[op].unbind(1)
+            magnitude = low + (high - low) * self._levels(n, generator) / self.total_level
+            magnitude = torch.where(negative & self.signed[op], -magnitude, magnitude)
+            rounds.append({"op": torch.where(applied, op, -1), "magnitude": magnitude})
+        return {"rounds": rounds}
+
+    def apply(self, images: torch.Tensor, params: dict) -> torch.Tensor:
+        images = images.clone()
+        for r in params["rounds"]:
+            images = _apply_ops(images, self.ops, r["op"], r["magnitude"], self.interpolation, self.pad_val)
+        return images
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return self.apply(images, self.sample(images.shape[0]))
+
+
+class AutoAugment(PipelineStep):
+    """mmpretrain AutoAugment: per image, one sub-policy (a pair of ops with fixed magnitudes and
+    probabilities) drawn uniformly from the set; signed ops get a random sign.
+    """
+
+    ARGS = ("policies", "hparams")
+    REQUIRED = ("policies",)
+    random = True
+
+    def __init__(self, policies, hparams=None, *, key="AutoAugment"):
+        self.policies = _choice(policies, AUTOAUG_POLICIES, f"{key}.policies")
+        self.sub_policies = AUTOAUG_POLICIES[policies]
+        self.hparams = {"pad_val": 128} if hparams is None else hparams
+        self.pad_val, self.interpolation = _hparams(self.hparams, f"{key}.hparams")
+        length = max(len(sub) for sub in self.sub_policies)
+        self.probs = torch.tensor([[op.prob for op in sub] + [0.0] * (length - len(sub))
+                                   for sub in self.sub_policies], dtype=torch.float64)
+
+    def sample(self, n: int, height: int = 0, width: int = 0) -> dict:
+        generator = pipeline_generator()
+        policy = torch.randint(len(self.sub_policies), (n,), generator=generator)
+        u = torch.rand(n, self.probs.shape[1], generator=generator, dtype=torch.float64)
+        negative = torch.rand(n, self.probs.shape[1], generator=generator) < 0.5
+        return {"policy": policy, "applied": u < self.probs[policy], "negative": negative}
+
+    def apply(self, images: torch.Tensor, params: dict) -> torch.Tensor:
+        images = images.clone()
+        for k, sub in enumerate(self.sub_policies):
+            for j, op in enumerate(sub):
+                chosen = ((params["policy"] == k) & params["applied"][:, j]).nonzero().squeeze(1)
+                if not chosen.numel():
+                    continue
+                magnitude = torch.full((chosen.numel(),), float(op.magnitude), dtype=torch.float64)
+                if op.name in SIGNED_OPS:
+                    magnitude = torch.where(params["negative"][chosen, j], -magnitude, magnitude)
+                images[chosen] = op(images[chosen], magnitude, self.interpolation, self.pad_val)
+        return images
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return self.apply(images, self.sample(images.shape[0]))
+
+
+class RandomErasing(PipelineStep):
+    """mmpretrain RandomErasing: with probability erase_prob, fill one rectangle of area fraction
+    [min_area_ratio, max_area_ratio] and log-uniform aspect ratio in aspect_range per image.
+
+    mode 'const' fills fill_color; 'rand' fills uniform noise 0..255, or Gaussian noise around
+    fill_color with fill_std when that is given.
+    """
+
+    ARGS = ("erase_prob", "min_area_ratio", "max_area_ratio", "aspect_range", "mode", "fill_color", "fill_std")
+    random = True
+    MODES = ("const", "rand")
+
+    def __init__(self, erase_prob=0.5, min_area_ratio=0.02, max_area_ratio=1 / 3, aspect_range=(3 / 10, 10 / 3),
+                 mode="const", fill_color=(128, 128, 128), fill_std=None, *, key="RandomErasing"):
+        self.erase_prob = _probability(erase_prob, f"{key}.erase_prob")
+        self.min_area_ratio = _probability(min_area_ratio, f"{key}.min_area_ratio")
+        self.max_area_ratio = _probability(max_area_ratio, f"{key}.max_area_ratio")
+        if self.min_area_ratio > self.max_area_ratio:
+            raise RecipeError(f"{key}.min_area_ratio: {min_area_ratio} is above max_area_ratio {max_area_ratio}")
+        if _is_number(aspect_range) and aspect_range > 0:  # mmpretrain: a number r means [min(r, 1/r), max(r, 1/r)]
+            aspect_range = sorted((aspect_range, 1 / aspect_range))
+        self.aspect_range = _range(aspect_range, f"{key}.aspect_range", 1e-6, 1e6)
+        self.mode = _choice(mode, self.MODES, f"{key}.mode")
+        self.fill_color = _color(fill_color, f"{key}.fill_color")
+        if fill_std is not None and not (_is_number(fill_std) and fill_std >= 0) and not (
+                isinstance(fill_std, (list, tuple)) and len(fill_std) == 3 and all(_is_number(v) and v >= 0
+                                                                                   for v in fill_std)):
+            raise RecipeError(f"{key}.fill_std: expected a number >= 0 or [r, g, b] of them, got {fill_std!r}")
+        self.fill_std = fill_std
+
+    def sample(self, n: int, height: int, width: int) -> dict:
+        generator = pipeline_generator()
+        erase = torch.rand(n, generator=generator, dtype=torch.float64) < self.erase_prob
+        log_low, log_high = math.log(self.aspect_range[0]), math.log(self.aspect_range[1])
+        ratio = torch.empty(n, dtype=torch.float64).uniform_(log_low, log_high, generator=generator).exp()
+        area = torch.empty(n, dtype=torch.float64).uniform_(self.min_area_ratio, self.max_area_ratio,
+                                                            generator=generator) * (height * width)
+        h = (area * ratio).sqrt().round().clamp(max=height)
+        w = (area / ratio).sqrt().round().clamp(max=width)
+        u = torch.rand(n, 2, generator=generator, dtype=torch.float64)
+        # mmpretrain: randint(0, size - h) when size > h, else 0
+        top = (u[:, 0] * (height - h)).floor()
+        left = (u[:, 1] * (width - w)).floor()
+        return {"erase": erase, "boxes": torch.stack([top, left, h, w], 1).long()}
+
+    def apply(self, images: torch.Tensor, params: dict) -> torch.Tensor:
+        chosen = params["erase"].nonzero().squeeze(1)
+        if not chosen.numel():
+            return images
+        height, width = images.shape[1:3]
+        top, left, h, w = (v.view(-1, 1) for v in params["boxes"][chosen].unbind(1))
+        rows = (torch.arange(height) >= top) & (torch.arange(height) < top + h)
+        cols = (torch.arange(width) >= left) & (torch.arange(width) < left + w)
+        inside = (rows[:, :, None] & cols[:, None, :])[..., None]
+        out = images.clone()
+        out[chosen] = torch.where(inside, self._fill(len(chosen), height, width), images[chosen])
+        return out
+
+    def _fill(self, n: int, height: int, width: int) -> torch.Tensor:
+        color = torch.tensor(self.fill_color, dtype=torch.float64)
+        if self.mode == "const":
+            return color.to(torch.uint8)
+        generator = pipeline_generator()
+        if self.fill_std is None:
+            return torch.randint(0, 256, (n, height, width, 3), generator=generator, dtype=torch.uint8)
+        noise = torch.randn(n, height, width, 3, generator=generator, dtype=torch.float64)
+        return (color + noise * torch.tensor(self.fill_std, dtype=torch.float64)).clamp(0, 255).to(torch.uint8)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return self.apply(images, self.sample(*images.shape[:3]))
 
 
 class PackClsInputs(PipelineStep):
@@ -272,6 +1013,12 @@ PIPELINE_STEPS: dict[str, type[PipelineStep]] = {
     "Resize": Resize,
     "CenterCrop": CenterCrop,
     "PackClsInputs": PackClsInputs,
+    "RandomResizedCrop": RandomResizedCrop,
+    "ResizeEdge": ResizeEdge,
+    "ColorJitter": ColorJitter,
+    "RandAugment": RandAugment,
+    "AutoAugment": AutoAugment,
+    "RandomErasing": RandomErasing,
 }
 
 
@@ -303,9 +1050,11 @@ def build_pipeline(config, key: str = "pipeline") -> list[PipelineStep]:
 class BatchTransform:
     """The ``set_transform`` callable: a batch of dataset rows -> model inputs.
 
-    Decodes the (undecoded) image column, runs the steps on the whole batch and
-    packs it. Batches whose images differ in size run the steps per size group;
-    the pipeline must then bring them to one size (Resize / CenterCrop).
+    Opens the (undecoded) images of the batch, runs the steps on the whole batch
+    and packs it. A first step that ``accepts_list`` gets the opened images and
+    decodes what it needs; otherwise the images are decoded here, and batches
+    whose images differ in size run the steps per size group (the pipeline must
+    then bring them to one size).
     """
 
     def __init__(self, steps, *, image_column: str, label_column: str, source: str, on_corrupt: str = "error",
@@ -319,58 +1068,75 @@ class BatchTransform:
         self.label_names = label_names  # index = label id; read by data.label_names()
         self.skipped = 0  # per process
 
-    def decode(self, items, rows) -> tuple[list[np.ndarray], list[int]]:
-        arrays, kept = [], []
+    def _where(self, item, row) -> str:
+        path = item.get("path") if isinstance(item, dict) else None
+        return f"index {row}" + (f" ({path})" if path else "") + f" of {self.source}"
+
+    def open(self, items, rows) -> tuple[list[LazyImage], list[int]]:
+        images, kept = [], []
         for pos, item in enumerate(items):
             try:
-                arrays.append(decode_image(item))
+                images.append(LazyImage(item))
             except Exception as exc:
-                path = item.get("path") if isinstance(item, dict) else None
-                where = f"index {rows[pos]}" + (f" ({path})" if path else "")
+                where = self._where(item, rows[pos])
                 if self.on_corrupt != "skip":
-                    raise BatchDataError(
-                        f"cannot decode image at {where} of {self.source}: {exc}. Fix or remove it, or set "
-                        f"dataset.on_corrupt to \"skip\" to drop undecodable images") from exc
+                    raise BatchDataError(undecodable_message(where, exc)) from exc
                 self.skipped += 1
                 if self.skipped == 1:
-                    warnings.warn(f"skipping undecodable image at {where} of {self.source}: {exc} "
+                    warnings.warn(f"skipping undecodable image at {where}: {exc} "
                                   f"(on_corrupt='skip'; later ones are skipped silently)", stacklevel=2)
                 continue
             kept.append(pos)
-        return arrays, kept
+        return images, kept
 
-    def run_steps(self, images: torch.Tensor) -> torch.Tensor:
-        for step in self.steps:
-            images = step(images)
-        return images
+    def run_steps(self, images):
+        """images: a uint8 NHWC batch, or a list of LazyImage / [H, W, 3] tensors of any sizes."""
+        for i, step in enumerate(self.steps):
+            if isinstance(images, list):
+                if not step.accepts_list:
+                    return self._run_by_size(images, self.steps[i:])
+                images = step.apply_list(images)
+            else:
+                images = step(images)
+        return self._run_by_size(images, []) if isinstance(images, list) else images
 
     def __call__(self, batch: dict) -> dict:
         items = batch[self.image_column]
         rows = batch.get(ROW_COLUMN) or list(range(len(items)))
-        arrays, kept = self.decode(items, rows)
-        if not arrays:
+        images, kept = self.open(items, rows)
+        if not images:
             raise BatchDataError(f"no image of this batch of {self.source} could be decoded (indices {list(rows)[:8]})")
         labels = batch[self.label_column]
         labels = torch.tensor(labels if len(kept) == len(items) else [labels[p] for p in kept], dtype=torch.int64)
-        first_shape = arrays[0].shape
-        if all(a.shape == first_shape for a in arrays):
-            images = self.run_steps(torch.from_numpy(np.stack(arrays)))
-        else:
-            images = self._run_by_size(arrays)
-        return self.packer.pack(images, labels)
+        try:
+            pixels = self.run_steps(images)
+        except (OSError, ValueError, SyntaxError) as exc:  # what Pillow raises on a truncated or corrupt file
+            failed = next((p for p, im in zip(kept, images) if isinstance(im, LazyImage) and im.failed), None)
+            if failed is None:
+                raise
+            raise BatchDataError(undecodable_message(self._where(items[failed], rows[failed]), exc)) from exc
+        return self.packer.pack(pixels, labels)
 
-    def _run_by_size(self, arrays: list[np.ndarray]) -> torch.Tensor:
+    def _run_by_size(self, images: list, steps: list) -> torch.Tensor:
+        """Decode what is still lazy, run `steps` once per group of equal sizes, reassemble the batch."""
+        pixels = [_pixels(im) for im in images]
         groups: dict[tuple, list[int]] = {}
-        for i, a in enumerate(arrays):
-            groups.setdefault(a.shape, []).append(i)
-        outputs = {shape: self.run_steps(torch.from_numpy(np.stack([arrays[i] for i in idx])))
-                   for shape, idx in groups.items()}
+        for i, p in enumerate(pixels):
+            groups.setdefault(tuple(p.shape), []).append(i)
+        outputs = {}
+        for shape, idx in groups.items():
+            out = torch.stack([pixels[i] for i in idx])
+            for step in steps:
+                out = step(out)
+            outputs[shape] = out
         out_shapes = {tuple(o.shape[1:]) for o in outputs.values()}
         if len(out_shapes) > 1:
             sizes = sorted({f"{s[1]}x{s[0]}" for s in groups})
             raise BatchDataError(f"images of {self.source} have different sizes ({', '.join(sizes)}) and the pipeline "
                                  f"does not bring them to one size; add a Resize (or Resize + CenterCrop) step")
-        out = torch.empty((len(arrays), *out_shapes.pop()), dtype=torch.uint8)
+        if len(groups) == 1:
+            return outputs.popitem()[1]
+        out = torch.empty((len(pixels), *out_shapes.pop()), dtype=torch.uint8)
         for shape, idx in groups.items():
             out[torch.tensor(idx)] = outputs[shape]
         return out

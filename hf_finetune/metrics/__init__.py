@@ -3,6 +3,7 @@
 import os
 
 ACCURACY_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "accuracy")
+MULTILABEL_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multilabel")
 
 
 def load_accuracy():
@@ -10,3 +11,10 @@ def load_accuracy():
     import evaluate
 
     return evaluate.load(ACCURACY_PATH)
+
+
+def load_multilabel():
+    """Multi-label mAP and macro precision / recall / F1 as an `evaluate` module, read from this package."""
+    import evaluate
+
+    return evaluate.load(MULTILABEL_PATH)

@@ -364,8 +364,12 @@ def safe_torch_load(path, key: str = "checkpoint") -> object:
 
 def assert_finite(tensors: dict, source: str, *, key: str = "checkpoint") -> None:
     """Refuse NaN / inf in any floating tensor of `tensors` (name -> tensor), naming them."""
-    bad = [name for name, tensor in tensors.items()
-           if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    floats = {name: t for name, t in tensors.items() if isinstance(t, torch.Tensor) and t.is_floating_point()}
+    # Norms in one fused pass (as clip_grad_norm_ does): a norm is finite unless a value is not, or
+    # its squares overflow; only those tensors get the exact, much slower check.
+    norms = torch._foreach_norm(list(floats.values())) if floats else []
+    suspects = [name for name, norm in zip(floats, norms) if not torch.isfinite(norm)]
+    bad = [name for name in suspects if not torch.isfinite(floats[name]).all()]
     if bad:
         raise CheckpointError(
             f"{key}: {source} holds non-finite values (NaN or inf) in {len(bad)} tensor(s): {_listing(bad)}; "

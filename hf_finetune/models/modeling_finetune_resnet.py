@@ -88,9 +88,13 @@ def classification_loss(logits: torch.Tensor, labels: torch.Tensor, config) -> t
         else:
             loss = F.mse_loss(logits, labels.float())
     elif problem_type == "single_label_classification":
+        # Soft targets [N, C] (Mixup / CutMix scores) stand in for class indices, as mmpretrain's gt_score.
+        soft = labels.is_floating_point() and labels.shape == logits.shape
+        targets = labels.float() if soft else F.one_hot(labels.view(-1).long(), config.num_labels).float()
         if sigmoid:
-            targets = F.one_hot(labels.view(-1).long(), config.num_labels).float()
             loss = _sigmoid_loss(logits, targets, config)
+        elif soft:
+            loss = F.cross_entropy(logits, targets, label_smoothing=config.label_smoothing)
         else:
             loss = F.cross_entropy(logits.view(-1, config.num_labels), labels.view(-1).long(),
                                    label_smoothing=config.label_smoothing)
