@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import ResNetForImageClassification
 
+from hf_finetune.config import config_from_dict
 from hf_finetune.errors import CheckpointError
 from hf_finetune.models import FinetuneResNetConfig, build_model, load_checkpoint_file, load_pretrained
 from hf_finetune.models.checkpoints import UnloadedObject
@@ -93,6 +94,12 @@ def recipe(depth=18, num_classes=10, init_cfg=None, load_from=None):
     }
 
 
+def build(recipe):
+    """The model a recipe describes, its init_cfg and load_from applied."""
+    cfg = config_from_dict(recipe)
+    return build_model(cfg.model, cfg.data_preprocessor, load_from=cfg.load_from)
+
+
 def float_images(n=2):
     return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(3))
 
@@ -122,7 +129,7 @@ def resnet18():
 # ----------------------------------------------------------------------------- layouts
 def test_mmcls_checkpoint_with_prefix(tmp_path, resnet18, capsys):
     path = write_mmcls(tmp_path / "resnet18_8xb32_in1k_20210831-fbbb1da6.pth", resnet18)
-    model = build_model(recipe(init_cfg={"checkpoint": str(path), "prefix": "backbone"}))
+    model = build(recipe(init_cfg={"checkpoint": str(path), "prefix": "backbone"}))
     assert_backbone_equals(model, resnet18)
     assert_same_features(model, resnet18)
     assert model.head.fc.weight.shape == (10, 512)
@@ -133,7 +140,7 @@ def test_mmcls_checkpoint_with_prefix(tmp_path, resnet18, capsys):
 
 def test_mmcls_checkpoint_without_prefix_reports_the_head(tmp_path, resnet18, capsys):
     path = write_mmcls(tmp_path / "mmcls.pth", resnet18)
-    model = build_model(recipe(init_cfg={"checkpoint": str(path)}))
+    model = build(recipe(init_cfg={"checkpoint": str(path)}))
     assert_backbone_equals(model, resnet18)
     report = capsys.readouterr().err
     assert "(mmcls/mmpretrain)" in report
@@ -201,7 +208,7 @@ def test_mmpretrain_epoch_checkpoint_loads_without_running_foreign_code(tmp_path
     assert "mmengine" not in sys.modules and not (fake_root / "EXECUTED").exists()
 
     # load_from: the whole model, head included, gives the source's logits.
-    model = build_model(recipe(load_from=str(path))).eval()
+    model = build(recipe(load_from=str(path))).eval()
     x = float_images()
     with torch.no_grad():
         assert torch.equal(model(x).logits, source(x).logits)
@@ -211,7 +218,7 @@ def test_torchvision_checkpoint(tmp_path, resnet18, capsys):
     # torchvision's published files predate BatchNorm's num_batches_tracked: they must still count as complete.
     path = tmp_path / "resnet18-f37072fd.pth"
     torch.save(torchvision_state_dict(resnet18, keep_num_batches_tracked=False), path)
-    model = build_model(recipe(init_cfg={"checkpoint": str(path)}))
+    model = build(recipe(init_cfg={"checkpoint": str(path)}))
     for key, tensor in resnet18.state_dict().items():
         if key.startswith("resnet.") and not key.endswith("num_batches_tracked"):
             assert torch.equal(model.state_dict()["backbone." + key[7:]], tensor)
@@ -227,7 +234,7 @@ def test_timm_hub_directory_and_training_checkpoint(tmp_path, resnet18, capsys):
     save_file(dict(torchvision_state_dict(resnet18)), str(repo / "model.safetensors"))
     (repo / "config.json").write_text(json.dumps({"architecture": "resnet18", "num_classes": 1000,
                                                   "num_features": 512, "pretrained_cfg": {"tag": "a1_in1k"}}))
-    model = build_model(recipe(init_cfg={"checkpoint": str(repo)}))
+    model = build(recipe(init_cfg={"checkpoint": str(repo)}))
     assert_backbone_equals(model, resnet18)
     assert "(timm)" in capsys.readouterr().err
 
@@ -236,7 +243,7 @@ def test_timm_hub_directory_and_training_checkpoint(tmp_path, resnet18, capsys):
     torch.save({"epoch": 9, "arch": "resnet18", "version": 2, "metric": 71.2,
                 "args": argparse.Namespace(model="resnet18", lr=0.1),
                 "state_dict": {"module." + k: v for k, v in torchvision_state_dict(resnet18).items()}}, path)
-    model = build_model(recipe(init_cfg={"checkpoint": str(path)}))
+    model = build(recipe(init_cfg={"checkpoint": str(path)}))
     assert_backbone_equals(model, resnet18)
     assert "(timm)" in capsys.readouterr().err
 
@@ -246,7 +253,7 @@ def test_transformers_checkpoints_give_identical_outputs(tmp_path, capsys):
     source.save_pretrained(tmp_path / "classifier")
     source.resnet.save_pretrained(tmp_path / "backbone_only")
 
-    whole = build_model(recipe(load_from=str(tmp_path / "classifier"))).eval()
+    whole = build(recipe(load_from=str(tmp_path / "classifier"))).eval()
     x = float_images()
     with torch.no_grad():
         assert torch.equal(whole(x).logits, source(x).logits)
@@ -255,7 +262,7 @@ def test_transformers_checkpoints_give_identical_outputs(tmp_path, capsys):
     cases = [(tmp_path / "backbone_only", None, "transformers ResNetModel"),
              (tmp_path / "classifier", "resnet", "transformers ResNetForImageClassification")]
     for checkpoint, prefix, layout in cases:
-        model = build_model(recipe(init_cfg={"checkpoint": str(checkpoint), "prefix": prefix}))
+        model = build(recipe(init_cfg={"checkpoint": str(checkpoint), "prefix": prefix}))
         assert_backbone_equals(model, source)
         assert_same_features(model, source)
         assert f"({layout}" in capsys.readouterr().err
@@ -264,7 +271,7 @@ def test_transformers_checkpoints_give_identical_outputs(tmp_path, capsys):
 def test_resnet50_mmcls_checkpoint(tmp_path):
     source = source_model(50, num_labels=10, seed=4)
     path = write_mmcls(tmp_path / "resnet50_8xb32_in1k_20210831-ea4938fc.pth", source)
-    model = build_model(recipe(depth=50, load_from=str(path))).eval()
+    model = build(recipe(depth=50, load_from=str(path))).eval()
     assert_backbone_equals(model, source)
     x = float_images()
     with torch.no_grad():
@@ -272,9 +279,9 @@ def test_resnet50_mmcls_checkpoint(tmp_path):
 
 
 def test_our_own_save_pretrained_as_load_from(tmp_path):
-    trained = build_model(recipe())
+    trained = build(recipe())
     trained.save_pretrained(tmp_path / "run")
-    model = build_model(recipe(load_from=str(tmp_path / "run")))
+    model = build(recipe(load_from=str(tmp_path / "run")))
     assert all(torch.equal(a, b) for a, b in zip(trained.state_dict().values(), model.state_dict().values()))
 
 
@@ -313,7 +320,7 @@ def test_url_download_cache_and_hash_check(http_root, tmp_path, resnet18, monkey
     good = f"resnet18_8xb32_in1k_20210831-{digest[:8]}.pth"
     shutil.copy(staging, root / good)
     for _ in range(2):
-        model = build_model(recipe(init_cfg={"checkpoint": f"{base}/{good}", "prefix": "backbone"}))
+        model = build(recipe(init_cfg={"checkpoint": f"{base}/{good}", "prefix": "backbone"}))
         assert_backbone_equals(model, resnet18)
     assert CountingHandler.requests == [f"/{good}"]  # second build used the torch.hub cache
     assert (tmp_path / "torch_home" / "hub" / "checkpoints" / good).is_file()
@@ -321,16 +328,16 @@ def test_url_download_cache_and_hash_check(http_root, tmp_path, resnet18, monkey
     bad = "resnet18_8xb32_in1k_20210831-deadbeef.pth"
     shutil.copy(staging, root / bad)
     with pytest.raises(CheckpointError, match="does not match the hash prefix 'deadbeef'"):
-        build_model(recipe(init_cfg={"checkpoint": f"{base}/{bad}", "prefix": "backbone"}))
+        build(recipe(init_cfg={"checkpoint": f"{base}/{bad}", "prefix": "backbone"}))
     assert not (tmp_path / "torch_home" / "hub" / "checkpoints" / bad).exists()
 
     with pytest.raises(CheckpointError, match="HTTP 404.*set model.backbone.init_cfg.checkpoint to the local path"):
-        build_model(recipe(init_cfg={"checkpoint": f"{base}/missing-0123abcd.pth"}))
+        build(recipe(init_cfg={"checkpoint": f"{base}/missing-0123abcd.pth"}))
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     requests_before = len(CountingHandler.requests)
     with pytest.raises(CheckpointError, match=r"offline mode is on.*wget"):
-        build_model(recipe(init_cfg={"checkpoint": f"{base}/other-0123abcd.pth"}))
+        build(recipe(init_cfg={"checkpoint": f"{base}/other-0123abcd.pth"}))
     assert len(CountingHandler.requests) == requests_before
 
 
@@ -363,19 +370,19 @@ def test_hub_repo_id_from_the_cache_offline(tmp_path, resnet18, monkeypatch):
     cache_hub_repo(tmp_path / "hub", "acme/resnet18", resnet18)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    model = build_model(recipe(init_cfg={"checkpoint": "acme/resnet18"}))
+    model = build(recipe(init_cfg={"checkpoint": "acme/resnet18"}))
     assert_backbone_equals(model, resnet18)
 
     start = time.monotonic()
     with pytest.raises(CheckpointError, match="acme/unknown.*offline mode is on"):
-        build_model(recipe(init_cfg={"checkpoint": "acme/unknown"}))
+        build(recipe(init_cfg={"checkpoint": "acme/unknown"}))
     assert time.monotonic() - start < 5
 
 
 # ----------------------------------------------------------------------------- bad input
 def test_missing_path_and_non_checkpoints(tmp_path):
     with pytest.raises(CheckpointError, match=r"checkpoint file not found: .*nowhere\.pth"):
-        build_model(recipe(init_cfg={"checkpoint": str(tmp_path / "nowhere.pth")}))
+        build(recipe(init_cfg={"checkpoint": str(tmp_path / "nowhere.pth")}))
     for name, content in [("notes.pth", b"not a checkpoint\n"), ("config.json", b'{"a": 1}'),
                           ("broken.safetensors", b"\x00" * 64)]:
         (tmp_path / name).write_bytes(content)
@@ -383,7 +390,7 @@ def test_missing_path_and_non_checkpoints(tmp_path):
             load_checkpoint_file(str(tmp_path / name))
     torch.save({"epoch": 3, "note": "no tensors"}, tmp_path / "empty.pth")
     with pytest.raises(CheckpointError, match="holds no tensors"):
-        build_model(recipe(init_cfg={"checkpoint": str(tmp_path / "empty.pth")}))
+        build(recipe(init_cfg={"checkpoint": str(tmp_path / "empty.pth")}))
 
 
 class Malicious:
@@ -408,7 +415,7 @@ def test_prefix_matching_nothing_lists_the_prefixes(tmp_path, resnet18):
     path = tmp_path / "tv.pth"
     torch.save(torchvision_state_dict(resnet18), path)
     with pytest.raises(CheckpointError) as info:
-        build_model(recipe(init_cfg={"checkpoint": str(path), "prefix": "backbone"}))
+        build(recipe(init_cfg={"checkpoint": str(path), "prefix": "backbone"}))
     message = str(info.value)
     assert "prefix 'backbone' matches no key" in message
     assert "bn1, conv1, fc, layer1, layer2, layer3, layer4" in message and "use no prefix" in message
@@ -417,11 +424,11 @@ def test_prefix_matching_nothing_lists_the_prefixes(tmp_path, resnet18):
 def test_partial_load_is_an_error_unless_allowed(tmp_path, resnet18, capsys):
     path = write_mmcls(tmp_path / "r18.pth", resnet18)
     with pytest.raises(CheckpointError) as info:
-        build_model(recipe(depth=50, init_cfg={"checkpoint": str(path), "prefix": "backbone"}))
+        build(recipe(depth=50, init_cfg={"checkpoint": str(path), "prefix": "backbone"}))
     message = str(info.value)
     assert "allow_partial=true" in message and "looks like a ResNet-18" in message and "shape mismatch" in message
 
-    model = build_model(recipe(depth=34, init_cfg={"checkpoint": str(path), "prefix": "backbone",
+    model = build(recipe(depth=34, init_cfg={"checkpoint": str(path), "prefix": "backbone",
                                                    "allow_partial": True}))
     report = capsys.readouterr().err
     assert re.search(r"loaded \d+/\d+ backbone tensors", report) and "missing in the checkpoint" in report
@@ -433,7 +440,7 @@ def test_partial_load_is_an_error_unless_allowed(tmp_path, resnet18, capsys):
 def test_report_only_on_the_main_process(tmp_path, resnet18, capsys, monkeypatch):
     path = write_mmcls(tmp_path / "r18.pth", resnet18)
     monkeypatch.setenv("RANK", "1")
-    report = load_pretrained(build_model(recipe()), str(path), prefix="backbone")
+    report = load_pretrained(build(recipe()), str(path), prefix="backbone")
     assert report.complete and capsys.readouterr().err == ""
 
 
@@ -447,8 +454,8 @@ def test_unreachable_hub_fails_fast_and_falls_back_to_the_cache(tmp_path, resnet
     monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     cache_hub_repo(tmp_path / "hub", "acme/cached", resnet18)
-    assert_backbone_equals(build_model(recipe(init_cfg={"checkpoint": "acme/cached"})), resnet18)
+    assert_backbone_equals(build(recipe(init_cfg={"checkpoint": "acme/cached"})), resnet18)
     start = time.monotonic()
     with pytest.raises(CheckpointError, match="acme/resnet18.*cannot be reached"):
-        build_model(recipe(init_cfg={"checkpoint": "acme/resnet18"}))
+        build(recipe(init_cfg={"checkpoint": "acme/resnet18"}))
     assert time.monotonic() - start < 5
