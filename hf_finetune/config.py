@@ -153,12 +153,19 @@ class Step:
         return {"type": self.type, **self.args}
 
 
+def _check_pipeline(steps):
+    if not steps or steps[-1].type != "PackClsInputs":
+        return 'the pipeline must end with {"type": "PackClsInputs"}'
+    packs = [i for i, step in enumerate(steps[:-1]) if step.type == "PackClsInputs"]
+    return f"step {packs[0]} is PackClsInputs, which must be the last step" if packs else None
+
+
 @dataclass
 class DatasetCfg:
     type: str = knob(REQUIRED, "dataset type")
     data_root: Optional[str] = knob(None, "a local copy (folder or archive)")
     split: Optional[str] = knob(None, "split name in the source (default: train / test)")
-    pipeline: list[Step] = knob([], "batched uint8 pipeline steps")
+    pipeline: list[Step] = knob([], "batched uint8 pipeline steps", check=lambda v: _check_pipeline(v))
     indices: Union[None, int, list[int]] = knob(None, "first N images, or a list of indices",
                                                 min=0)
     on_corrupt: str = knob("error", "an undecodable image: stop, or skip it",

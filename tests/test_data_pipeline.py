@@ -8,6 +8,7 @@ from torch.utils.data import BatchSampler
 
 from hf_finetune.data import PIPELINE_STEPS, build_dataloader, build_datasets, build_pipeline, synthetic_arrays
 from hf_finetune.data.transforms import CenterCrop, RandomCrop, RandomFlip, Resize
+from hf_finetune.config import config_from_dict
 from hf_finetune.errors import DataError, RecipeError
 
 TRAIN_PIPELINE = [
@@ -23,8 +24,14 @@ def random_images(n=16, h=32, w=32, seed=0):
 
 
 def synthetic_recipe(pipeline, num_samples=64, **dataset):
-    return {"train_dataloader": {"dataset": {"type": "SyntheticCIFAR10", "num_samples": num_samples, "seed": 0,
-                                             "pipeline": pipeline, **dataset}}}
+    """The typed config of a recipe whose train split is SyntheticCIFAR10 through `pipeline`."""
+    return config_from_dict({
+        "model": {"head": {"num_classes": 10}},
+        "optim_wrapper": {"optimizer": {"type": "SGD", "lr": 0.1}},
+        "train_dataloader": {"batch_size": 4, "dataset": {
+            "type": "SyntheticCIFAR10", "num_samples": num_samples, "seed": 0, "pipeline": pipeline,
+            **dataset}},
+    })
 
 
 # ---------------------------------------------------------------- steps vs per-image references
@@ -143,15 +150,17 @@ def test_mixed_image_sizes_in_one_batch():
 
 @pytest.mark.parametrize("pipeline, match", [
     ([{"type": "RandomCorp", "crop_size": 32}, {"type": "PackClsInputs"}],
-     r"pipeline\.0\.type: unknown pipeline step 'RandomCorp' \(did you mean 'RandomCrop'\?\); known steps: "
-     r"RandomCrop, RandomFlip, Resize, CenterCrop, PackClsInputs"),
+     r"pipeline\.0\.type: unknown pipeline step 'RandomCorp' \(did you mean 'RandomCrop'\?\); known: "
+     r"AutoAugment, CenterCrop, ColorJitter, PackClsInputs, RandAugment, RandomCrop, RandomErasing, "
+     r"RandomFlip, RandomResizedCrop, Resize, ResizeEdge"),
     ([{"type": "RandomFlip", "probability": 0.5}, {"type": "PackClsInputs"}],
      r"pipeline\.0\.probability: unknown argument for RandomFlip \(did you mean 'prob'\?\); "
      r"accepted arguments: prob, direction"),
     ([{"type": "Resize", "scale": 224}, {"type": "RandomFlip", "prob": 1.5}, {"type": "PackClsInputs"}],
      r"pipeline\.1\.prob: expected a number in \[0, 1\], got 1\.5"),
-    ([{"type": "RandomFlip", "direction": "diagonal"}, {"type": "PackClsInputs"}],
-     r"pipeline\.0\.direction: expected one of horizontal, vertical"),
+    ([{"type": "RandomFlip", "direction": "diagonl"}, {"type": "PackClsInputs"}],
+     r"pipeline\.0\.direction: expected one of horizontal, vertical, diagonal, got 'diagonl' "
+     r"\(did you mean 'diagonal'\?\)"),
     ([{"type": "RandomCrop"}, {"type": "PackClsInputs"}], r"pipeline\.0\.crop_size: RandomCrop requires"),
     ([{"type": "RandomCrop", "crop_size": 0}, {"type": "PackClsInputs"}], r"pipeline\.0\.crop_size: expected a "
                                                                           r"positive int"),
@@ -159,13 +168,15 @@ def test_mixed_image_sizes_in_one_batch():
      r"pipeline\.0\.padding_mode: only 'constant'"),
     ([{"type": "RandomCrop", "crop_size": 32, "pad_val": 300}, {"type": "PackClsInputs"}], r"pipeline\.0\.pad_val"),
     ([{"type": "Resize", "scale": [224]}, {"type": "PackClsInputs"}], r"pipeline\.0\.scale: expected a positive"),
-    ([{"type": "Resize", "scale": 224, "interpolation": "bicubic"}, {"type": "PackClsInputs"}],
-     r"pipeline\.0\.interpolation"),
+    ([{"type": "Resize", "scale": 224, "interpolation": "bicubik"}, {"type": "PackClsInputs"}],
+     r"pipeline\.0\.interpolation: expected one of bilinear, bicubic, nearest, got 'bicubik'"),
     ([{"type": "PackClsInputs", "meta_keys": []}], r"pipeline\.0\.meta_keys: unknown argument for PackClsInputs"),
     ([{"type": "Resize", "scale": 224}], r"pipeline: the pipeline must end with"),
     ([{"type": "PackClsInputs"}, {"type": "Resize", "scale": 8}], r"pipeline: the pipeline must end with"),
-    ([{"type": "PackClsInputs"}, {"type": "PackClsInputs"}], r"pipeline\.0\.type: PackClsInputs must be the last"),
-    ([{"crop_size": 3}], r"pipeline\.0: each pipeline step is a dict with a 'type'"),
+    ([{"type": "PackClsInputs"}, {"type": "PackClsInputs"}],
+     r"pipeline: step 0 is PackClsInputs, which must be the last"),
+    ([{"crop_size": 3}], r"pipeline\.0\.type: unknown pipeline step null; known: AutoAugment"),
+    (["RandomCrop"], r"pipeline\.0: a pipeline step is an object, got a string 'RandomCrop'"),
 ])
 def test_bad_pipeline_steps_name_the_key(pipeline, match):
     with pytest.raises(RecipeError, match="train_dataloader\\.dataset\\." + match):
@@ -173,7 +184,9 @@ def test_bad_pipeline_steps_name_the_key(pipeline, match):
 
 
 def test_registry_names():
-    assert list(PIPELINE_STEPS) == ["RandomCrop", "RandomFlip", "Resize", "CenterCrop", "PackClsInputs"]
+    assert list(PIPELINE_STEPS) == ["RandomCrop", "RandomFlip", "Resize", "CenterCrop", "PackClsInputs",
+                                    "RandomResizedCrop", "ResizeEdge", "ColorJitter", "RandAugment",
+                                    "AutoAugment", "RandomErasing"]
 
 
 def test_crop_larger_than_image_is_a_data_error():
@@ -258,10 +271,11 @@ def test_loader_under_accelerate_sharding(train_split):
     assert seen[0][:8] == labels[:8].tolist() and seen[1][:8] == labels[8:16].tolist()
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"batch_size": 0}, r"train_dataloader\.batch_size: expected an int >= 1"),
-    ({"batch_size": 4, "num_workers": -1}, r"train_dataloader\.num_workers"),
+@pytest.mark.parametrize("settings, match", [
+    ({"batch_size": 0}, r"train_dataloader\.batch_size: 0 is out of range; expected >= 1"),
+    ({"batch_size": 4, "num_workers": -1}, r"train_dataloader\.num_workers: -1 is out of range; expected >= 0"),
 ])
-def test_bad_loader_settings(train_split, kwargs, match):
+def test_bad_loader_settings(settings, match):
+    loader = {"dataset": {"type": "SyntheticCIFAR10", "pipeline": [{"type": "PackClsInputs"}]}, **settings}
     with pytest.raises(RecipeError, match=match):
-        build_dataloader(train_split, **kwargs, key="train_dataloader")
+        config_from_dict({"model": {"head": {"num_classes": 10}}, "train_dataloader": loader})
