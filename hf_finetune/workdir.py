@@ -53,8 +53,12 @@ class WorkDirLock:
 
     def __enter__(self):
         if self.is_main:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._acquire()
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._acquire()
+            except OSError as e:  # a file in the way, no permission, a read-only disk
+                raise UserError(f"work dir {self.path.parent}: not writable ({e.strerror}); choose "
+                                "another with --work-dir") from None
         return self
 
     def __exit__(self, *exc_info):

@@ -97,10 +97,11 @@ def test_frozen_stages_do_not_change(finished_run):
     tmp, work_dir = finished_run
     from transformers import set_seed
 
-    from hf_finetune import build_model, load_recipe
+    from hf_finetune import build_model, load_config
 
     set_seed(0)  # the run seeds model initialisation the same way
-    initial = build_model(load_recipe(tiny_recipe(tmp))).state_dict()
+    cfg = load_config(tiny_recipe(tmp))
+    initial = build_model(cfg.model, cfg.data_preprocessor).state_dict()
     trained = load_file(os.path.join(work_dir, "model.safetensors"))
     frozen = [k for k in trained if k.startswith(("backbone.embedder.", "backbone.encoder.stages.0.",
                                                   "backbone.encoder.stages.1."))]
