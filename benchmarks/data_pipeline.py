@@ -111,7 +111,11 @@ def run(args, work: Path) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import datasets
 
-    from hf_finetune.data import build_dataloader, build_datasets, write_cifar10_tarball, write_save_to_disk
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the CIFAR copy writers
+    from cifar_writers import write_cifar10_tarball, write_save_to_disk
+
+    from hf_finetune.config import config_from_dict
+    from hf_finetune.data import build_dataloader, build_datasets
     from hf_finetune.data.decode import decode_image
     from hf_finetune.data.transforms import build_pipeline
 
@@ -123,8 +127,12 @@ def run(args, work: Path) -> int:
     print(f"wrote {n} synthetic 32x32 images twice under {work} ({time.perf_counter() - t0:.1f} s)")
 
     def recipe(root):
-        return {"train_dataloader": {"dataset": {"type": "CIFAR10", "data_root": str(root), "split": "train",
-                                                 "pipeline": TRAIN_PIPELINE}}}
+        return config_from_dict({
+            "model": {"head": {"num_classes": 10}},
+            "optim_wrapper": {"optimizer": {"type": "SGD", "lr": 0.1}},
+            "train_dataloader": {"batch_size": bs, "dataset": {
+                "type": "CIFAR10", "data_root": str(root), "split": "train", "pipeline": TRAIN_PIPELINE}},
+        })
 
     t0 = time.perf_counter()
     local = build_datasets(recipe(work / "tarball"))["train"]
