@@ -1,6 +1,6 @@
 """Training images/s of our full path next to a bare PyTorch loop, same model, batch and data.
 
-- ours: recipes/cifar10.json (load_recipe + cfg_options) -> build_datasets ->
+- ours: recipes/cifar10.json (load_config + cfg_options) -> build_datasets ->
   build_trainer -> Trainer.train. Timed: Arrow read + image decode + batched uint8
   transform + DataLoader + Trainer step + model (uint8 normalised inside the model).
 - bare: the same model config and seed; the batches are the very uint8 tensors our
@@ -107,11 +107,11 @@ def parse_args(argv=None):
 
 
 def build_recipe(args, work_dir):
-    from hf_finetune import load_recipe
+    from hf_finetune import load_config
 
-    base = load_recipe(args.recipe)
-    pipeline = base["train_dataloader"]["dataset"]["pipeline"]
-    resize = [i for i, step in enumerate(pipeline) if step["type"] == "Resize"]
+    base = load_config(args.recipe)
+    pipeline = base.train_dataloader.dataset.pipeline
+    resize = [i for i, step in enumerate(pipeline) if step.type == "Resize"]
     if not resize:
         raise SystemExit(f"error: {args.recipe}: the train pipeline has no Resize step to set --size on")
     total_iters = args.warmup + args.steps
@@ -129,8 +129,9 @@ def build_recipe(args, work_dir):
         f"train_cfg.total_batch_size={args.batch}",
         "train_cfg.by_epoch=false",
         f"train_cfg.max_iters={total_iters}",
-        "train_cfg.val_interval=0",  # no evaluation
-        "default_hooks.checkpoint.interval=0",  # no checkpoints
+        "val_dataloader=null",  # no evaluation
+        "test_dataloader=null",
+        "default_hooks.checkpoint.interval=-1",  # no checkpoints
         "default_hooks.logger.interval=1000000",  # a log line syncs and formats: keep it out
         "randomness.seed=0",
         f"env_cfg.channels_last={'true' if cuda else 'false'}",
@@ -142,11 +143,7 @@ def build_recipe(args, work_dir):
         options.append(f"model.backbone.frozen_stages={args.frozen_stages}")
     if cuda:
         options += ["training_args.bf16=true", "env_cfg.cudnn_benchmark=true"]
-    # build_datasets builds every split; make val/test tiny synthetic ones (never iterated).
-    for section in ("val_dataloader", "test_dataloader"):
-        options += [f"{section}.dataset.type=SyntheticCIFAR10", f"{section}.dataset.num_samples=16",
-                    f"{section}.num_workers=0"]
-    return load_recipe(args.recipe, cfg_options=options + args.cfg_options)
+    return load_config(args.recipe, cfg_options=options + args.cfg_options)
 
 
 # --- timing --------------------------------------------------------------------------------
@@ -201,14 +198,14 @@ class BareLoop:
 
         self.cuda = args.device == "cuda"
         torch.manual_seed(0)
-        model = build_model(recipe, id2label=id2label).to(args.device)
+        model = build_model(recipe.model, recipe.data_preprocessor, id2label).to(args.device)
         if self.cuda:
             model = model.to(memory_format=torch.channels_last)
         self.model = model.train()
-        cfg = recipe["optim_wrapper"]["optimizer"]
+        cfg = recipe.optim_wrapper.optimizer
         params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg.get("momentum", 0),
-                                         weight_decay=cfg.get("weight_decay", 0))
+        self.optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
+                                         weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, milestones=[10**6], gamma=0.1)
 
     def step(self, pixels, labels):
@@ -328,7 +325,7 @@ def main(argv=None):
 
     with tempfile.TemporaryDirectory(prefix="train_throughput_") as work_dir:
         recipe = build_recipe(args, work_dir)
-        frozen = recipe["model"]["backbone"].get("frozen_stages", -1)
+        frozen = recipe.model.backbone.frozen_stages
         print(f"ResNet-{args.depth} frozen_stages={frozen}, {args.size} px, batch {args.batch}, "
               f"device {args.device}{' bf16 channels_last' if args.device == 'cuda' else ''}, "
               f"workers {args.num_workers}, torch threads {torch.get_num_threads()}; "
