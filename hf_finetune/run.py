@@ -90,7 +90,9 @@ def train(cfg, resume=None, overwrite=False):
     from hf_finetune.data import build_datasets, label_names
     from hf_finetune.models import build_model
     from hf_finetune.outputs import check_resume_compatible, save_outputs
-    from hf_finetune.training import build_trainer, evaluate_splits, hub_repo_id, process_state
+    from hf_finetune.training import (build_trainer, evaluate_splits, hub_repo_id, process_state,
+                                      resolve_seed)
+    from transformers import set_seed
     from hf_finetune.workdir import (WorkDirLock, check_fresh_start, disk_full_guard,
                                      remove_interrupted_saves, resume_checkpoint)
 
@@ -108,7 +110,9 @@ def train(cfg, resume=None, overwrite=False):
             datasets = build_datasets(cfg)
             id2label = dict(enumerate(label_names(datasets)))
 
-            # The model: backbone weights from init_cfg, then whole-model weights from load_from.
+            # The model: backbone weights from init_cfg, then whole-model weights from load_from;
+            # the recipe's seed makes its initialisation repeatable.
+            set_seed(resolve_seed(cfg))
             model = build_model(cfg.model, cfg.data_preprocessor, id2label, load_from=cfg.load_from)
 
         # TrainingArguments and the Trainer.
@@ -152,6 +156,7 @@ def evaluate_only(cfg, source="auto"):
         datasets = build_datasets(cfg, splits=("test",))
     if os.path.isdir(source):
         model = load_saved_model(source, key=f"--eval-only {source}")
+        logger.info("evaluating the model saved in %s%s", source, _step_of(source))
     else:
         model = build_model(cfg.model, cfg.data_preprocessor, dict(enumerate(label_names(datasets))),
                             load_from=source, load_key="--eval-only")
@@ -161,6 +166,14 @@ def evaluate_only(cfg, source="auto"):
         save_metrics(work_dir, "test", metrics)
         logger.info("test: %s", ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if "accuracy" in k))
     return metrics
+
+
+def _step_of(folder):
+    try:
+        with open(os.path.join(folder, "trainer_state.json")) as f:
+            return f" (after update {json.load(f)['global_step']})"
+    except (OSError, ValueError, KeyError):
+        return ""
 
 
 class Terminated(KeyboardInterrupt):

@@ -105,12 +105,13 @@ def transformers_log_level(cfg):
     return "info" if level == "debug" else "warning" if level == "info" else level
 
 
-def build_training_args(cfg, plan, steps_per_epoch=1):
-    """TrainingArguments from the config; evaluation and checkpoint intervals in updates."""
+def build_training_args(cfg, plan, steps_per_epoch=1, validate=True):
+    """TrainingArguments from the config; evaluation and checkpoint intervals in updates.
+    validate: whether a val split is there to evaluate during training."""
     train, hooks = cfg.train_cfg, cfg.default_hooks
     loader, wrapper = cfg.train_dataloader, cfg.optim_wrapper
     cuda = torch.cuda.is_available()
-    evaluate = cfg.val_dataloader is not None
+    evaluate = validate and cfg.val_dataloader is not None
     checkpoint = hooks.checkpoint
     ckpt_by_epoch = train.by_epoch if checkpoint.by_epoch is None else checkpoint.by_epoch
     pin_memory = cuda if loader.pin_memory is None else loader.pin_memory
@@ -212,7 +213,7 @@ def build_trainer(cfg, datasets=None, model=None, callbacks=None):
             f"dataset has {len(names)} labels; set model.head.num_classes={len(names)}")
     steps = updates_per_epoch(len(datasets["train"]), plan, cfg.train_dataloader.drop_last) \
         if "train" in datasets else 1
-    args = build_training_args(cfg, plan, steps)
+    args = build_training_args(cfg, plan, steps, validate="val" in datasets)
     channels_last = cfg.env_cfg.channels_last
     if channels_last or (channels_last is None and torch.cuda.is_available()):
         model = model.to(memory_format=torch.channels_last)

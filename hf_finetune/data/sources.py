@@ -240,6 +240,16 @@ def _convert_hub_download(loaded: datasets.DatasetDict, identity: tuple, image_c
 
 
 def _load_save_to_disk(path: Path):
+    # save_to_disk writes no data file for a split of 0 rows, and load_from_disk then fails
+    # with an IndexError: name the empty split instead.
+    for state in [path / "state.json"] + sorted(path.glob("*/state.json")):
+        try:
+            empty = not json.loads(state.read_text()).get("_data_files")
+        except (OSError, ValueError):
+            continue
+        if empty:
+            split = f"split {state.parent.name!r} of " if state.parent != path else ""
+            raise DataError(f"{split}the save_to_disk directory {path} is empty (0 rows)")
     try:
         return datasets.load_from_disk(str(path))
     except Exception as exc:
