@@ -120,11 +120,20 @@ class NeckCfg:
 
 
 @dataclass
+class ModelTrainCfg:
+    augments: list[dict] = knob([], "batch augments, one per batch: Mixup {alpha}, CutMix {alpha}",
+                                listify=True)
+    probs: Union[None, float, list[float]] = knob(None, "chance of each augment; the rest is none",
+                                                  min=0, max=1)
+
+
+@dataclass
 class ModelCfg:
     type: str = knob("ImageClassifier", "model type", choices=("ImageClassifier",))
     backbone: ResNetBackbone = knob(ResNetBackbone, "the backbone")
     neck: Optional[NeckCfg] = knob(NeckCfg, "pooling between backbone and head")
     head: HeadCfg = knob(REQUIRED, "the classification head")
+    train_cfg: ModelTrainCfg = knob(ModelTrainCfg, "training-only model settings (batch augments)")
 
 
 @dataclass
@@ -444,6 +453,11 @@ class HubCfg:
                                              metadata={"help": "in memory only", "secret": True})
 
 
+@dataclass
+class ModelCardCfg:
+    license: Optional[str] = knob(None, "Hub license id of the weights (e.g. apache-2.0, mit)")
+
+
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 # TrainingArguments fields the mmcls sections own -> the recipe key to set instead, so no
@@ -534,8 +548,9 @@ class Config:
     training_args: dict = knob({}, "other transformers.TrainingArguments fields",
                                check=_check_training_args)
     hub: HubCfg = knob(HubCfg, "pushing the result to a Hub")
-    custom_hooks: list[dict] = knob([], "EMAHook, EarlyStoppingHook", listify=True,
-                                    check=lambda v: _check_custom_hooks(v))
+    custom_hooks: list[dict] = knob([], "mmengine hooks: EMAHook, EarlyStoppingHook", listify=True,
+                                    builder=lambda v, key: _build_custom_hooks(v, key))
+    model_card: ModelCardCfg = knob(ModelCardCfg, "what the model card states")
     name: Optional[str] = knob(None, "the recipe's name (its file name)")
 
     def to_dict(self):
@@ -574,15 +589,10 @@ def report_to(cfg):
     return sorted({VIS_BACKENDS[n] for n in names if VIS_BACKENDS.get(n)}) or "none"
 
 
-CUSTOM_HOOKS = ("EMAHook", "EarlyStoppingHook")
+def _build_custom_hooks(hooks, key):
+    from .hooks import build_custom_hooks
 
-
-def _check_custom_hooks(hooks):
-    for i, hook in enumerate(hooks):
-        name = hook.get("type") if isinstance(hook, dict) else None
-        if name not in CUSTOM_HOOKS:
-            return f"{i}.type: " + unknown_message("custom hook", name, CUSTOM_HOOKS)
-    return None
+    return build_custom_hooks(hooks, key=key)
 
 
 # --- cross-section rules ------------------------------------------------------------------------
@@ -608,6 +618,17 @@ def _check_config(cfg, error, set_keys):
     loss = head.loss
     if loss.type == "LabelSmoothLoss" and loss.label_smooth_val is None:
         raise error(("model", "head", "loss", "label_smooth_val"), "required for LabelSmoothLoss")
+    model_train = cfg.model.train_cfg
+    if model_train.augments:
+        from .augments import BatchAugments
+
+        try:
+            BatchAugments(model_train.augments, head.num_classes, model_train.probs,
+                          key="model.train_cfg")
+        except RecipeError as e:
+            raise error(("model", "train_cfg"), str(e).removeprefix("model.train_cfg.")) from None
+        if head.multi_label:
+            raise error(("model", "train_cfg", "augments"), "Mixup / CutMix need a single-label head")
     train = cfg.train_cfg
     if train.type is not None:
         by_epoch = train.type == "EpochBasedTrainLoop"
@@ -634,6 +655,10 @@ def _check_config(cfg, error, set_keys):
         if decay != (wrapper.paramwise_cfg.layer_decay_rate is not None):
             raise error(("optim_wrapper", "paramwise_cfg", "layer_decay_rate"),
                         "set it together with constructor=LearningRateDecayOptimWrapperConstructor")
+        lr_mults = [k for k, v in wrapper.paramwise_cfg.custom_keys.items() if v.lr_mult != 1.0]
+        if decay and lr_mults:
+            raise error(("optim_wrapper", "paramwise_cfg", "custom_keys", lr_mults[0], "lr_mult"),
+                        "not used with layer-wise LR decay (the layer sets the LR); remove it")
     for split, section in cfg.dataloaders().items():
         ds = section.dataset
         if isinstance(ds, HFImageDatasetCfg) and ds.type == "HFImageDataset" and not (
@@ -737,7 +762,22 @@ class _Parser:
         message = check(result) if check else None
         if message:
             raise self.error(path, message)
+        if meta.get("builder"):  # an object that checks its own arguments: build it once
+            self.built(meta["builder"], result, path)
         return result
+
+    def built(self, builder, value, path):
+        """builder(value, key), its RecipeError re-raised naming the file and the exact key."""
+        key = ".".join(str(p) for p in path)
+        try:
+            return builder(value, key)
+        except RecipeError as e:
+            text = str(e)
+            if text.startswith(key + "."):  # "key.argument: message": name the argument
+                sub, _, text = text[len(key) + 1:].partition(": ")
+                raise self.error(path + tuple(int(p) if p.isdigit() else p for p in sub.split(".")),
+                                 text) from None
+            raise self.error(path, text.removeprefix(key + ": ")) from None
 
     def scalar(self, value, hint, path):
         if hint is Any:
@@ -779,15 +819,7 @@ class _Parser:
         name = value.get("type")
         if name not in PIPELINE_STEPS:
             raise self.error(path + ("type",), unknown_message("pipeline step", name, PIPELINE_STEPS))
-        key = ".".join(str(p) for p in path)
-        try:
-            op = PIPELINE_STEPS[name].from_config(value, key)
-        except RecipeError as e:
-            text = str(e)
-            if text.startswith(key + "."):  # "key.argument: message": name the argument
-                argument, _, text = text[len(key) + 1:].partition(": ")
-                raise self.error(path + (argument,), text) from None
-            raise self.error(path, text.removeprefix(key + ": ")) from None
+        op = self.built(PIPELINE_STEPS[name].from_config, value, path)
         return Step(name, {k: v for k, v in value.items() if k != "type"}, op)
 
 

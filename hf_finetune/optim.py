@@ -61,9 +61,17 @@ def param_groups(model, base_lr, weight_decay, paramwise_cfg):
 def build_optimizer(model, wrapper_cfg, lr=None):
     """optim_wrapper.optimizer over `model`'s trainable parameters; `lr` overrides the base
     LR (the batch-size-scaled one)."""
-    cfg = wrapper_cfg.optimizer
+    cfg, paramwise = wrapper_cfg.optimizer, wrapper_cfg.paramwise_cfg
     lr = cfg.lr if lr is None else lr
-    groups = param_groups(model, lr, cfg.weight_decay, wrapper_cfg.paramwise_cfg)
+    if wrapper_cfg.constructor == "LearningRateDecayOptimWrapperConstructor":
+        from .layer_decay import layer_decay_param_groups
+
+        groups = layer_decay_param_groups(
+            model, lr, cfg.weight_decay, paramwise.layer_decay_rate,
+            custom_keys={k: {"decay_mult": v.decay_mult} for k, v in paramwise.custom_keys.items()},
+            norm_decay_mult=paramwise.norm_decay_mult, bias_decay_mult=paramwise.bias_decay_mult)
+    else:
+        groups = param_groups(model, lr, cfg.weight_decay, paramwise)
     if not groups:
         raise RecipeError("model.backbone.frozen_stages: every parameter is frozen, nothing to train")
     kwargs = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)

@@ -35,8 +35,10 @@ def save_outputs(trainer, cfg, results):
             dump_json({"labels": names, "matrix": matrix}, os.path.join(work_dir, "confusion_matrix.json"))
     try:
         from . import hub
+        from .hub.card import write_environment
 
         hub.write_image_processor_config(work_dir, trainer.model.config, cfg)
+        write_environment(work_dir, num_processes=trainer.args.world_size)
         hub.write_model_card(work_dir)
     except Exception as e:  # the card is a convenience: never lose a finished run over it
         logger.warning("could not write the model card: %s", e)

@@ -41,11 +41,12 @@ class FinetuneTrainer(Trainer):
     cfg: the Config; plan: the BatchPlan; datasets: the DatasetDict, whose splits are loaded
     as their dataloader sections say."""
 
-    def __init__(self, *args, cfg, plan, datasets, **kwargs):
+    def __init__(self, *args, cfg, plan, datasets, batch_augments=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.cfg = cfg
         self.plan = plan
         self.datasets = datasets
+        self.batch_augments = batch_augments  # Mixup / CutMix, applied to training batches
         self.loss_guard = LossGuard()
         self._window = None  # (time, samples) at the last log, for images/s
         self._eval_loaders = {}
@@ -100,6 +101,18 @@ class FinetuneTrainer(Trainer):
         if self.optimizer is None:
             self.optimizer = build_optimizer(model or self.model, self.cfg.optim_wrapper, lr=self.plan.lr)
         return self.optimizer
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.batch_augments is not None and model.training:
+            pixel_values, targets = self.batch_augments(inputs["pixel_values"], inputs["labels"])
+            inputs = {**inputs, "pixel_values": pixel_values, "labels": targets}
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        for callback in self.callback_handler.callbacks:
+            if hasattr(callback, "load_checkpoint"):  # EMAHook: the average and trained weights
+                callback.load_checkpoint(resume_from_checkpoint, model or self.model)
 
     def create_scheduler(self, num_training_steps, optimizer=None):
         if self.lr_scheduler is None:

@@ -15,6 +15,7 @@ from accelerate import PartialState
 from accelerate.utils import get_int_from_env
 from transformers import TrainingArguments, set_seed
 
+from . import logs
 from .config import report_to, resolved_work_dir, to_data
 from .errors import RecipeError, TrainingError
 from .trainer import EvalMetrics, FinetuneTrainer, topk_of
@@ -130,6 +131,8 @@ def build_training_args(cfg, plan, steps_per_epoch=1, validate=True):
         logging_nan_inf_filter=False,  # a NaN loss must be seen, not filtered out
         max_grad_norm=wrapper.clip_grad.max_norm if wrapper.clip_grad else 0.0,  # mmcls clips only when asked
         report_to=report_to(cfg),
+        disable_tqdm=logs.progress_bars_disabled(),
+        restore_callback_states_from_checkpoint=True,  # early-stopping counters on resume
         dataloader_num_workers=loader.num_workers,
         dataloader_pin_memory=pin_memory,
         dataloader_persistent_workers=loader.keep_workers(),
@@ -229,6 +232,17 @@ def build_trainer(cfg, datasets=None, model=None, callbacks=None):
             logits = logits[0]
         return logits.topk(rank_k, dim=-1).indices
 
+    # mmengine's custom_hooks and the batch augments run as Trainer callbacks.
+    from .hooks import build_custom_hooks
+
+    callbacks = list(callbacks or []) + build_custom_hooks(cfg.custom_hooks)
+    batch_augments = None
+    if cfg.model.train_cfg.augments:
+        from .augments import BatchAugments
+
+        batch_augments = BatchAugments(cfg.model.train_cfg.augments, model.config.num_labels,
+                                       cfg.model.train_cfg.probs, seed=args.seed, rank=args.process_index)
+        callbacks.append(batch_augments)
     trainer = FinetuneTrainer(
         model=model,
         args=args,
@@ -240,7 +254,9 @@ def build_trainer(cfg, datasets=None, model=None, callbacks=None):
         cfg=cfg,
         plan=plan,
         datasets=datasets,
+        batch_augments=batch_augments,
     )
+    logs.install(trainer, resolved_work_dir(cfg), dict_lines=cfg.log_level.lower() == "debug")
     if cfg.hub.push and cfg.hub.strategy != "end":
         from . import hub
 
