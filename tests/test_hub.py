@@ -25,6 +25,7 @@ import torch
 import yaml
 from PIL import Image
 
+from hf_finetune.config import config_from_dict
 from hf_finetune.errors import UserError
 from hf_finetune.hub import (
     HubError,
@@ -71,7 +72,8 @@ def build_tiny_model():
     from hf_finetune.models import build_model
 
     torch.manual_seed(0)
-    model = build_model(tiny_recipe(), id2label=dict(enumerate(LABELS)))
+    cfg = config_from_dict(tiny_recipe())
+    model = build_model(cfg.model, cfg.data_preprocessor, id2label=dict(enumerate(LABELS)))
     # Spread the predictions over several classes: non-trivial BN statistics and a large head.
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -205,7 +207,7 @@ def test_image_processor_reproduces_test_pipeline(tmp_path, pipeline, expected_s
     recipe = tiny_recipe()
     recipe["test_dataloader"]["dataset"]["pipeline"] = pipeline
     config = {"mean": MEAN, "std": STD, "to_rgb": False}
-    write_image_processor_config(tmp_path, config, recipe=recipe)
+    write_image_processor_config(tmp_path, config, cfg=config_from_dict(recipe))
 
     processor = AutoImageProcessor.from_pretrained(tmp_path)
     assert type(processor).__name__ == "ViTImageProcessorPil"
@@ -224,7 +226,7 @@ def test_image_processor_matches_the_data_pipeline_resize(tmp_path):
     transforms = pytest.importorskip("hf_finetune.data.transforms")
     recipe = tiny_recipe()
     recipe["test_dataloader"]["dataset"]["pipeline"] = [{"type": "Resize", "scale": 224}, {"type": "PackClsInputs"}]
-    write_image_processor_config(tmp_path, {"mean": MEAN, "std": STD, "to_rgb": False}, recipe=recipe)
+    write_image_processor_config(tmp_path, {"mean": MEAN, "std": STD, "to_rgb": False}, cfg=config_from_dict(recipe))
     images = [Image.fromarray(np.random.default_rng(i).integers(0, 256, (32, 32, 3), dtype=np.uint8))
               for i in range(2)]
     pixels = AutoImageProcessor.from_pretrained(tmp_path)(images, return_tensors="pt")["pixel_values"]
@@ -236,7 +238,7 @@ def test_image_processor_matches_the_data_pipeline_resize(tmp_path):
 
 
 def test_image_processor_statistics_follow_to_rgb(tmp_path):
-    path = write_image_processor_config(tmp_path, {"mean": MEAN, "std": STD, "to_rgb": True}, recipe=tiny_recipe())
+    path = write_image_processor_config(tmp_path, {"mean": MEAN, "std": STD, "to_rgb": True}, cfg=config_from_dict(tiny_recipe()))
     written = json.load(open(path))
     assert written["image_mean"] == pytest.approx([m / 255 for m in MEAN[::-1]])
     assert written["image_std"] == pytest.approx([s / 255 for s in STD[::-1]])

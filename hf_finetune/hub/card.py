@@ -17,6 +17,7 @@ import platform
 import re
 from importlib import metadata
 
+from hf_finetune.config import config_from_dict
 from hf_finetune.hub.processor import PROCESSOR_FILE, input_size, processor_dict
 
 logger = logging.getLogger("hf_finetune.hub")
@@ -73,14 +74,14 @@ def dataset_info(recipe: dict, loader: str) -> dict:
     "source" identifies the images read (everything but the pipeline), to tell whether
     validation and test read the same split.
     """
-    from hf_finetune.data.build import DEFAULT_SPLITS, SPLIT_SECTIONS
+    from hf_finetune.data.build import DEFAULT_SPLITS
 
     dataset = recipe.get(loader, {}).get("dataset") or {}
     if not dataset:
         return {}
     kind = dataset.get("type")
     hub_id = dataset.get("hub_id") or DATASET_HUB_IDS.get(kind)
-    default_split = DEFAULT_SPLITS[{v: k for k, v in SPLIT_SECTIONS.items()}[loader]]
+    default_split = DEFAULT_SPLITS[loader.removesuffix("_dataloader")]
     source = {key: value for key, value in dataset.items() if key != "pipeline"}
     source.setdefault("split", default_split)
     return {
@@ -462,7 +463,8 @@ def write_model_card(work_dir: str, *, repo_id: str | None = None, native_subfol
     trainer_state = _load_json(os.path.join(work_dir, "trainer_state.json"))
     confusion = _load_json(os.path.join(work_dir, "confusion_matrix.json"))
     environment = _load_json(os.path.join(work_dir, ENVIRONMENT_FILE))
-    processor = _load_json(os.path.join(work_dir, PROCESSOR_FILE)) or processor_dict(config, recipe)
+    processor = _load_json(os.path.join(work_dir, PROCESSOR_FILE)) or processor_dict(
+        config, config_from_dict(recipe) if recipe else None)
     facts = recipe_facts(recipe, config)
     results = eval_results(all_results)
     model_name = os.path.basename(os.path.abspath(work_dir))
