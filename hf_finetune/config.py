@@ -108,6 +108,10 @@ class HeadCfg:
     topk: Union[int, list[int]] = knob([1, 5], "k of top-k accuracy the head reports", min=1)
     thr: Optional[float] = knob(None, "MultiLabelLinearClsHead: score threshold", min=0, max=1)
 
+    def __post_init__(self):
+        if self.type == "MultiLabelLinearClsHead" and self.loss == LossCfg():
+            self.loss = LossCfg(use_sigmoid=True)  # mmpretrain's default loss for this head
+
     @property
     def multi_label(self):
         return self.type == "MultiLabelLinearClsHead" or self.loss.use_sigmoid or \
@@ -206,8 +210,15 @@ class SyntheticCIFAR10Cfg(DatasetCfg):
     seed: int = knob(0, "generator seed")
 
 
+@dataclass
+class SyntheticMultiLabelCfg(DatasetCfg):
+    type: str = knob("SyntheticMultiLabel", "generated images of 1-3 of 5 coloured shapes (multi-label)")
+    num_samples: int = knob(1000, "number of images", min=1)
+    seed: int = knob(0, "generator seed")
+
+
 DATASET_TYPES = {"CIFAR10": CIFAR10Cfg, "HFImageDataset": HFImageDatasetCfg,
-                 "SyntheticCIFAR10": SyntheticCIFAR10Cfg}
+                 "SyntheticCIFAR10": SyntheticCIFAR10Cfg, "SyntheticMultiLabel": SyntheticMultiLabelCfg}
 
 
 @dataclass
@@ -237,12 +248,18 @@ class DataloaderCfg:
             self.persistent_workers and self.num_workers > 0
 
 
+MULTI_LABEL_METRICS = ("MultiLabelMetric", "AveragePrecision")
+
+
 @dataclass
 class AccuracyCfg:
-    type: str = knob("Accuracy", "metric type", choices=("Accuracy", "MultiLabelMetric",
-                                                         "AveragePrecision"))
-    topk: Union[int, list[int]] = knob([1], "k of top-k accuracy", min=1)
-    thr: Optional[float] = knob(None, "multi-label score threshold", min=0, max=1)
+    type: str = knob("Accuracy", "Accuracy (single-label); MultiLabelMetric, AveragePrecision "
+                     "(multi-label: mAP and precision / recall / F1)",
+                     choices=("Accuracy",) + MULTI_LABEL_METRICS)
+    topk: Union[None, int, list[int]] = knob(None, "Accuracy: k of top-k (default 1); "
+                                             "MultiLabelMetric: the k best classes count as predicted",
+                                             min=1)
+    thr: Optional[float] = knob(None, "MultiLabelMetric: score threshold (default 0.5)", min=0, max=1)
 
 
 # --- schedule ----------------------------------------------------------------------------------
@@ -608,10 +625,16 @@ def _check_config(cfg, error, set_keys):
         raise error(("model", "head", "in_channels"),
                     f"{head.in_channels} does not match the backbone's output ({channels} "
                     f"channels); remove it or set {channels}")
+    for name in ("val_evaluator", "test_evaluator"):
+        for i, evaluator in enumerate(getattr(cfg, name)):
+            if (evaluator.type in MULTI_LABEL_METRICS) != head.multi_label:
+                wanted = "MultiLabelMetric" if head.multi_label else "Accuracy"
+                raise error((name, i, "type"), f"{evaluator.type} does not fit a "
+                            f"{'multi' if head.multi_label else 'single'}-label head; use {wanted}")
     for where, ks in [(("model", "head", "topk"), head.topk)] + [
             ((name, i, "topk"), e.topk) for name in ("val_evaluator", "test_evaluator")
             for i, e in enumerate(getattr(cfg, name))]:
-        ks = ks if isinstance(ks, list) else [ks]
+        ks = ks if isinstance(ks, list) else [1] if ks is None else [ks]
         if max(ks) > head.num_classes and not head.multi_label:
             raise error(where, f"{ks} needs at least {max(ks)} classes but model.head.num_classes "
                                f"is {head.num_classes}; use [1]")
@@ -743,7 +766,7 @@ class _Parser:
         if origin is list:
             if not isinstance(value, list):
                 raise self.error(path, f"expected a list, got {describe(value)}")
-            item_meta = {k: v for k, v in meta.items() if k not in ("check", "listify")}
+            item_meta = {k: v for k, v in meta.items() if k not in ("check", "listify", "builder")}
             result = [self.value(v, args[0], item_meta, path + (i,)) for i, v in enumerate(value)]
         elif origin is dict:
             if not isinstance(value, dict):
