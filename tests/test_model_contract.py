@@ -186,8 +186,9 @@ def test_transformers_resnet_keys_map_to_depth_and_style():
     ({"depth": 50, "depths": [2, 2, 2, 2], "layer_type": "basic", "hidden_sizes": [64, 128, 256, 512]},
      "^depth=50 contradicts"),
     ({}, "^depth is required"),
+    ({"depth": 18, "problem_type": "multilabel"}, "^problem_type='multilabel' is not supported"),
 ])
-def test_transformers_resnet_keys_we_cannot_build(kwargs, message):
+def test_config_values_we_cannot_build(kwargs, message):
     with pytest.raises(ValueError, match=message) as info:
         FinetuneResNetConfig(**kwargs)
     assert "\n" not in str(info.value)

@@ -18,6 +18,7 @@ RESNET_ARCH = {
 STYLES = ("pytorch", "caffe")
 # mmpretrain loss names; the problem type (see `FinetuneResNetConfig`) says which targets they take.
 LOSS_TYPES = ("CrossEntropyLoss", "LabelSmoothLoss", "FocalLoss", "AsymmetricLoss")
+PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "regression")
 # ImageNet statistics on the 0-255 scale, RGB order (mmcls' ImageNet data_preprocessor).
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
@@ -146,6 +147,9 @@ class FinetuneResNetConfig(PretrainedConfig):
             raise ValueError(f"frozen_stages={frozen_stages!r} is out of range; expected -1..4")
         if loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type={loss_type!r} is not supported; expected one of {list(LOSS_TYPES)}")
+        if kwargs.get("problem_type") not in (None, *PROBLEM_TYPES):
+            raise ValueError(f"problem_type={kwargs['problem_type']!r} is not supported; expected one of "
+                             f"{list(PROBLEM_TYPES)} or None (inferred from the labels)")
         mean, std = [float(v) for v in mean], [float(v) for v in std]
         if len(mean) != 3 or len(std) != 3:
             raise ValueError(f"mean and std need 3 values each, got mean={mean} std={std}")
