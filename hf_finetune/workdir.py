@@ -162,7 +162,7 @@ def disk_full_guard(path):
         if not is_disk_full(exc):
             raise
         raise TrainingError(
-            f"writing {path} failed: the disk is full (no space left on device); free some space or choose "
+            f"writing {getattr(exc, 'filename', None) or path} failed: the disk is full (no space left on device); free some space or choose "
             "another --work-dir, then --resume (checkpoints saved before are intact)"
         ) from None
 

@@ -26,6 +26,7 @@ from hf_finetune.workdir import (
     WorkDirLock,
     atomic_write,
     check_fresh_start,
+    disk_full_guard,
     dump_json,
     eval_source,
     is_disk_full,
@@ -180,6 +181,14 @@ def test_disk_full_is_recognised_in_every_library_wrapping(tmp_path, error):
         save_atomically(write, tmp_path / "out")
     assert list((tmp_path / "out").iterdir()) == []
     assert not is_disk_full(OSError(errno.EACCES, "Permission denied"))
+
+
+def test_disk_full_names_the_file_being_written(tmp_path):
+    with pytest.raises(TrainingError, match="writing /run/checkpoint-3/optimizer.pt failed: the disk is full"):
+        with disk_full_guard(tmp_path):
+            raise OSError(errno.ENOSPC, "No space left on device", "/run/checkpoint-3/optimizer.pt")
+    with pytest.raises(OSError, match="Permission denied"), disk_full_guard(tmp_path):
+        raise OSError(errno.EACCES, "Permission denied")
 
 
 def test_interrupted_write_keeps_the_old_file_and_no_temp(tmp_path):
