@@ -19,7 +19,12 @@ from transformers import PretrainedConfig, PreTrainedModel, Trainer, TrainingArg
 from hf_finetune.data import cifar
 from hf_finetune.data.synthetic import write_cifar10_batches, write_cifar10_tarball
 from hf_finetune.errors import CheckpointError, DataError, TrainingError, UserError
-from hf_finetune.models import FinetuneResNetConfig, FinetuneResNetForImageClassification, load_pretrained
+from hf_finetune.models import (
+    FinetuneResNetConfig,
+    FinetuneResNetForImageClassification,
+    load_checkpoint_file,
+    load_pretrained,
+)
 from hf_finetune.models.checkpoints import assert_finite, safe_torch_load
 from hf_finetune.workdir import (
     TEMP_PREFIX,
@@ -331,6 +336,10 @@ def test_malicious_pickles_on_resume_and_eval_routes_are_one_line(tmp_path, trai
     with pytest.raises(CheckpointError) as error:  # --resume
         safe_torch_load(checkpoint / "optimizer.pt", key="--resume")
     assert "refuses to load" in one_line(error) and "optimizer.pt" in str(error.value)
+    if call is os.system:  # blocked by torch: the load_from route refuses it too, in the same words
+        with pytest.raises(CheckpointError) as load_from_error:
+            load_checkpoint_file(str(checkpoint / "optimizer.pt"))
+        assert str(error.value) == f"--resume: {load_from_error.value}"
     assert "refuses to load" in verify_checkpoint(checkpoint)[0]
 
     (checkpoint / "model.safetensors").unlink()
