@@ -161,8 +161,9 @@ def disk_full_guard(path):
     except Exception as exc:
         if not is_disk_full(exc):
             raise
+        written = getattr(exc, "filename", None) or path
         raise TrainingError(
-            f"writing {getattr(exc, 'filename', None) or path} failed: the disk is full (no space left on device); free some space or choose "
+            f"writing {written} failed: the disk is full (no space left on device); free some space or choose "
             "another --work-dir, then --resume (checkpoints saved before are intact)"
         ) from None
 
