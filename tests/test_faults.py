@@ -317,7 +317,8 @@ def test_incomplete_cifar_copies_name_the_missing_batches(tmp_path):
     with pytest.raises(DataError) as error:
         cifar.read_tarball(cut)
     assert "data_batch_3, data_batch_4, data_batch_5, test_batch missing" in one_line(error)
-    for splits, _ in (cifar.read_tarball(full), cifar.read_batches_folder(write_cifar10_batches(tmp_path / "ok", 10, 2))):
+    complete = write_cifar10_batches(tmp_path / "complete", n_train=10, n_test=2)
+    for splits, _ in (cifar.read_tarball(full), cifar.read_batches_folder(complete)):
         assert len(splits["train"][0]) == 10 and len(splits["test"][0]) == 2
 
 
