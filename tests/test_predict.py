@@ -11,7 +11,7 @@ from PIL import Image
 
 from hf_finetune.data import build_dataloader, build_datasets
 from hf_finetune.models import FinetuneResNetConfig, FinetuneResNetForImageClassification
-from hf_finetune.predict import main, predict
+from hf_finetune.predict import default_device, main, predict
 
 LABELS = ["cat", "dog", "ship"]
 TEST_PIPELINE = [{"type": "Resize", "scale": 32}, {"type": "PackClsInputs"}]
@@ -53,9 +53,10 @@ def eval_path_probabilities(work_dir, image_root):
               "test_dataloader": {"dataset": {"type": "HFImageDataset", "data_root": str(image_root),
                                               "split": "test", "pipeline": TEST_PIPELINE}}}
     dataset = build_datasets(recipe)["test"]
-    model = FinetuneResNetForImageClassification.from_pretrained(work_dir).eval()
+    device = default_device()  # the device predict() picks, so both sides run the same kernels
+    model = FinetuneResNetForImageClassification.from_pretrained(work_dir).to(device).eval()
     with torch.no_grad():
-        logits = torch.cat([model(pixel_values=batch["pixel_values"]).logits
+        logits = torch.cat([model(pixel_values=batch["pixel_values"].to(device)).logits.cpu()
                             for batch in build_dataloader(dataset, 2)])
     return logits.softmax(-1)
 
@@ -68,7 +69,7 @@ def test_predictions_match_the_evaluation_path(work_dir, image_root):
         assert row["error"] is None
         got = {label: score for label, score in row["predictions"]}
         want = {label: probabilities[i].item() for i, label in enumerate(LABELS)}
-        assert got == pytest.approx(want, abs=1e-5)
+        assert got == pytest.approx(want, abs=1e-4)  # batches differ: accelerator kernels may round differently
         scores = [score for _, score in row["predictions"]]
         assert scores == sorted(scores, reverse=True)
 
