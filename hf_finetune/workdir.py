@@ -76,6 +76,11 @@ class WorkDirLock:
                     f"work dir {self.path.parent} is in use by another run ({holder}); wait for it to finish "
                     "or choose another --work-dir"
                 ) from None
+            except OSError as exc:  # a file system without locks (some network / FUSE mounts)
+                os.close(fd)
+                logger.warning("work dir %s: cannot be locked (%s); a second run on it would not be stopped",
+                               self.path.parent, exc.strerror)
+                return
             # The holder may have removed the file between our open and flock: lock the file on disk.
             if _same_file(fd, self.path):
                 break
