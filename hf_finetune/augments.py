@@ -54,9 +54,10 @@ class Mixup:
     def mix(self, images, scores, rng):
         lam = rng.beta(self.alpha, self.alpha)
         index = torch.from_numpy(rng.permutation(len(images))).to(images.device)
-        pixels = images if images.is_floating_point() else images.float()
-        mixed = pixels * lam + pixels[index] * (1 - lam)
-        if not images.is_floating_point():
+        if images.is_floating_point():
+            mixed = images * lam + images[index] * (1 - lam)
+        else:  # in place on fresh float copies: half the passes over the batch
+            mixed = images.float().mul_(lam).add_(images[index].float(), alpha=1 - lam)
             mixed = mixed.round_().to(images.dtype)
         return mixed, scores * lam + scores[index] * (1 - lam)
 
