@@ -80,13 +80,13 @@ def _range(value, key: str, low: float, high: float, *, ordered: bool = True) ->
     raise RecipeError(f"{key}: expected [min, max] with {low} <= min <= max <= {high}, got {value!r}")
 
 
-def _color(value, key: str) -> tuple[int, int, int]:
-    """An int 0..255 or [r, g, b] of them."""
-    if _is_int(value) and 0 <= value <= 255:
-        return (int(value),) * 3
-    if isinstance(value, (list, tuple)) and len(value) == 3 and all(_is_int(v) and 0 <= v <= 255 for v in value):
-        return tuple(int(v) for v in value)
-    raise RecipeError(f"{key}: expected an int 0..255 or [r, g, b] of them, got {value!r}")
+def _color(value, key: str) -> tuple:
+    """A number 0..255 or [r, g, b] of them (mmpretrain configs pass float means, e.g. fill_color=bgr_mean)."""
+    if _is_number(value) and 0 <= value <= 255:
+        return (value,) * 3
+    if isinstance(value, (list, tuple)) and len(value) == 3 and all(_is_number(v) and 0 <= v <= 255 for v in value):
+        return tuple(value)
+    raise RecipeError(f"{key}: expected a number 0..255 or [r, g, b] of them, got {value!r}")
 
 
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
