@@ -612,17 +612,16 @@ def _auto_contrast(images, magnitude):
 def _equalize(images, magnitude):
     """Histogram equalisation per channel, PIL ImageOps.equalize's lookup table."""
     n, height, width, channels = images.shape
-    planes = images.permute(0, 3, 1, 2).reshape(n * channels, -1).long()
-    offsets = torch.arange(n * channels)[:, None] * 256
-    histogram = torch.bincount((planes + offsets).flatten(), minlength=n * channels * 256).view(-1, 256)
-    top_value = planes.amax(1)
-    step = (height * width - histogram.gather(1, top_value[:, None])[:, 0]) // 255
+    # One histogram and one lookup table per (image, channel): bin = value + 256 * (image * channels + channel).
+    offsets = (torch.arange(n * channels, dtype=torch.int32) * 256).view(n, 1, 1, channels)
+    bins = images.int() + offsets
+    histogram = torch.bincount(bins.view(-1), minlength=n * channels * 256).view(-1, 256)
+    top_count = histogram.gather(1, 255 - histogram.flip(1).ne(0).int().argmax(1, keepdim=True))[:, 0]
+    step = (height * width - top_count) // 255
     lut = (histogram.cumsum(1) + (step // 2)[:, None]) // step.clamp(min=1)[:, None]
     lut = torch.cat([torch.zeros_like(lut[:, :1]), lut[:, :-1]], 1).clamp(max=255)
-    identity = torch.arange(256).expand_as(lut)
-    lut = torch.where((step > 0)[:, None], lut, identity)
-    out = lut.gather(1, planes).to(torch.uint8)
-    return out.view(n, channels, height, width).permute(0, 2, 3, 1)
+    lut = torch.where((step > 0)[:, None], lut, torch.arange(256))
+    return lut.to(torch.uint8).view(-1)[bins]
 
 
 def _invert(images, magnitude):
