@@ -128,6 +128,38 @@ def test_exported_folder_uses_its_image_processor(work_dir, image_root, tmp_path
         assert [s for _, s in a["predictions"]] == pytest.approx([s for _, s in b["predictions"]], abs=1e-4)
 
 
+def test_hub_id_downloads_the_pushed_work_dir(work_dir, image_root, tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    from huggingface_hub import constants
+
+    from hf_finetune.hub import push_work_dir
+    from hub_server import HubServer
+
+    hub = HubServer(token="hf_predict_test").start()
+    try:
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+        push_work_dir(str(work_dir), "test-user/predict", token="hf_predict_test", endpoint=hub.url,
+                      include_native=False)
+        env = dict(os.environ, HF_ENDPOINT=hub.url, HF_HUB_OFFLINE="0", HF_HUB_DISABLE_XET="1",
+                   HF_HOME=str(tmp_path / "hf_home"))
+        env.pop("HF_TOKEN", None)
+        out = tmp_path / "hub.json"
+        run = subprocess.run([sys.executable, "-m", "hf_finetune.predict", "test-user/predict", str(image_root),
+                              "--topk", "2", "--out", str(out)], env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        hub.stop()
+    assert run.returncode == 0, run.stderr[-2000:]
+    local = predict(str(work_dir), [str(image_root)], topk=2)
+    from_hub = json.loads(out.read_text())
+    assert [row["file"] for row in from_hub] == [row["file"] for row in local]
+    for got, want in zip(from_hub, local):
+        assert [p["label"] for p in got["predictions"]] == [label for label, _ in want["predictions"]]
+        assert [p["score"] for p in got["predictions"]] == pytest.approx([s for _, s in want["predictions"]], abs=1e-6)
+
+
 def test_unknown_model_and_offline_hub_fail_in_one_line(image_root, capsys):
     assert main(["no/such-model-here", str(image_root)]) == 2
     err = capsys.readouterr().err.strip()
