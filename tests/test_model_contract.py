@@ -240,6 +240,7 @@ def count_block_calls(model):
     return calls
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning")
 @pytest.mark.parametrize("enable", ["with_cp", "gradient_checkpointing_enable"])
 def test_gradient_checkpointing_gives_the_same_gradients(enable):
     plain, _ = pair(num_labels=5, frozen_stages=1)
@@ -249,8 +250,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(enable):
     else:
         checkpointed = copy.deepcopy(plain)
         # What TrainingArguments(gradient_checkpointing=True) reaches (through activation_checkpointing_enable).
-        with pytest.warns(FutureWarning, match="deprecated"):
-            checkpointed.gradient_checkpointing_enable()
+        checkpointed.gradient_checkpointing_enable()
     before = {k: v.clone() for k, v in checkpointed.state_dict().items()}
     calls = count_block_calls(checkpointed)
     x, labels = images(4), labels_for("single_label_classification", n=4)
@@ -278,3 +278,19 @@ def test_gradient_checkpointing_is_off_in_eval_and_without_grad():
         ours.train()(images())
     ours.eval()(images())
     assert len(calls) == 2 * 8  # two forwards over eight blocks, no recomputation set up
+
+
+# transformers 5 renames gradient_checkpointing to activation_checkpointing; the old name still works.
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_training_arguments_gradient_checkpointing_reaches_the_model(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    ours, _ = pair(num_labels=5)
+    x, labels = images(4), labels_for("single_label_classification")
+    rows = [{"pixel_values": x[i], "labels": labels[i]} for i in range(4)]
+    args = TrainingArguments(output_dir=str(tmp_path), gradient_checkpointing=True, max_steps=1,
+                             per_device_train_batch_size=4, use_cpu=True, report_to=[], save_strategy="no")
+    calls = count_block_calls(ours)
+    Trainer(model=ours, args=args, train_dataset=rows).train()
+    assert ours.gradient_checkpointing
+    assert len(calls) == 2 * 8  # every block recomputed in backward
