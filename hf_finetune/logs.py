@@ -64,6 +64,7 @@ class MMEngineLogger(TrainerCallback):
         self._handler = None
         self._steps_per_epoch = None
         self._iteration_start = None
+        self._data_time = 0.0
         self._window = []  # (time, data_time) of the iterations since the last log line
         self._run_seconds, self._run_iterations = 0.0, 0
 
