@@ -169,8 +169,14 @@ def find_images(inputs) -> list[str]:
 
 
 def _read(path: str) -> np.ndarray:
+    from PIL import UnidentifiedImageError
+
     with open(path, "rb") as handle:
-        return decode_image(handle.read())
+        data = handle.read()
+    try:
+        return decode_image(data)
+    except UnidentifiedImageError:  # PIL names its BytesIO here, not the file
+        raise ValueError("not an image format PIL can read") from None
 
 
 # ------------------------------------------------------------------ predict
@@ -254,8 +260,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_library_bars() -> None:
+    """No download / weight-loading bars when the output goes to a file: they would fill it with '\\r'."""
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils.logging import disable_progress_bar
+
+    disable_progress_bars()
+    disable_progress_bar()
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if not sys.stdout.isatty():
+        _quiet_library_bars()
     try:
         if args.topk < 1 or args.batch_size < 1:
             raise UserError(f"--topk {args.topk} / --batch-size {args.batch_size}: both must be >= 1")
