@@ -166,7 +166,7 @@ def compare(setup, ours, mm, steps, tolerance):
     return worst_loss, worst_lr
 
 
-def run_setup(setup, anchor, work, data_root):
+def run_setup(setup, anchor, work, data_root, extra_options=()):
     python = anchor / "venv" / "bin" / "python"
     env = anchor_env(anchor)
     folder = work / setup
@@ -191,6 +191,7 @@ def run_setup(setup, anchor, work, data_root):
         f"param_scheduler.milestones={json.dumps(SETUPS[setup]['milestones'])}",
         f"randomness.seed={SEED}",
         *SETUPS[setup]["ours"],
+        *extra_options,
     ]
     ours_env = dict(os.environ, HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES="")
     ours_time = run([sys.executable, "-m", "hf_finetune.run", REPO / "recipes" / "cifar10.json",
@@ -208,6 +209,8 @@ def main():
     parser.add_argument("--setups", nargs="+", choices=list(SETUPS), default=list(SETUPS))
     parser.add_argument("--steps", type=int, default=EPOCHS * 5, help="updates to compare (at most 20)")
     parser.add_argument("--tolerance", type=float, default=1e-4, help="largest relative difference")
+    parser.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="more overrides for our side, after the setup's (e.g. env_cfg.channels_last=false)")
     parser.add_argument("--work", help="keep runs here (default: a temporary folder, removed)")
     args = parser.parse_args()
 
@@ -227,7 +230,7 @@ def main():
                 work / "pretrained.log", env=env, cwd=anchor)
         failed = False
         for setup in args.setups:
-            ours, mm = run_setup(setup, anchor, work, data_root)
+            ours, mm = run_setup(setup, anchor, work, data_root, args.cfg_options)
             worst_loss, worst_lr = compare(setup, ours, mm, args.steps, args.tolerance)
             failed |= max(worst_loss, worst_lr) > args.tolerance
     print("\nEQUAL" if not failed else "\nDIFFERENT: see the rows marked above")

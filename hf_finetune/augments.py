@@ -3,13 +3,13 @@
 As mmpretrain's RandomBatchAugment, one augment is chosen per batch (by `probs`, else
 uniformly; with `probs` summing to less than 1 the rest is "no augment"), and it mixes the
 batch with a permutation of itself under one ratio lambda ~ Beta(alpha, alpha). Labels become
-one-hot scores mixed with the same weights as the pixels, so the loss is cross entropy
-against soft targets (`soft_target_cross_entropy`).
+one-hot scores mixed with the same weights as the pixels; the model takes these soft targets
+[N, K] as `labels` (cross entropy against probabilities, as mmpretrain's gt_score).
 
 Label smoothing: mmpretrain smooths the one-hot scores (LabelSmoothLoss, mode "original":
 (1 - eps) * onehot + eps / K) of the mixed targets. Smoothing is affine and the mixing
 weights sum to 1, so smoothing before or after mixing gives the same targets; torch's
-`label_smoothing` on probability targets is that same formula.
+`label_smoothing` on probability targets, which the model's loss uses, is that formula.
 
 uint8 batches stay uint8 (the model normalises uint8 on the device): CutMix copies pixels,
 Mixup rounds the mixed values, as timm's uint8 collate mixup does. Float batches are mixed
@@ -54,9 +54,10 @@ class Mixup:
     def mix(self, images, scores, rng):
         lam = rng.beta(self.alpha, self.alpha)
         index = torch.from_numpy(rng.permutation(len(images))).to(images.device)
-        pixels = images if images.is_floating_point() else images.float()
-        mixed = pixels * lam + pixels[index] * (1 - lam)
-        if not images.is_floating_point():
+        if images.is_floating_point():
+            mixed = images * lam + images[index] * (1 - lam)
+        else:  # in place on fresh float copies: half the passes over the batch
+            mixed = images.float().mul_(lam).add_(images[index].float(), alpha=1 - lam)
             mixed = mixed.round_().to(images.dtype)
         return mixed, scores * lam + scores[index] * (1 - lam)
 
@@ -198,12 +199,3 @@ class BatchAugments(TrainerCallback):
             return pixel_values, scores
         return augment.mix(pixel_values, scores, rng)
 
-
-def soft_target_cross_entropy(logits, targets, label_smoothing=0.0):
-    """Mean cross entropy of logits [N, K] against probability targets [N, K], in float32.
-
-    `label_smoothing` = eps turns each target t into (1 - eps) * t + eps / K first, which is
-    mmpretrain's LabelSmoothLoss (mode "original") on mixed targets.
-    """
-    return F.cross_entropy(logits.float(), targets.to(logits.device, torch.float32),
-                           label_smoothing=label_smoothing)

@@ -49,6 +49,10 @@ def _eta(seconds: float) -> str:
     return str(datetime.timedelta(seconds=int(seconds)))
 
 
+def _number(value) -> str:
+    return str(value) if isinstance(value, int) else f"{value:.4f}"
+
+
 class MMEngineLogger(TrainerCallback):
     """Prints and writes mmengine-style lines at each logging step and each evaluation (main process only)."""
 
@@ -60,6 +64,7 @@ class MMEngineLogger(TrainerCallback):
         self._handler = None
         self._steps_per_epoch = None
         self._iteration_start = None
+        self._data_time = 0.0
         self._window = []  # (time, data_time) of the iterations since the last log line
         self._run_seconds, self._run_iterations = 0.0, 0
 
@@ -145,7 +150,7 @@ class MMEngineLogger(TrainerCallback):
         scalars["loss"] = logs["loss"]
         for key, value in logs.items():
             if key not in TRAIN_SKIPPED and isinstance(value, (int, float)):
-                parts.append(f"{key}: {value:.4f}")
+                parts.append(f"{key}: {_number(value)}")
                 scalars[key] = value
         if self._steps_per_epoch and args.max_steps <= 0:
             scalars["epoch"] = (state.global_step - 1) // self._steps_per_epoch + 1
@@ -174,7 +179,7 @@ class MMEngineLogger(TrainerCallback):
                 name, value = f"accuracy/top{match[1]}", 100 * value
                 accuracies.append(f"{name}: {value:.2f}")
             else:
-                others.append(f"{name}: {value:.4f}")
+                others.append(f"{name}: {_number(value)}")
             scalars[name] = value
         parts = [head] + accuracies + others
         if batches and f"{prefix}_runtime" in metrics:

@@ -29,7 +29,9 @@ from hf_finetune.errors import CheckpointError, DataError, UserError
 
 RECIPE_FILE = "recipe.json"
 PROCESSOR_FILE = "preprocessor_config.json"
-HUB_FILES = ["*.json", "*.safetensors", "*.py"]  # the model at the repo root; no subfolders
+# What predict reads from a Hub repo (at its root): the weights, and how to preprocess.
+HUB_REQUIRED = ("config.json", "model.safetensors")
+HUB_OPTIONAL = (RECIPE_FILE, PROCESSOR_FILE)
 
 
 # ------------------------------------------------------------------ model
@@ -49,14 +51,23 @@ def _eval_steps(model_dir: str):
 
 
 def _download(repo_id: str) -> str:
-    from huggingface_hub import snapshot_download
+    """The local snapshot folder holding the repo's model files (only those predict reads)."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import RemoteEntryNotFoundError
 
-    try:
-        return snapshot_download(repo_id, allow_patterns=HUB_FILES)
-    except Exception as exc:  # offline, unknown repo, no access: all end the command the same way
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"cannot download {repo_id!r} from the Hub ({type(exc).__name__}: {reason}); "
-                              f"check the id and your connection, or pass a local folder") from None
+    folder = None
+    for name in HUB_REQUIRED + HUB_OPTIONAL:
+        try:
+            folder = os.path.dirname(hf_hub_download(repo_id, name))
+        except RemoteEntryNotFoundError:
+            if name in HUB_REQUIRED:
+                raise CheckpointError(f"Hub repo {repo_id!r} has no {name} at its root: not a model predict can "
+                                      f"load") from None
+        except Exception as exc:  # offline, unknown repo, no access: all end the command the same way
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CheckpointError(f"cannot download {repo_id!r} from the Hub ({type(exc).__name__}: {reason}); "
+                                  f"check the id and your connection, or pass a local folder") from None
+    return folder
 
 
 class Classifier:
@@ -158,8 +169,14 @@ def find_images(inputs) -> list[str]:
 
 
 def _read(path: str) -> np.ndarray:
+    from PIL import UnidentifiedImageError
+
     with open(path, "rb") as handle:
-        return decode_image(handle.read())
+        data = handle.read()
+    try:
+        return decode_image(data)
+    except UnidentifiedImageError:  # PIL names its BytesIO here, not the file
+        raise ValueError("not an image format PIL can read") from None
 
 
 # ------------------------------------------------------------------ predict
@@ -243,8 +260,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_library_bars() -> None:
+    """No download / weight-loading bars when the output goes to a file: they would fill it with '\\r'."""
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils.logging import disable_progress_bar
+
+    disable_progress_bars()
+    disable_progress_bar()
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if not sys.stdout.isatty():
+        _quiet_library_bars()
     try:
         if args.topk < 1 or args.batch_size < 1:
             raise UserError(f"--topk {args.topk} / --batch-size {args.batch_size}: both must be >= 1")

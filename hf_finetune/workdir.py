@@ -80,6 +80,11 @@ class WorkDirLock:
                     f"work dir {self.path.parent} is in use by another run ({holder}); wait for it to finish "
                     "or choose another --work-dir"
                 ) from None
+            except OSError as exc:  # a file system without locks (some network / FUSE mounts)
+                os.close(fd)
+                logger.warning("work dir %s: cannot be locked (%s); a second run on it would not be stopped",
+                               self.path.parent, exc.strerror)
+                return
             # The holder may have removed the file between our open and flock: lock the file on disk.
             if _same_file(fd, self.path):
                 break
@@ -165,8 +170,9 @@ def disk_full_guard(path):
     except Exception as exc:
         if not is_disk_full(exc):
             raise
+        written = getattr(exc, "filename", None) or path
         raise TrainingError(
-            f"writing {path} failed: the disk is full (no space left on device); free some space or choose "
+            f"writing {written} failed: the disk is full (no space left on device); free some space or choose "
             "another --work-dir, then --resume (checkpoints saved before are intact)"
         ) from None
 
@@ -308,23 +314,23 @@ def verify_checkpoint(path) -> list[str]:
     if _weights_file(path) is None:
         missing.append(" or ".join(WEIGHT_FILES))
     if missing:
-        return [f"{path}: missing {', '.join(missing)} (interrupted while saving)"]
+        return [f"{path.name}: missing {', '.join(missing)} (interrupted while saving)"]
     problems = []
     try:
-        verify_weights(path, key=str(path))
+        verify_weights(path, key=path.name)
     except CheckpointError as exc:
         problems.append(str(exc))
     state_files = [path / name for name in ("optimizer.pt", "scheduler.pt") + OPTIONAL_RESUME_FILES]
     for file in state_files + sorted(path.glob("rng_state*.pth")):
         if file.is_file():
             try:
-                safe_torch_load(file, key=str(file))
+                safe_torch_load(file, key=path.name)
             except CheckpointError as exc:
                 problems.append(str(exc))
     try:
         json.loads((path / "trainer_state.json").read_text())
     except (OSError, ValueError) as exc:
-        problems.append(f"{path / 'trainer_state.json'}: not readable JSON ({exc})")
+        problems.append(f"{path.name}: {path / 'trainer_state.json'} is not readable JSON ({exc})")
     return problems
 
 
@@ -339,7 +345,7 @@ def usable_checkpoints(work_dir):
     for checkpoint in reversed(sort_checkpoints(str(work_dir), PREFIX_CHECKPOINT_DIR)):
         problems = verify_checkpoint(checkpoint)
         if problems:
-            logger.warning("skipping checkpoint %s: %s", checkpoint, "; ".join(problems))
+            logger.warning("skipping %s", "; ".join(problems))
             continue
         yield checkpoint
 
@@ -353,7 +359,7 @@ def resume_checkpoint(work_dir, resume) -> str | None:
     if resume in (None, False):
         return None
     if resume not in (True, "auto"):
-        problems = verify_checkpoint(resume) if Path(resume).is_dir() else [f"{resume}: no such folder"]
+        problems = verify_checkpoint(resume) if Path(resume).is_dir() else [f"{resume} is not a folder"]
         if problems:
             raise CheckpointError(f"--resume: {problems[0]}")
         return str(resume)

@@ -10,8 +10,10 @@ import torch
 from torch.nn import functional as F
 from transformers import TrainerControl, TrainerState
 
-from hf_finetune.augments import BatchAugments, soft_target_cross_entropy
+from hf_finetune.augments import BatchAugments
 from hf_finetune.errors import RecipeError
+from hf_finetune.models import FinetuneResNetConfig
+from hf_finetune.models.modeling_finetune_resnet import classification_loss
 
 N, K = 8, 10
 
@@ -154,7 +156,7 @@ def test_same_seed_same_batches_and_resume_by_batch_count():
         assert any(not torch.equal(d, t) for d, (_, t) in zip(draws, runs[0]))
 
 
-def test_label_smoothing_equals_smoothing_the_one_hots_before_mixing():
+def test_model_loss_on_mixed_targets_smooths_the_one_hots_before_mixing():
     eps, lam = 0.1, 0.3
     logits = torch.randn(N, K, generator=torch.Generator().manual_seed(0))
     labels = torch.arange(N)
@@ -163,11 +165,10 @@ def test_label_smoothing_equals_smoothing_the_one_hots_before_mixing():
     smoothed = one_hot * (1 - eps) + eps / K  # mmpretrain LabelSmoothLoss, mode "original"
     mixed_smoothed = lam * smoothed + (1 - lam) * smoothed[index]
     expected = -(mixed_smoothed * logits.log_softmax(-1)).sum(-1).mean()
-    mixed = lam * one_hot + (1 - lam) * one_hot[index]
-    loss = soft_target_cross_entropy(logits.half(), mixed, label_smoothing=eps)
-    assert loss.dtype == torch.float32
-    assert loss.item() == pytest.approx(expected.item(), rel=1e-2)
-    assert soft_target_cross_entropy(logits, mixed, eps).item() == pytest.approx(expected.item(), rel=1e-6)
+    config = FinetuneResNetConfig(depth=18, num_labels=K, label_smoothing=eps,
+                                  problem_type="single_label_classification")
+    loss = classification_loss(logits, lam * one_hot + (1 - lam) * one_hot[index], config)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
 
 
 @pytest.mark.parametrize("augments, probs, key", [

@@ -104,6 +104,14 @@ def test_license_environment_and_wall_time(tmp_path):
     assert "training wall time: 1:02:03" in text  # 3723.4 s
 
 
+def test_license_from_the_recipe(tmp_path):
+    directory = work_dir(tmp_path)
+    with_license = dict(recipe(), model_card={"license": "mit"})
+    (tmp_path / "recipe.json").write_text(json.dumps(with_license))
+    meta, text = read_card(write_model_card(directory))
+    assert meta["license"] == "mit" and "License: `mit`" in text
+
+
 def test_no_license_and_no_environment_are_said(tmp_path):
     meta, text = read_card(write_model_card(work_dir(tmp_path, environment=False)))
     assert "license" not in meta and "License: not stated" in text

@@ -6,8 +6,8 @@ import json
 import logging
 import multiprocessing
 import os
+import shutil
 import subprocess
-import sys
 import tarfile
 import time
 
@@ -19,13 +19,19 @@ from transformers import PretrainedConfig, PreTrainedModel, Trainer, TrainingArg
 from hf_finetune.data import cifar
 from hf_finetune.data.synthetic import write_cifar10_batches, write_cifar10_tarball
 from hf_finetune.errors import CheckpointError, DataError, TrainingError, UserError
-from hf_finetune.models import FinetuneResNetConfig, FinetuneResNetForImageClassification, load_pretrained
+from hf_finetune.models import (
+    FinetuneResNetConfig,
+    FinetuneResNetForImageClassification,
+    load_checkpoint_file,
+    load_pretrained,
+)
 from hf_finetune.models.checkpoints import assert_finite, safe_torch_load
 from hf_finetune.workdir import (
     TEMP_PREFIX,
     WorkDirLock,
     atomic_write,
     check_fresh_start,
+    disk_full_guard,
     dump_json,
     eval_source,
     is_disk_full,
@@ -87,8 +93,6 @@ def trainer_checkpoints(tmp_path_factory):
 
 
 def copy_run(source, target):
-    import shutil
-
     shutil.copytree(source, target)
     return target
 
@@ -180,6 +184,14 @@ def test_disk_full_is_recognised_in_every_library_wrapping(tmp_path, error):
         save_atomically(write, tmp_path / "out")
     assert list((tmp_path / "out").iterdir()) == []
     assert not is_disk_full(OSError(errno.EACCES, "Permission denied"))
+
+
+def test_disk_full_names_the_file_being_written(tmp_path):
+    with pytest.raises(TrainingError, match="writing /run/checkpoint-3/optimizer.pt failed: the disk is full"):
+        with disk_full_guard(tmp_path):
+            raise OSError(errno.ENOSPC, "No space left on device", "/run/checkpoint-3/optimizer.pt")
+    with pytest.raises(OSError, match="Permission denied"), disk_full_guard(tmp_path):
+        raise OSError(errno.EACCES, "Permission denied")
 
 
 def test_interrupted_write_keeps_the_old_file_and_no_temp(tmp_path):
@@ -305,8 +317,9 @@ def test_incomplete_cifar_copies_name_the_missing_batches(tmp_path):
     with pytest.raises(DataError) as error:
         cifar.read_tarball(cut)
     assert "data_batch_3, data_batch_4, data_batch_5, test_batch missing" in one_line(error)
-    splits, _ = cifar.read_tarball(full)
-    assert len(splits["train"][0]) == 10 and len(splits["test"][0]) == 2
+    complete = write_cifar10_batches(tmp_path / "complete", n_train=10, n_test=2)
+    for splits, _ in (cifar.read_tarball(full), cifar.read_batches_folder(complete)):
+        assert len(splits["train"][0]) == 10 and len(splits["test"][0]) == 2
 
 
 # --------------------------------------------------------------------------- class 12: refused pickles, one line
@@ -322,6 +335,10 @@ def test_malicious_pickles_on_resume_and_eval_routes_are_one_line(tmp_path, trai
     with pytest.raises(CheckpointError) as error:  # --resume
         safe_torch_load(checkpoint / "optimizer.pt", key="--resume")
     assert "refuses to load" in one_line(error) and "optimizer.pt" in str(error.value)
+    if call is os.system:  # blocked by torch: the load_from route refuses it too, in the same words
+        with pytest.raises(CheckpointError) as load_from_error:
+            load_checkpoint_file(str(checkpoint / "optimizer.pt"))
+        assert str(error.value) == f"--resume: {load_from_error.value}"
     assert "refuses to load" in verify_checkpoint(checkpoint)[0]
 
     (checkpoint / "model.safetensors").unlink()

@@ -105,6 +105,16 @@ def test_ema_follows_the_weights_until_begin_iter():
     assert average.eq(0.5 * 4.0 + 0.5 * 8.0).all()  # copy at update 3, average at 4
 
 
+def test_ema_begin_epoch_counts_epochs_from_one():
+    model, hook = Tiny(), EMAHook(momentum=0.5, begin_epoch=2)
+    hook.on_train_begin(None, TrainerState(), TrainerControl(), model=model)
+    for t, (epoch, value) in enumerate([(0.5, 1.0), (1.0, 2.0), (1.5, 4.0), (2.0, 8.0)], start=1):
+        set_weights(model, value)
+        hook.on_step_end(None, TrainerState(global_step=t, epoch=epoch), TrainerControl(), model=model)
+    # Epoch 1 (updates 1, 2) follows the weights; epoch 2 copies at update 3, averages at 4.
+    assert hook.averaged.module.fc.weight.eq(0.5 * 4.0 + 0.5 * 8.0).all()
+
+
 def test_swap_in_for_evaluation_and_back_before_the_next_step():
     model, hook = Tiny(), EMAHook(momentum=0.5)
     hook.on_train_begin(None, TrainerState(), TrainerControl(), model=model)

@@ -1,7 +1,6 @@
 """The transformers classifier contract, checked against ResNetForImageClassification with the same weights:
 hidden states, problem types and their losses, transformers ResNet configs and folders, gradient checkpointing."""
 
-import contextlib
 import copy
 import math
 
@@ -186,8 +185,9 @@ def test_transformers_resnet_keys_map_to_depth_and_style():
     ({"depth": 50, "depths": [2, 2, 2, 2], "layer_type": "basic", "hidden_sizes": [64, 128, 256, 512]},
      "^depth=50 contradicts"),
     ({}, "^depth is required"),
+    ({"depth": 18, "problem_type": "multilabel"}, "^problem_type='multilabel' is not supported"),
 ])
-def test_transformers_resnet_keys_we_cannot_build(kwargs, message):
+def test_config_values_we_cannot_build(kwargs, message):
     with pytest.raises(ValueError, match=message) as info:
         FinetuneResNetConfig(**kwargs)
     assert "\n" not in str(info.value)
@@ -240,7 +240,8 @@ def count_block_calls(model):
     return calls
 
 
-@pytest.mark.parametrize("enable", ["with_cp", "gradient_checkpointing_enable", "activation_checkpointing_enable"])
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+@pytest.mark.parametrize("enable", ["with_cp", "gradient_checkpointing_enable"])
 def test_gradient_checkpointing_gives_the_same_gradients(enable):
     plain, _ = pair(num_labels=5, frozen_stages=1)
     if enable == "with_cp":
@@ -248,12 +249,11 @@ def test_gradient_checkpointing_gives_the_same_gradients(enable):
         checkpointed.load_state_dict(plain.state_dict())
     else:
         checkpointed = copy.deepcopy(plain)
-        # gradient_checkpointing_enable is what TrainingArguments(gradient_checkpointing=True) reaches.
-        with pytest.warns(FutureWarning) if enable == "gradient_checkpointing_enable" else contextlib.nullcontext():
-            getattr(checkpointed, enable)()
+        # What TrainingArguments(gradient_checkpointing=True) reaches (through activation_checkpointing_enable).
+        checkpointed.gradient_checkpointing_enable()
     before = {k: v.clone() for k, v in checkpointed.state_dict().items()}
     calls = count_block_calls(checkpointed)
-    x, labels = images(8), labels_for("single_label_classification", n=8)
+    x, labels = images(4), labels_for("single_label_classification", n=4)
 
     expected, got = train_step(plain, x, labels), train_step(checkpointed, x, labels)
     for name, grad in expected.items():
@@ -278,3 +278,19 @@ def test_gradient_checkpointing_is_off_in_eval_and_without_grad():
         ours.train()(images())
     ours.eval()(images())
     assert len(calls) == 2 * 8  # two forwards over eight blocks, no recomputation set up
+
+
+# transformers 5 renames gradient_checkpointing to activation_checkpointing; the old name still works.
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_training_arguments_gradient_checkpointing_reaches_the_model(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    ours, _ = pair(num_labels=5)
+    x, labels = images(4), labels_for("single_label_classification")
+    rows = [{"pixel_values": x[i], "labels": labels[i]} for i in range(4)]
+    args = TrainingArguments(output_dir=str(tmp_path), gradient_checkpointing=True, max_steps=1,
+                             per_device_train_batch_size=4, use_cpu=True, report_to=[], save_strategy="no")
+    calls = count_block_calls(ours)
+    Trainer(model=ours, args=args, train_dataset=rows).train()
+    assert ours.gradient_checkpointing
+    assert len(calls) == 2 * 8  # every block recomputed in backward

@@ -139,3 +139,19 @@ def test_synthetic_shapes_show_their_colour():
     red = ((images[..., 0] > 190) & (images[..., 1] < 90) & (images[..., 2] < 90)).mean(axis=(1, 2))
     with_square, without = red[targets[:, 0] == 1], red[targets[:, 0] == 0]
     assert with_square.mean() > 5 * without.mean() + 0.01
+
+
+def test_trainer_hooks_turn_logits_into_the_metric():
+    from transformers import EvalPrediction
+
+    from hf_finetune.metrics import MultiLabelMetrics, multilabel_scores
+
+    logits = torch.tensor([[2.0, -1.0], [-3.0, 0.5], [0.1, -0.2]])
+    targets = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])
+    scores = multilabel_scores((logits,), targets)
+    assert torch.allclose(scores, torch.sigmoid(logits))
+    result = MultiLabelMetrics(thr=0.5)(EvalPrediction(predictions=scores.numpy(), label_ids=targets.numpy()))
+    # Class 0 predicts samples 0 and 2 (sigmoid 0.52), one right; class 1 predicts sample 1, right.
+    assert result["multilabel/precision"] == pytest.approx((0.5 + 1.0) / 2)
+    assert result["multilabel/recall"] == 1.0 and result["multilabel/mAP"] == 1.0
+    assert result["num_samples"] == 3

@@ -460,3 +460,27 @@ def test_bad_step_arguments_name_the_key(step, match):
 def test_registry_has_the_mmpretrain_steps():
     assert {"RandomResizedCrop", "ResizeEdge", "ColorJitter", "RandAugment", "AutoAugment",
             "RandomErasing"} <= set(PIPELINE_STEPS)
+
+
+def test_mmpretrain_imagenet_pipelines_run_on_mixed_size_jpegs(seeded):
+    """mmpretrain's ImageNet fine-tune train / test pipelines, argument for argument (sizes scaled down)."""
+    bgr_mean, bgr_std = [103.53, 116.28, 123.675], [57.375, 57.12, 58.395]
+    train = [
+        {"type": "RandomResizedCrop", "scale": 32, "backend": "pillow", "interpolation": "bicubic"},
+        {"type": "RandomFlip", "prob": 0.5, "direction": "horizontal"},
+        {"type": "RandAugment", "policies": "timm_increasing", "num_policies": 2, "total_level": 10,
+         "magnitude_level": 9, "magnitude_std": 0.5,
+         "hparams": {"pad_val": [round(x) for x in bgr_mean], "interpolation": "bicubic"}},
+        {"type": "RandomErasing", "erase_prob": 0.25, "mode": "rand", "min_area_ratio": 0.02,
+         "max_area_ratio": 1 / 3, "fill_color": bgr_mean, "fill_std": bgr_std},
+    ]
+    test = [{"type": "ResizeEdge", "scale": 36, "edge": "short", "backend": "pillow", "interpolation": "bicubic"},
+            {"type": "CenterCrop", "crop_size": 32}]
+    photos = rows(*(smooth_images(1, h, w, seed=i)[0] for i, (h, w) in enumerate([(60, 80), (80, 60), (50, 50)])),
+                  fmt="JPEG")
+    seeded(0)
+    out = transform(train)(photos)["pixel_values"]
+    assert out.shape == (3, 3, 32, 32) and out.dtype == torch.uint8
+    out = transform(test)(photos)["pixel_values"]
+    assert out.shape == (3, 3, 32, 32)
+    assert [ResizeEdge(36).output_size(hw) for hw in [(60, 80), (80, 60)]] == [(36, 48), (48, 36)]

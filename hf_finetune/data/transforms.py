@@ -80,13 +80,13 @@ def _range(value, key: str, low: float, high: float, *, ordered: bool = True) ->
     raise RecipeError(f"{key}: expected [min, max] with {low} <= min <= max <= {high}, got {value!r}")
 
 
-def _color(value, key: str) -> tuple[int, int, int]:
-    """An int 0..255 or [r, g, b] of them."""
-    if _is_int(value) and 0 <= value <= 255:
-        return (int(value),) * 3
-    if isinstance(value, (list, tuple)) and len(value) == 3 and all(_is_int(v) and 0 <= v <= 255 for v in value):
-        return tuple(int(v) for v in value)
-    raise RecipeError(f"{key}: expected an int 0..255 or [r, g, b] of them, got {value!r}")
+def _color(value, key: str) -> tuple:
+    """A number 0..255 or [r, g, b] of them (mmpretrain configs pass float means, e.g. fill_color=bgr_mean)."""
+    if _is_number(value) and 0 <= value <= 255:
+        return (value,) * 3
+    if isinstance(value, (list, tuple)) and len(value) == 3 and all(_is_number(v) and 0 <= v <= 255 for v in value):
+        return tuple(value)
+    raise RecipeError(f"{key}: expected a number 0..255 or [r, g, b] of them, got {value!r}")
 
 
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
@@ -482,14 +482,16 @@ class ResizeEdge(PipelineStep):
 
 def _gray(images: torch.Tensor) -> torch.Tensor:
     """ITU-R 601 luma of float NHWC RGB in PIL's fixed point (its "L" mode) -> [N, H, W, 1]."""
-    weights = images.new_tensor([19595.0, 38470.0, 7471.0])
-    return torch.floor(((images * weights).sum(-1, keepdim=True) + 32768.0) / 65536.0)
+    weights = images.new_tensor([[19595.0], [38470.0], [7471.0]])
+    return torch.floor((images @ weights + 32768.0) / 65536.0)
 
 
 def _blend(images: torch.Tensor, other, factor: torch.Tensor) -> torch.Tensor:
     """factor * images + (1 - factor) * other, per image, clipped to 0..255 (PIL ImageEnhance)."""
     f = factor.view(-1, 1, 1, 1).to(images.dtype)
-    return (f * images + (1 - f) * other).clamp(0, 255)
+    if not isinstance(other, torch.Tensor):  # a constant: brightness blends with black
+        return (images * f).clamp_(0, 255)
+    return torch.lerp(other.expand_as(images), images, f).clamp_(0, 255)
 
 
 def _adjust_brightness(images, factor):
@@ -505,13 +507,11 @@ def _adjust_saturation(images, factor):
 
 
 def _adjust_sharpness(images, factor):
-    """Blend with PIL's SMOOTH filter (border pixels kept), as ImageEnhance.Sharpness."""
-    kernel = images.new_tensor([[1, 1, 1], [1, 5, 1], [1, 1, 1]]) / 13
-    nchw = images.permute(0, 3, 1, 2)
-    smooth = F.conv2d(nchw.reshape(-1, 1, *nchw.shape[2:]), kernel[None, None]).reshape(*nchw.shape[:2], -1,
-                                                                                          nchw.shape[3] - 2)
+    """Blend with PIL's SMOOTH filter (3x3, centre weight 5, /13; border pixels kept), as ImageEnhance.Sharpness."""
+    rows = images[:, :-2] + images[:, 1:-1] + images[:, 2:]  # separable 3x3 box sum: rows, then columns
+    box = rows[:, :, :-2] + rows[:, :, 1:-1] + rows[:, :, 2:]
     degenerate = images.clone()
-    degenerate[:, 1:-1, 1:-1] = smooth.permute(0, 2, 3, 1)
+    degenerate[:, 1:-1, 1:-1] = (box + 4 * images[:, 1:-1, 1:-1]) / 13
     return _blend(images, degenerate, factor)
 
 
@@ -604,26 +604,25 @@ class ColorJitter(PipelineStep):
 
 def _auto_contrast(images, magnitude):
     """Stretch each channel's min..max to 0..255 (channels with one value stay)."""
-    x = images.float()
-    low, high = x.amin((1, 2), keepdim=True), x.amax((1, 2), keepdim=True)
-    stretched = ((x - low) * (255.0 / (high - low).clamp(min=1))).floor()
-    return torch.where(high > low, stretched, x).to(torch.uint8)
+    low, high = images.amin((1, 2), keepdim=True).float(), images.amax((1, 2), keepdim=True).float()
+    scale = torch.where(high > low, 255.0 / (high - low).clamp(min=1), 1.0)
+    low = torch.where(high > low, low, 0.0)
+    return ((images.float() - low) * scale).floor_().clamp_(0, 255).to(torch.uint8)
 
 
 def _equalize(images, magnitude):
     """Histogram equalisation per channel, PIL ImageOps.equalize's lookup table."""
     n, height, width, channels = images.shape
-    planes = images.permute(0, 3, 1, 2).reshape(n * channels, -1).long()
-    offsets = torch.arange(n * channels)[:, None] * 256
-    histogram = torch.bincount((planes + offsets).flatten(), minlength=n * channels * 256).view(-1, 256)
-    top_value = planes.amax(1)
-    step = (height * width - histogram.gather(1, top_value[:, None])[:, 0]) // 255
+    # One histogram and one lookup table per (image, channel): bin = value + 256 * (image * channels + channel).
+    offsets = (torch.arange(n * channels, dtype=torch.int32) * 256).view(n, 1, 1, channels)
+    bins = images.int() + offsets
+    histogram = torch.bincount(bins.view(-1), minlength=n * channels * 256).view(-1, 256)
+    top_count = histogram.gather(1, 255 - histogram.flip(1).ne(0).int().argmax(1, keepdim=True))[:, 0]
+    step = (height * width - top_count) // 255
     lut = (histogram.cumsum(1) + (step // 2)[:, None]) // step.clamp(min=1)[:, None]
     lut = torch.cat([torch.zeros_like(lut[:, :1]), lut[:, :-1]], 1).clamp(max=255)
-    identity = torch.arange(256).expand_as(lut)
-    lut = torch.where((step > 0)[:, None], lut, identity)
-    out = lut.gather(1, planes).to(torch.uint8)
-    return out.view(n, channels, height, width).permute(0, 2, 3, 1)
+    lut = torch.where((step > 0)[:, None], lut, torch.arange(256))
+    return lut.to(torch.uint8).view(-1)[bins]
 
 
 def _invert(images, magnitude):
@@ -638,13 +637,15 @@ def _posterize(images, magnitude):
 
 
 def _solarize(images, magnitude):
-    """Invert the pixels >= magnitude (the threshold)."""
-    return torch.where(images.float() >= magnitude.view(-1, 1, 1, 1), 255 - images, images)
+    """Invert the pixels >= magnitude (the threshold); compared in uint8: x >= t <=> x >= ceil(t)."""
+    threshold = magnitude.ceil().clamp(0, 256).view(-1, 1, 1, 1)
+    invert = (images >= threshold.clamp(max=255).to(torch.uint8)) & (threshold < 256)
+    return torch.where(invert, 255 - images, images)
 
 
 def _solarize_add(images, magnitude):
-    """Add magnitude to the pixels < 128 (saturating)."""
-    added = (images.double() + magnitude.view(-1, 1, 1, 1)).clamp(max=255).floor().to(torch.uint8)
+    """Add magnitude to the pixels < 128, saturating, truncated to an integer as mmpretrain does."""
+    added = (images.short() + magnitude.floor().short().view(-1, 1, 1, 1)).clamp_(0, 255).to(torch.uint8)
     return torch.where(images < 128, added, images)
 
 
@@ -682,16 +683,16 @@ def _translate_matrix(magnitude, height, width, direction):
 def _warp(images, matrices, interpolation: str, pad_val) -> torch.Tensor:
     """Sample each image at matrices[i] @ (x, y, 1) (pixel coordinates); outside pixels get pad_val."""
     n, height, width, _ = images.shape
-    ys, xs = torch.meshgrid(torch.arange(height, dtype=torch.float64), torch.arange(width, dtype=torch.float64),
-                            indexing="ij")
-    a = matrices.view(n, 2, 3, 1, 1)
-    src_x = a[:, 0, 0] * xs + a[:, 0, 1] * ys + a[:, 0, 2]
-    src_y = a[:, 1, 0] * xs + a[:, 1, 1] * ys + a[:, 1, 2]
-    grid = torch.stack([src_x * (2.0 / max(width - 1, 1)) - 1, src_y * (2.0 / max(height - 1, 1)) - 1], -1)
+    # Pixel -> grid_sample's [-1, 1] coordinates (align_corners=True): theta = N @ A @ N^-1.
+    to_unit = torch.tensor([[2.0 / max(width - 1, 1), 0, -1], [0, 2.0 / max(height - 1, 1), -1], [0, 0, 1]],
+                           dtype=torch.float64)
+    full = torch.cat([matrices, matrices.new_tensor([0, 0, 1]).expand(n, 1, 3)], 1)
+    theta = (to_unit @ full @ torch.linalg.inv(to_unit))[:, :2].float()
+    grid = F.affine_grid(theta, [n, 3, height, width], align_corners=True)
     pad = torch.tensor(pad_val, dtype=torch.float32).view(1, 3, 1, 1)
     # Sampling (image - pad) with zero padding, then adding pad back, pads with pad_val exactly.
     shifted = images.permute(0, 3, 1, 2).float() - pad
-    out = F.grid_sample(shifted, grid.float(), mode=interpolation, padding_mode="zeros", align_corners=True) + pad
+    out = F.grid_sample(shifted, grid, mode=interpolation, padding_mode="zeros", align_corners=True) + pad
     return _to_uint8(out).permute(0, 2, 3, 1).contiguous()
 
 

@@ -136,6 +136,7 @@ def recipe_facts(recipe: dict, config: dict) -> dict:
     ]
     return {
         "known": bool(recipe),
+        "license": (recipe.get("model_card") or {}).get("license"),
         "base_checkpoint": base_checkpoint(recipe),
         "base_prefix": (backbone.get("init_cfg") or {}).get("prefix"),
         "depth": config.get("depth") or backbone.get("depth"),
@@ -452,7 +453,8 @@ def write_model_card(work_dir: str, *, repo_id: str | None = None, native_subfol
 
     repo_id: the Hub repo the card will live in (used in the usage snippets and model-index).
     native_subfolder: where the native transformers export sits in that repo, if pushed.
-    license: a Hub license id ("apache-2.0", "mit", "other", ...); None leaves it unstated.
+    license: a Hub license id ("apache-2.0", "mit", "other", ...); None takes the recipe's
+    model_card.license, and leaves it unstated when that is absent too.
     """
     from huggingface_hub import ModelCard
 
@@ -466,6 +468,7 @@ def write_model_card(work_dir: str, *, repo_id: str | None = None, native_subfol
     processor = _load_json(os.path.join(work_dir, PROCESSOR_FILE)) or processor_dict(
         config, config_from_dict(recipe) if recipe else None)
     facts = recipe_facts(recipe, config)
+    license = license or facts["license"]
     results = eval_results(all_results)
     model_name = os.path.basename(os.path.abspath(work_dir))
     train_data, test_data = facts["datasets"]["train"], facts["datasets"]["test"]

@@ -18,3 +18,25 @@ def load_multilabel():
     import evaluate
 
     return evaluate.load(MULTILABEL_PATH)
+
+
+def multilabel_scores(logits, labels):
+    """Trainer `preprocess_logits_for_metrics` for multi-label models: per-class sigmoid scores."""
+    if isinstance(logits, tuple):
+        logits = logits[0]
+    return logits.float().sigmoid()
+
+
+class MultiLabelMetrics:
+    """Trainer `compute_metrics` for multi-label models (mmpretrain MultiLabelLinearClsHead's thr / topk)."""
+
+    def __init__(self, thr: float = 0.5, topk: int | None = None):
+        self.metric = load_multilabel()
+        self.thr, self.topk = thr, topk
+
+    def __call__(self, eval_pred):
+        scores, targets = eval_pred.predictions, eval_pred.label_ids
+        results = self.metric.compute(predictions=scores.tolist(), references=(targets > 0.5).astype("int64").tolist(),
+                                      thr=self.thr, topk=self.topk)
+        results["num_samples"] = int(len(targets))
+        return results

@@ -304,16 +304,17 @@ def read_checkpoint(path) -> object:
             # e.g. an mmpretrain epoch_N.pth: message_hub / optimizer / scheduler objects of mmengine classes.
             return _torch_load_with_placeholders(path)
         if blocked := _BLOCKED_GLOBAL.search(str(exc)):
-            raise CheckpointError(
-                f"{path} refuses to load: it calls {blocked.group(1)}, which a weights file never needs "
-                "(it may be malicious)"
-            ) from None
+            raise CheckpointError(_refusal(path, blocked.group(1))) from None
         error = exc
     except Exception as exc:  # noqa: BLE001 - whatever torch raises, the file is not a torch checkpoint
         error = exc
     with contextlib.suppress(CheckpointError):
         return _read_safetensors(path)
     raise CheckpointError(f"{path} is not a checkpoint (neither a torch.save file nor safetensors; {_detail(error)})")
+
+
+def _refusal(path, name: str) -> str:
+    return f"{path} refuses to load: it calls {name}, which a checkpoint never needs (it may be malicious)"
 
 
 def _detail(error: Exception) -> str:
@@ -352,10 +353,7 @@ def safe_torch_load(path, key: str = "checkpoint") -> object:
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if found := _BLOCKED_GLOBAL.search(str(exc)) or _UNSUPPORTED_GLOBAL.search(str(exc)):
-            raise CheckpointError(
-                f"{key}: {path} refuses to load: it calls {found.group(1)}, which a checkpoint never needs "
-                "(it may be malicious)"
-            ) from None
+            raise CheckpointError(f"{key}: {_refusal(path, found.group(1))}") from None
         error = exc
     except Exception as exc:  # noqa: BLE001 - truncated or not a torch.save file
         error = exc

@@ -18,22 +18,23 @@ RESNET_ARCH = {
 STYLES = ("pytorch", "caffe")
 # mmpretrain loss names; the problem type (see `FinetuneResNetConfig`) says which targets they take.
 LOSS_TYPES = ("CrossEntropyLoss", "LabelSmoothLoss", "FocalLoss", "AsymmetricLoss")
+PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "regression")
 # ImageNet statistics on the 0-255 scale, RGB order (mmcls' ImageNet data_preprocessor).
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
-# transformers ResNetConfig keys, and the value each must have for a depth we build.
-TRANSFORMERS_RESNET_DEFAULTS = {
+# transformers ResNetConfig keys that choose the architecture, at ResNetConfig's defaults (ResNet-50) ...
+TRANSFORMERS_RESNET_ARCH_DEFAULTS = {
     "depths": [3, 4, 6, 3],
     "layer_type": "bottleneck",
     "hidden_sizes": [256, 512, 1024, 2048],
-    "embedding_size": 64,
-    "num_channels": 3,
-    "hidden_act": "relu",
-    "downsample_in_first_stage": False,
     "downsample_in_bottleneck": False,
 }
-# Keys a transformers ResNetConfig also writes that say nothing about the classifier we build.
+# ... those whose value is the same in every ResNet we build ...
+TRANSFORMERS_RESNET_FIXED = {"embedding_size": 64, "num_channels": 3, "hidden_act": "relu",
+                             "downsample_in_first_stage": False}
+# ... and those that say nothing about the classifier.
 TRANSFORMERS_RESNET_BACKBONE_KEYS = ("stage_names", "out_features", "out_indices")
+TRANSFORMERS_LOAD_HINT = "load such weights with load_from / init_cfg into a supported architecture"
 
 
 def stage_widths(layer_type):
@@ -45,28 +46,23 @@ def stage_widths(layer_type):
 def depth_from_transformers_keys(keys, depth=None):
     """(depth, style) of a transformers ResNetConfig's keys; ValueError naming the key we cannot build.
 
-    Keys not given take ResNetConfig's defaults (ResNet-50). An explicit `depth` must agree.
+    Keys not given take ResNetConfig's defaults. An explicit `depth` must agree.
     """
-    values = {**TRANSFORMERS_RESNET_DEFAULTS, **keys}
-    arch = (values["layer_type"], tuple(values["depths"]))
-    matches = [d for d, known in RESNET_ARCH.items() if known == arch]
+    for key, value in TRANSFORMERS_RESNET_FIXED.items():
+        if keys.get(key, value) != value:
+            raise ValueError(f"{key}={keys[key]!r} cannot be built (ours is {value!r}); {TRANSFORMERS_LOAD_HINT}")
+    values = {**TRANSFORMERS_RESNET_ARCH_DEFAULTS, **keys}
+    depths, layer_type = list(values["depths"]), values["layer_type"]
+    matches = [d for d, arch in RESNET_ARCH.items() if arch == (layer_type, tuple(depths))]
     if not matches:
-        raise ValueError(
-            f"depths={list(values['depths'])} with layer_type={values['layer_type']!r} is not a ResNet depth we "
-            f"build (18/34/50/101/152); load such weights with load_from / init_cfg into a supported depth"
-        )
+        raise ValueError(f"depths={depths} with layer_type={layer_type!r} is not a ResNet depth we build "
+                         f"({'/'.join(map(str, RESNET_ARCH))}); {TRANSFORMERS_LOAD_HINT}")
     mapped = matches[0]
-    expected = {**TRANSFORMERS_RESNET_DEFAULTS, "hidden_sizes": stage_widths(values["layer_type"]),
-                "depths": list(values["depths"]), "layer_type": values["layer_type"],
-                "downsample_in_bottleneck": values["downsample_in_bottleneck"]}
-    for key, value in expected.items():
-        given = list(values[key]) if isinstance(values[key], (list, tuple)) else values[key]
-        if given != value:
-            raise ValueError(f"{key}={given!r} cannot be built (ResNet-{mapped} needs {key}={value!r}); "
-                             "load such weights with load_from / init_cfg into a supported architecture")
+    if list(values["hidden_sizes"]) != stage_widths(layer_type):
+        raise ValueError(f"hidden_sizes={list(values['hidden_sizes'])} cannot be built (ResNet-{mapped} needs "
+                         f"{stage_widths(layer_type)}); {TRANSFORMERS_LOAD_HINT}")
     if depth is not None and int(depth) != mapped:
-        raise ValueError(f"depth={depth!r} contradicts depths={list(values['depths'])} "
-                         f"(ResNet-{mapped}); give one of them")
+        raise ValueError(f"depth={depth!r} contradicts depths={depths} (ResNet-{mapped}); give one of them")
     return mapped, "caffe" if values["downsample_in_bottleneck"] else "pytorch"
 
 
@@ -130,11 +126,13 @@ class FinetuneResNetConfig(PretrainedConfig):
         model_cfg=None,
         **kwargs,
     ):
-        transformers_keys = {key: kwargs.pop(key) for key in TRANSFORMERS_RESNET_DEFAULTS if key in kwargs}
+        resnet_keys = (*TRANSFORMERS_RESNET_ARCH_DEFAULTS, *TRANSFORMERS_RESNET_FIXED)
+        transformers_keys = {key: kwargs.pop(key) for key in resnet_keys if key in kwargs}
         for key in TRANSFORMERS_RESNET_BACKBONE_KEYS:
             kwargs.pop(key, None)
         if transformers_keys:
-            depth, style = depth_from_transformers_keys(transformers_keys, depth)
+            depth, mapped_style = depth_from_transformers_keys(transformers_keys, depth)
+            style = mapped_style if "downsample_in_bottleneck" in transformers_keys else style
         if depth is None:
             raise ValueError(f"depth is required; expected one of {sorted(RESNET_ARCH)} "
                              "(or the depths/layer_type keys of a transformers ResNetConfig)")
@@ -146,6 +144,9 @@ class FinetuneResNetConfig(PretrainedConfig):
             raise ValueError(f"frozen_stages={frozen_stages!r} is out of range; expected -1..4")
         if loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type={loss_type!r} is not supported; expected one of {list(LOSS_TYPES)}")
+        if kwargs.get("problem_type") not in (None, *PROBLEM_TYPES):
+            raise ValueError(f"problem_type={kwargs['problem_type']!r} is not supported; expected one of "
+                             f"{list(PROBLEM_TYPES)} or None (inferred from the labels)")
         mean, std = [float(v) for v in mean], [float(v) for v in std]
         if len(mean) != 3 or len(std) != 3:
             raise ValueError(f"mean and std need 3 values each, got mean={mean} std={std}")

@@ -268,9 +268,10 @@ class FinetuneResNetForImageClassification(PreTrainedModel):
         return hidden_state, (hidden_states if output_hidden_states else None)
 
     def _run_block(self, block: nn.Module, hidden_state: torch.Tensor) -> torch.Tensor:
+        if not (self.gradient_checkpointing and self.training and torch.is_grad_enabled()):
+            return block(hidden_state)
         # Frozen blocks keep no activations for backward anyway: only trainable ones are checkpointed.
-        trainable = any(param.requires_grad for param in block.parameters())
-        if not (self.gradient_checkpointing and self.training and torch.is_grad_enabled() and trainable):
+        if not any(param.requires_grad for param in block.parameters()):
             return block(hidden_state)
         return self._gradient_checkpointing_func(
             block.__call__, hidden_state, context_fn=functools.partial(recompute_contexts, block)

@@ -1,0 +1,62 @@
+"""benchmarks/gpu_throughput.py in its CPU dry-run mode: it runs end to end and reports every figure."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_throughput.py"
+
+
+@pytest.fixture(scope="module")
+def gpu_throughput():
+    spec = importlib.util.spec_from_file_location("gpu_throughput", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def dry_run(gpu_throughput, tmp_path_factory):
+    out = tmp_path_factory.mktemp("gpu_throughput") / "report.json"
+    threads = torch.get_num_threads()
+    returned = gpu_throughput.main(["--dry-run", "--json", str(out)])
+    assert torch.get_num_threads() == threads  # the dry run must not leave the thread count changed
+    return returned, json.loads(out.read_text())
+
+
+def test_dry_run_is_the_small_cpu_setting(dry_run):
+    _, report = dry_run
+    assert report["dry_run"] is True
+    assert report["device"].startswith("CPU")
+    assert (report["model"], report["image_size"], report["timed_steps"]) == ("ResNet-18", 32, 2)
+
+
+def test_report_figures_are_consistent(dry_run):
+    returned, report = dry_run
+    assert returned == report  # the JSON file holds what was printed
+    for key in ("step_time_s", "images_per_sec_per_device", "model_only_images_per_sec",
+                "loader_images_per_sec_one_core"):
+        assert report[key] > 0, key
+    assert report["images_per_sec_per_device"] == pytest.approx(report["batch_per_device"] / report["step_time_s"])
+    assert 0.0 <= report["data_wait_share"] < 1.0
+    assert report["projection_gpus"] == 8
+    assert report["projected_images_per_sec"] == pytest.approx(8 * report["images_per_sec_per_device"])
+    assert report["workers_per_device_needed"] >= 1
+    assert report["projected_loader_cores"] == 8 * report["workers_per_device_needed"]
+
+
+def test_printed_summary_names_the_figures(dry_run, capsys, gpu_throughput):
+    gpu_throughput.print_report(dry_run[1])
+    out = capsys.readouterr().out
+    assert "images/s per device" in out and "waiting for data" in out and "8 devices" in out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is visible")
+def test_asking_for_cuda_without_one_is_a_clear_error(gpu_throughput, capsys):
+    with pytest.raises(SystemExit) as exc:
+        gpu_throughput.parse_args(["--device", "cuda"])
+    assert exc.value.code == 2
+    assert "no CUDA device" in capsys.readouterr().err
