@@ -29,7 +29,7 @@ def save_outputs(trainer, cfg, results):
         dump_json(cfg.to_dict(), os.path.join(work_dir, "recipe.json"))
         save_metrics(work_dir, "all", results)
         dump_json(dataclasses.asdict(trainer.state), os.path.join(work_dir, "trainer_state.json"))
-        matrix = trainer.compute_metrics.matrix
+        matrix = getattr(trainer.compute_metrics, "matrix", None)  # single-label only
         if matrix is not None:
             names = [trainer.model.config.id2label[i] for i in range(len(matrix))]
             dump_json({"labels": names, "matrix": matrix}, os.path.join(work_dir, "confusion_matrix.json"))

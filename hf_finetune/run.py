@@ -131,7 +131,7 @@ def train(cfg, resume=None, overwrite=False):
         save_outputs(trainer, cfg, results)
 
     if trainer.is_world_process_zero():
-        logger.info("done: %s", ", ".join(f"{k}={v:.4f}" for k, v in results.items() if "accuracy" in k))
+        logger.info("done: %s", headline(results))
         if cfg.hub.push:
             from hf_finetune import hub
 
@@ -164,8 +164,14 @@ def evaluate_only(cfg, source="auto"):
     metrics = trainer.evaluate(datasets["test"], metric_key_prefix="test")
     if trainer.is_world_process_zero():
         save_metrics(work_dir, "test", metrics)
-        logger.info("test: %s", ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if "accuracy" in k))
+        logger.info("test: %s", headline(metrics))
     return metrics
+
+
+def headline(metrics):
+    """The quality figures of a metrics dict (accuracy, mAP, F1 ...), for the last log line."""
+    return ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()
+                     if isinstance(v, float) and ("accuracy" in k or "multilabel" in k))
 
 
 def _step_of(folder):

@@ -153,8 +153,10 @@ def build_training_args(cfg, plan, steps_per_epoch=1, validate=True):
         args["max_steps"] = train.max_iters
     if checkpoint.save_best and evaluate:
         best = checkpoint.save_best
-        args["metric_for_best_model"] = "accuracy_top1" if best in ("auto", "accuracy/top1") \
-            else best.replace("/", "_")
+        if best == "auto":
+            best = "multilabel/mAP" if cfg.model.head.multi_label else "accuracy/top1"
+        # Our accuracy keys are accuracy_top1 ...; mmcls writes accuracy/top1.
+        args["metric_for_best_model"] = best.replace("accuracy/", "accuracy_")
         args["greater_is_better"] = checkpoint.rule != "less"
     if wrapper.type == "AmpOptimWrapper":
         if wrapper.dtype in ("bfloat16", "bf16"):
@@ -194,6 +196,29 @@ def build_training_args(cfg, plan, steps_per_epoch=1, validate=True):
 # --- the Trainer ------------------------------------------------------------------------------
 
 
+def evaluation_metrics(cfg, num_classes):
+    """(compute_metrics, preprocess_logits_for_metrics) for the head: top-k accuracy and the
+    confusion matrix, or mmpretrain's multi-label metrics."""
+    if cfg.model.head.multi_label:
+        from .metrics import MultiLabelMetrics, multilabel_scores
+
+        evaluator = next((e for e in cfg.val_evaluator if e.type == "MultiLabelMetric"), None)
+        thr = evaluator.thr if evaluator and evaluator.thr is not None else cfg.model.head.thr
+        topk = evaluator.topk if evaluator else None
+        topk = topk[0] if isinstance(topk, list) else topk
+        return MultiLabelMetrics(thr=0.5 if thr is None and topk is None else thr, topk=topk), multilabel_scores
+
+    topk, rank_k = topk_of(cfg, num_classes)
+
+    def ranked_classes(logits, labels):
+        # Keep only the best k class indices per sample: less to gather across processes.
+        if isinstance(logits, tuple):
+            logits = logits[0]
+        return logits.topk(rank_k, dim=-1).indices
+
+    return EvalMetrics(topk, num_classes), ranked_classes
+
+
 def build_trainer(cfg, datasets=None, model=None, callbacks=None):
     """A FinetuneTrainer wired from the config; datasets and model are built when not given."""
     from .data import build_datasets, label_names
@@ -223,14 +248,7 @@ def build_trainer(cfg, datasets=None, model=None, callbacks=None):
     if cfg.env_cfg.cudnn_benchmark:
         torch.backends.cudnn.benchmark = True
 
-    topk, rank_k = topk_of(cfg, model.config.num_labels)
-    metrics = EvalMetrics(topk, model.config.num_labels)
-
-    def ranked_classes(logits, labels):
-        # Keep only the best k class indices per sample: less to gather across processes.
-        if isinstance(logits, tuple):
-            logits = logits[0]
-        return logits.topk(rank_k, dim=-1).indices
+    metrics, scores = evaluation_metrics(cfg, model.config.num_labels)
 
     # mmengine's custom_hooks and the batch augments run as Trainer callbacks.
     from .hooks import build_custom_hooks
@@ -249,7 +267,7 @@ def build_trainer(cfg, datasets=None, model=None, callbacks=None):
         train_dataset=datasets.get("train"),
         eval_dataset=datasets.get("val"),
         compute_metrics=metrics,
-        preprocess_logits_for_metrics=ranked_classes,
+        preprocess_logits_for_metrics=scores,
         callbacks=callbacks,
         cfg=cfg,
         plan=plan,

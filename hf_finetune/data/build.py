@@ -10,6 +10,8 @@ import numpy as np
 
 from ..errors import DataError, RecipeError
 from .decode import decode_image
+from .labels import label_layout, num_label_classes
+from .labels import label_names as feature_label_names
 from .sources import ACCEPTED_FORMATS, SourceLoader
 from .transforms import ROW_COLUMN, BatchTransform, _did_you_mean, _is_int
 
@@ -26,8 +28,9 @@ def build_datasets(cfg, splits=None) -> datasets.DatasetDict:
     ClassLabel, so `label_names(dd)` reads the class names from the features.
     """
     loader = SourceLoader()
+    head = cfg.model.head
     splits = {split: _build_split(section.dataset, f"{split}_dataloader.dataset",
-                                  DEFAULT_SPLITS[split], cfg.num_classes(), loader)
+                                  DEFAULT_SPLITS[split], head.num_classes, head.multi_label, loader)
               for split, section in cfg.dataloaders().items() if splits is None or split in splits}
     return datasets.DatasetDict(splits)
 
@@ -35,10 +38,12 @@ def build_datasets(cfg, splits=None) -> datasets.DatasetDict:
 def label_names(dataset_dict) -> list[str]:
     """Class names, index = label id (for the model's id2label)."""
     ds = dataset_dict["train"] if "train" in dataset_dict else next(iter(dataset_dict.values()))
-    return list(ds.features[LABEL].names)
+    feature = ds.features[LABEL]
+    return list((feature if isinstance(feature, datasets.ClassLabel) else feature.feature).names)
 
 
-def _build_split(cfg, key: str, default_split: str, num_classes: int, loader: SourceLoader):
+def _build_split(cfg, key: str, default_split: str, num_classes: int, multi_label: bool,
+                 loader: SourceLoader):
     steps = [step.op for step in cfg.pipeline]
     split = cfg.split or default_split
     ds, source = _load_source(cfg, key, split, loader)
@@ -47,18 +52,31 @@ def _build_split(cfg, key: str, default_split: str, num_classes: int, loader: So
     names = _check_columns(ds, image_column, label_column, source, key)
     if len(ds) == 0:
         raise DataError(f"{source} is empty (0 images); check {key}.split and the data")
-    names = _check_labels(ds, label_column, names, num_classes, source)
+    layout = label_layout(ds.features[label_column], label_column)
+    if (layout != "single_label") != multi_label:
+        raise DataError(
+            f"{source}: the labels in column {label_column!r} are "
+            f"{'one class per image' if layout == 'single_label' else 'several classes per image'} but "
+            f"model.head is {'multi' if multi_label else 'single'}-label; set model.head.type to "
+            f"{'LinearClsHead' if multi_label else 'MultiLabelLinearClsHead'}")
+    if multi_label:
+        ds, names = _class_lists(ds, label_column, layout, num_classes, source)
+        label_feature = datasets.Sequence(datasets.ClassLabel(names=names))
+    else:
+        names = _check_labels(ds, label_column, names, num_classes, source)
+        label_feature = datasets.ClassLabel(names=names)
 
     renames = {old: new for old, new in ((image_column, IMAGE), (label_column, LABEL)) if old != new}
     ds = ds.rename_columns(renames) if renames else ds
     ds = ds.cast_column(IMAGE, datasets.Image(decode=False))
-    ds = ds.cast_column(LABEL, datasets.ClassLabel(names=names))
+    ds = ds.cast_column(LABEL, label_feature)
     ds = ds.add_column(ROW_COLUMN, np.arange(len(ds), dtype=np.int64))
     ds = _subset(ds, cfg.indices, f"{key}.indices", source)
     if cfg.on_corrupt == "skip":
         ds = _drop_undecodable(ds, IMAGE, source)
     transform = BatchTransform(steps, image_column=IMAGE, label_column=LABEL, source=source,
-                               on_corrupt=cfg.on_corrupt)
+                               on_corrupt=cfg.on_corrupt,
+                               multi_label_classes=num_classes if multi_label else None)
     ds.set_transform(transform, columns=[IMAGE, LABEL, ROW_COLUMN])
     return ds
 
@@ -67,6 +85,8 @@ def _load_source(cfg, key, split, loader: SourceLoader):
     """-> (raw Dataset, description); our own conversions name the columns img/label."""
     if cfg.type == "SyntheticCIFAR10":
         return loader.synthetic(cfg.num_samples, cfg.seed, split)
+    if cfg.type == "SyntheticMultiLabel":
+        return loader.synthetic_multilabel(cfg.num_samples, cfg.seed, split)
     if cfg.data_root:
         root = Path(cfg.data_root).expanduser()
         local = loader.local(root, split, key)
@@ -115,8 +135,35 @@ def _check_columns(ds: datasets.Dataset, image_column: str, label_column: str, s
         return list(label.names)
     if isinstance(label, datasets.Value) and label.dtype.startswith(("int", "uint")):
         return None
-    raise DataError(f"column {label_column!r} of {source} is {_describe_feature(label)}, not a ClassLabel or integer "
-                    f"label column; columns found: {found}. Set {key}.label_column")
+    try:
+        label_layout(label, label_column)
+    except DataError:
+        raise DataError(f"column {label_column!r} of {source} is {_describe_feature(label)}, not a label column "
+                        f"(ClassLabel, integer, Sequence(ClassLabel) or multi-hot); columns found: {found}. "
+                        f"Set {key}.label_column") from None
+    return feature_label_names(label)
+
+
+def _class_lists(ds, label_column, layout, num_classes, source):
+    """Multi-label columns as class lists (multi-hot rows converted), every class in range;
+    -> (dataset, class names)."""
+    feature = ds.features[label_column]
+    count = num_label_classes(feature)
+    if count is not None and count != num_classes:
+        raise DataError(f"{source} has {count} classes but model.head.num_classes is {num_classes}; "
+                        f"set model.head.num_classes={count}")
+    names = feature_label_names(feature) or [str(i) for i in range(num_classes)]
+    if layout == "multi_hot":
+        ds = ds.map(lambda batch: {label_column: [[i for i, v in enumerate(row) if v] for row in batch[label_column]]},
+                    batched=True, features=datasets.Features({**ds.features, label_column: datasets.Sequence(
+                        datasets.Value("int64"))}), desc="multi-hot labels to class lists")
+    for start in range(0, len(ds), 4096):
+        lists = ds.with_format("arrow")[start:start + 4096][label_column].to_pylist()
+        bad = [(start + i, c) for i, row in enumerate(lists) for c in row if not 0 <= c < num_classes]
+        if bad:
+            raise DataError(f"label {bad[0][1]} at index {bad[0][0]} of {source} is outside "
+                            f"0..{num_classes - 1} (model.head.num_classes)")
+    return ds, names
 
 
 def _check_labels(ds: datasets.Dataset, label_column: str, names, num_classes: int, source: str) -> list[str]:

@@ -392,6 +392,12 @@ class SourceLoader:
                             f"(set {key}.split)")
         return loaded[split], f"{description}, split {split!r}", converted
 
+    def synthetic_multilabel(self, num_samples: int, seed: int, split: str) -> tuple[datasets.Dataset, str]:
+        from .synthetic_multilabel import synthetic_multilabel_dataset
+
+        return (synthetic_multilabel_dataset(num_samples, seed, split),
+                f"synthetic multi-label shapes (num_samples {num_samples}, seed {seed}, split {split!r})")
+
     def synthetic(self, num_samples: int, seed: int, split: str) -> tuple[datasets.Dataset, str]:
         return (synthetic_dataset(num_samples, seed, split),
                 f"synthetic CIFAR-10 (num_samples {num_samples}, seed {seed}, split {split!r})")

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from ..errors import RecipeError
 from .decode import LazyImage
+from .labels import class_lists_to_multi_hot
 from .runtime import BatchDataError, pipeline_generator, undecodable_message
 
 ROW_COLUMN = "__row__"  # original row index within the split, for error messages
@@ -1059,14 +1060,15 @@ class BatchTransform:
     """
 
     def __init__(self, steps, *, image_column: str, label_column: str, source: str, on_corrupt: str = "error",
-                 label_names: list[str] | None = None):
+                 multi_label_classes: int | None = None):
         self.steps = list(steps[:-1])
         self.packer = steps[-1]
         self.image_column = image_column
         self.label_column = label_column
         self.source = source
         self.on_corrupt = on_corrupt
-        self.label_names = label_names  # index = label id; read by data.label_names()
+        # Multi-label: the label column holds class lists; targets are multi-hot float [N, C].
+        self.multi_label_classes = multi_label_classes
         self.skipped = 0  # per process
 
     def _where(self, item, row) -> str:
@@ -1108,7 +1110,11 @@ class BatchTransform:
         if not images:
             raise BatchDataError(f"no image of this batch of {self.source} could be decoded (indices {list(rows)[:8]})")
         labels = batch[self.label_column]
-        labels = torch.tensor(labels if len(kept) == len(items) else [labels[p] for p in kept], dtype=torch.int64)
+        labels = labels if len(kept) == len(items) else [labels[p] for p in kept]
+        if self.multi_label_classes:
+            labels = class_lists_to_multi_hot(labels, self.multi_label_classes, self.label_column)
+        else:
+            labels = torch.tensor(labels, dtype=torch.int64)
         try:
             pixels = self.run_steps(images)
         except (OSError, ValueError, SyntaxError) as exc:  # what Pillow raises on a truncated or corrupt file
