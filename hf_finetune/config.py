@@ -102,7 +102,7 @@ class LossCfg:
 class HeadCfg:
     type: str = knob("LinearClsHead", "head type",
                      choices=("LinearClsHead", "MultiLabelLinearClsHead"))
-    num_classes: int = knob(REQUIRED, "number of classes", min=1)
+    num_classes: Optional[int] = knob(None, "number of classes (null: the dataset's)", min=1)
     in_channels: Optional[int] = knob(None, "backbone output channels (derived from depth)", min=1)
     loss: LossCfg = knob(LossCfg, "the training loss")
     topk: Union[int, list[int]] = knob([1, 5], "k of top-k accuracy the head reports", min=1)
@@ -581,9 +581,6 @@ class Config:
             ("train", self.train_dataloader), ("val", self.val_dataloader),
             ("test", self.test_dataloader)) if section is not None}
 
-    def num_classes(self):
-        return self.model.head.num_classes
-
 
 VIS_BACKENDS = {"LocalVisBackend": None, "TensorboardVisBackend": "tensorboard",
                 "WandbVisBackend": "wandb", "MLflowVisBackend": "mlflow"}
@@ -617,7 +614,7 @@ def _build_custom_hooks(hooks, key):
 
 def _check_config(cfg, error, set_keys):
     head, pre = cfg.model.head, cfg.data_preprocessor
-    if pre.num_classes is not None and pre.num_classes != head.num_classes:
+    if None not in (pre.num_classes, head.num_classes) and pre.num_classes != head.num_classes:
         raise error(("data_preprocessor", "num_classes"),
                     f"{pre.num_classes} differs from model.head.num_classes={head.num_classes}")
     channels = 2048 if cfg.model.backbone.depth >= 50 else 512
@@ -635,7 +632,7 @@ def _check_config(cfg, error, set_keys):
             ((name, i, "topk"), e.topk) for name in ("val_evaluator", "test_evaluator")
             for i, e in enumerate(getattr(cfg, name))]:
         ks = ks if isinstance(ks, list) else [1] if ks is None else [ks]
-        if max(ks) > head.num_classes and not head.multi_label:
+        if head.num_classes is not None and max(ks) > head.num_classes and not head.multi_label:
             raise error(where, f"{ks} needs at least {max(ks)} classes but model.head.num_classes "
                                f"is {head.num_classes}; use [1]")
     loss = head.loss
@@ -646,7 +643,7 @@ def _check_config(cfg, error, set_keys):
         from .augments import BatchAugments
 
         try:
-            BatchAugments(model_train.augments, head.num_classes, model_train.probs,
+            BatchAugments(model_train.augments, head.num_classes or 1, model_train.probs,
                           key="model.train_cfg")
         except RecipeError as e:
             raise error(("model", "train_cfg"), str(e).removeprefix("model.train_cfg.")) from None

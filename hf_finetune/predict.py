@@ -22,9 +22,9 @@ import sys
 import numpy as np
 import torch
 
+from hf_finetune.config import read_config
 from hf_finetune.data.decode import decode_image
 from hf_finetune.data.sources import IMAGE_EXTENSIONS
-from hf_finetune.data.transforms import build_pipeline
 from hf_finetune.errors import CheckpointError, DataError, UserError
 
 RECIPE_FILE = "recipe.json"
@@ -43,10 +43,9 @@ def _eval_steps(model_dir: str):
     for folder in (model_dir, os.path.dirname(os.path.abspath(model_dir))):
         path = os.path.join(folder, RECIPE_FILE)
         if os.path.isfile(path):
-            with open(path, encoding="utf-8") as handle:
-                recipe = json.load(handle)
-            pipeline = ((recipe.get("test_dataloader") or {}).get("dataset") or {}).get("pipeline")
-            return build_pipeline(pipeline, f"{path}: test_dataloader.dataset.pipeline")
+            cfg = read_config(path)
+            section = cfg.test_dataloader or cfg.val_dataloader
+            return [step.op for step in section.dataset.pipeline] if section else None
     return None
 
 

@@ -76,7 +76,7 @@ def _build_split(cfg, key: str, default_split: str, num_classes: int, multi_labe
         ds = _drop_undecodable(ds, IMAGE, source)
     transform = BatchTransform(steps, image_column=IMAGE, label_column=LABEL, source=source,
                                on_corrupt=cfg.on_corrupt,
-                               multi_label_classes=num_classes if multi_label else None)
+                               multi_label_classes=len(names) if multi_label else None)
     ds.set_transform(transform, columns=[IMAGE, LABEL, ROW_COLUMN])
     return ds
 
@@ -149,6 +149,9 @@ def _class_lists(ds, label_column, layout, num_classes, source):
     -> (dataset, class names)."""
     feature = ds.features[label_column]
     count = num_label_classes(feature)
+    num_classes = num_classes or count
+    if num_classes is None:
+        raise DataError(f"{source}: the label column names no classes; set model.head.num_classes")
     if count is not None and count != num_classes:
         raise DataError(f"{source} has {count} classes but model.head.num_classes is {num_classes}; "
                         f"set model.head.num_classes={count}")
@@ -166,12 +169,15 @@ def _class_lists(ds, label_column, layout, num_classes, source):
     return ds, names
 
 
-def _check_labels(ds: datasets.Dataset, label_column: str, names, num_classes: int, source: str) -> list[str]:
-    """Every label in 0..num_classes-1 and as many class names as classes; -> the names."""
+def _check_labels(ds: datasets.Dataset, label_column: str, names, num_classes, source: str) -> list[str]:
+    """Every label in 0..num_classes-1 and as many class names as classes; -> the names.
+    num_classes None: the dataset's class names (or largest label + 1) say how many."""
+    labels = np.asarray(ds.with_format("arrow")[label_column].to_numpy())
+    if num_classes is None:
+        num_classes = len(names) if names is not None else int(labels.max()) + 1
     if names is not None and len(names) != num_classes:
         raise DataError(f"{source} has {len(names)} classes but model.head.num_classes is "
                         f"{num_classes}; set model.head.num_classes={len(names)}")
-    labels = np.asarray(ds.with_format("arrow")[label_column].to_numpy())
     bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
     if bad.size:
         i = int(bad[0])

@@ -88,7 +88,7 @@ def native_config(model):
         architectures=["ResNetForImageClassification"],
         id2label=id2label,
         label2id={name: i for i, name in id2label.items()},
-        problem_type="single_label_classification",
+        problem_type=model.config.problem_type or "single_label_classification",
     )
     return ResNetConfig.from_dict(values)
 

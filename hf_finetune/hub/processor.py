@@ -20,10 +20,11 @@ logger = logging.getLogger("hf_finetune.hub")
 
 PROCESSOR_FILE = "preprocessor_config.json"
 PROCESSOR_CLASS = "ViTImageProcessor"
+EDGE_PROCESSOR_CLASS = "BitImageProcessor"
 DEFAULT_SIZE = 224
 # PIL resample codes for the pipeline's Resize interpolation. Upscaling (CIFAR 32 -> 224)
 # gives the same pixels as the pipeline's tensor resize; PIL antialiases when downscaling.
-PIL_RESAMPLE = {"bilinear": 2, "nearest": 0}
+PIL_RESAMPLE = {"bilinear": 2, "nearest": 0, "bicubic": 3}
 
 
 def _hw(value, key: str) -> tuple[int, int]:
@@ -36,25 +37,34 @@ def _hw(value, key: str) -> tuple[int, int]:
 
 
 def pipeline_geometry(steps) -> dict | None:
-    """Resize / center-crop of a pipeline (typed Steps) as {'resize': (h, w) | None,
-    'crop': (h, w) | None, 'resample'}; None when no step fixes the output size."""
-    resize = crop = None
+    """How a pipeline (typed Steps) sizes an image, asked of its steps: {'resize': (h, w) |
+    None, 'shortest_edge': int | None, 'crop': (h, w) | None, 'resample'}; None when no step
+    fixes the output size."""
+    from hf_finetune.data.transforms import CenterCrop, RandomCrop, RandomResizedCrop, Resize, ResizeEdge
+
+    resize = edge = crop = None
     resample = PIL_RESAMPLE["bilinear"]
     for step in steps:
-        if step.type == "Resize":
+        op = step.op
+        if isinstance(op, (Resize, ResizeEdge)):
             if crop is not None:
                 # A processor resizes before it crops; keep the final size, drop the crop.
-                logger.warning("Resize after CenterCrop cannot be reproduced exactly; "
+                logger.warning("a resize after a crop cannot be reproduced exactly; "
                                "the image processor resizes to the final size")
                 crop = None
-            resize = _hw(step.args["scale"], "scale")
-            resample = PIL_RESAMPLE.get(step.args.get("interpolation", "bilinear"), PIL_RESAMPLE["bilinear"])
-        elif step.type in ("CenterCrop", "RandomCrop", "RandomResizedCrop"):
-            size_key = "scale" if step.type == "RandomResizedCrop" else "crop_size"
-            crop = _hw(step.args[size_key], size_key)
-    if resize is None and crop is None:
+            resample = PIL_RESAMPLE[op.interpolation]
+            if isinstance(op, ResizeEdge) and op.edge == "short":
+                resize, edge = None, op.scale
+            elif isinstance(op, Resize):
+                resize, edge = op.output_size(None), None
+            else:
+                logger.warning("ResizeEdge edge=%r has no image-processor equivalent; the processor "
+                               "keeps the crop size only", op.edge)
+        elif isinstance(op, (CenterCrop, RandomCrop, RandomResizedCrop)):
+            crop = tuple(op.output_size(None))
+    if resize is None and edge is None and crop is None:
         return None
-    return {"resize": resize, "crop": crop, "resample": resample}
+    return {"resize": resize, "shortest_edge": edge, "crop": crop, "resample": resample}
 
 
 def _read_json(path: str):
@@ -91,21 +101,28 @@ def processor_dict(config, cfg=None) -> dict:
             # (its crop), so resizing any input image to it is exact on the test data.
             geometry = pipeline_geometry(cfg.train_dataloader.dataset.pipeline)
             if geometry is not None:
-                geometry = {"resize": geometry["crop"] or geometry["resize"], "crop": None,
-                            "resample": geometry["resample"]}
+                geometry = {"resize": geometry["crop"] or geometry["resize"], "shortest_edge": None,
+                            "crop": None, "resample": geometry["resample"]}
     if geometry is None:
         size = int(model.get("image_size") or DEFAULT_SIZE)
-        geometry = {"resize": (size, size), "crop": None, "resample": PIL_RESAMPLE["bilinear"]}
+        geometry = {"resize": (size, size), "shortest_edge": None, "crop": None,
+                    "resample": PIL_RESAMPLE["bilinear"]}
 
-    resize, crop = geometry["resize"], geometry["crop"]
+    resize, crop, edge = geometry["resize"], geometry["crop"], geometry["shortest_edge"]
+    if edge is not None:
+        # Short side to `edge`, aspect kept (mmpretrain's ResizeEdge): BiT's processor does that.
+        size = {"shortest_edge": edge}
+    else:
+        size = {"height": (resize or crop)[0], "width": (resize or crop)[1]}
     return {
-        "image_processor_type": PROCESSOR_CLASS,
+        "image_processor_type": PROCESSOR_CLASS if edge is None else EDGE_PROCESSOR_CLASS,
         "do_convert_rgb": True,
-        "do_resize": resize is not None,
-        "size": {"height": (resize or crop)[0], "width": (resize or crop)[1]},
+        "do_resize": resize is not None or edge is not None,
+        "size": size,
         "resample": geometry["resample"],
         "do_center_crop": crop is not None,
-        "crop_size": {"height": (crop or resize)[0], "width": (crop or resize)[1]},
+        "crop_size": {"height": (crop or resize or (edge, edge))[0],
+                      "width": (crop or resize or (edge, edge))[1]},
         "do_rescale": True,
         "rescale_factor": 1 / 255,
         "do_normalize": True,
@@ -116,7 +133,7 @@ def processor_dict(config, cfg=None) -> dict:
 
 def input_size(processor: dict) -> tuple[int, int]:
     """(height, width) of the tensors the processor produces."""
-    key = "crop_size" if processor.get("do_center_crop") else "size"
+    key = "crop_size" if processor.get("do_center_crop") or "shortest_edge" in processor["size"] else "size"
     return processor[key]["height"], processor[key]["width"]
 
 

@@ -10,6 +10,8 @@ import dataclasses
 
 from transformers import AutoConfig, AutoModelForImageClassification
 
+from hf_finetune.errors import RecipeError
+
 from .checkpoints import LoadReport, load_checkpoint_file, load_pretrained, to_transformers_state_dict
 from .configuration_finetune_resnet import RESNET_ARCH, FinetuneResNetConfig
 from .modeling_finetune_resnet import FinetuneResNetForImageClassification
@@ -24,6 +26,8 @@ def build_config(model_cfg, preprocessor_cfg, id2label=None) -> FinetuneResNetCo
     """The model config from the typed `model` and `data_preprocessor` sections (checked by
     hf_finetune.config), with the dataset's class names."""
     backbone, head = model_cfg.backbone, model_cfg.head
+    if id2label is None and head.num_classes is None:
+        raise RecipeError("model.head.num_classes: needed to build the model without a dataset")
     names = id2label or {i: str(i) for i in range(head.num_classes)}
     id2label = {int(k): str(v) for k, v in dict(names).items()}
     if len(id2label) != head.num_classes:
