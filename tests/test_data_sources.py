@@ -407,8 +407,8 @@ def test_corrupt_images_skipped_with_one_counted_warning(corrupt_copy):
     ({"type": "CIFAR100"}, r"train_dataloader\.dataset\.type: unknown type 'CIFAR100' \(did you mean "
                            r"'CIFAR10'\?\); known: CIFAR10, HFImageDataset, SyntheticCIFAR10"),
     ({"type": "HFImageDataset"}, r"train_dataloader\.dataset\.hub_id: HFImageDataset needs a hub_id"),
-    ({"type": "SyntheticCIFAR10", "on_corrupt": "ignore"}, r"train_dataloader\.dataset\.on_corrupt: a string "
-                                                             r"'ignore' is not allowed; expected one of \"error\", \"skip\""),
+    ({"type": "SyntheticCIFAR10", "on_corrupt": "ignore"},
+     r"train_dataloader\.dataset\.on_corrupt: a string 'ignore' is not allowed; expected one of \"error\", \"skip\""),
 ])
 def test_bad_dataset_settings(cfg, match):
     with pytest.raises(RecipeError, match=match):

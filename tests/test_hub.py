@@ -238,7 +238,8 @@ def test_image_processor_matches_the_data_pipeline_resize(tmp_path):
 
 
 def test_image_processor_statistics_follow_to_rgb(tmp_path):
-    path = write_image_processor_config(tmp_path, {"mean": MEAN, "std": STD, "to_rgb": True}, cfg=config_from_dict(tiny_recipe()))
+    path = write_image_processor_config(tmp_path, {"mean": MEAN, "std": STD, "to_rgb": True},
+                                        cfg=config_from_dict(tiny_recipe()))
     written = json.load(open(path))
     assert written["image_mean"] == pytest.approx([m / 255 for m in MEAN[::-1]])
     assert written["image_std"] == pytest.approx([s / 255 for s in STD[::-1]])

@@ -343,6 +343,8 @@ EVERY_SECTION = {
         "neck": {"type": "GlobalAveragePooling"},
         "head": {"type": "LinearClsHead", "num_classes": 10, "in_channels": 512, "topk": [1, 3],
                  "loss": {"type": "LabelSmoothLoss", "label_smooth_val": 0.1, "loss_weight": 2.0}},
+        "train_cfg": {"augments": [{"type": "Mixup", "alpha": 0.8}, {"type": "CutMix", "alpha": 1.0}],
+                      "probs": [0.3, 0.7]},
     },
     "data_preprocessor": {"num_classes": 10, "mean": [1.0, 2.0, 3.0], "std": [4.0, 5.0, 6.0],
                           "to_rgb": True},
@@ -369,7 +371,7 @@ EVERY_SECTION = {
     "optim_wrapper": {
         "type": "AmpOptimWrapper", "dtype": "bfloat16", "accumulative_counts": 2,
         "optimizer": {"type": "AdamW", "lr": 0.001, "betas": [0.8, 0.99], "weight_decay": 0.05},
-        "paramwise_cfg": {"custom_keys": {"head": {"lr_mult": 10.0}}, "norm_decay_mult": 0.0,
+        "paramwise_cfg": {"custom_keys": {"head": {"decay_mult": 0.5}}, "norm_decay_mult": 0.0,
                           "bias_decay_mult": 0.0, "layer_decay_rate": 0.9},
         "constructor": "LearningRateDecayOptimWrapperConstructor",
         "clip_grad": {"max_norm": 5.0},
@@ -400,6 +402,7 @@ EVERY_SECTION = {
     "training_args": {"bf16": True, "report_to": "none"},
     "hub": {"push": True, "model_id": "user/model", "private": True, "strategy": "checkpoint"},
     "custom_hooks": [{"type": "EMAHook", "momentum": 0.001}],
+    "model_card": {"license": "apache-2.0"},
     "name": "every_section",
 }
 
