@@ -105,7 +105,7 @@ class HeadCfg:
     num_classes: Optional[int] = knob(None, "number of classes (null: the dataset's)", min=1)
     in_channels: Optional[int] = knob(None, "backbone output channels (derived from depth)", min=1)
     loss: LossCfg = knob(LossCfg, "the training loss")
-    topk: Union[int, list[int]] = knob([1, 5], "k of top-k accuracy the head reports", min=1)
+    topk: Union[int, list[int]] = knob([1], "k of top-k accuracy the head reports", min=1)
     thr: Optional[float] = knob(None, "MultiLabelLinearClsHead: score threshold", min=0, max=1)
 
     def __post_init__(self):

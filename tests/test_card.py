@@ -7,6 +7,7 @@ from importlib import metadata
 import pytest
 import yaml
 
+from hf_finetune.config import config_from_dict
 from hf_finetune.hub.card import (ENVIRONMENT_FILE, learning_rates, normalised_rows, recipe_facts, same_split,
                                   write_environment, write_model_card)
 
@@ -29,7 +30,8 @@ def recipe(val_split="test"):
 
     return {"model": {"backbone": {"depth": 18}, "head": {"num_classes": 3}},
             "train_dataloader": loader("train"), "val_dataloader": loader(val_split), "test_dataloader": loader("test"),
-            "train_cfg": {"max_epochs": 2}}
+            "optim_wrapper": {"optimizer": {"type": "SGD", "lr": 0.1}},
+            "train_cfg": {"max_epochs": 2, "total_batch_size": 8}}
 
 
 def work_dir(tmp_path, val_split="test", results=RESULTS, environment=True):
@@ -68,14 +70,14 @@ def test_two_rows_when_validation_is_its_own_split(tmp_path):
 
 
 def test_same_split_looks_at_the_images_not_the_pipeline():
-    facts = recipe_facts(recipe(), {})
+    facts = recipe_facts(config_from_dict(recipe()), {})
     assert same_split(facts)
     other = recipe()
     other["val_dataloader"]["dataset"]["indices"] = 100  # a subset is other images
-    assert not same_split(recipe_facts(other, {}))
+    assert not same_split(recipe_facts(config_from_dict(other), {}))
     default = recipe()
     del default["val_dataloader"]["dataset"]["split"]  # the loader's default split for validation is test
-    assert same_split(recipe_facts(default, {}))
+    assert same_split(recipe_facts(config_from_dict(default), {}))
 
 
 def test_per_epoch_table_in_percent(tmp_path):

@@ -17,7 +17,7 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel, Trainer, TrainingArguments
 
 from hf_finetune.data import cifar
-from hf_finetune.data.synthetic import write_cifar10_batches, write_cifar10_tarball
+from cifar_writers import write_cifar10_batches, write_cifar10_tarball
 from hf_finetune.errors import CheckpointError, DataError, TrainingError, UserError
 from hf_finetune.models import (
     FinetuneResNetConfig,
@@ -348,3 +348,65 @@ def test_malicious_pickles_on_resume_and_eval_routes_are_one_line(tmp_path, trai
     assert one_line(error).startswith("--eval-only: ") and "refuses to load" in str(error.value)
     time.sleep(0.1)
     assert not marker.exists()
+
+
+# --------------------------------------------------------------------------- whole runs
+def tiny_run_recipe(tmp_path, train_images, total_batch):
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    pack = [{"type": "PackClsInputs"}]
+    recipe = {
+        "_base_": [os.path.join(repo, "recipes", "cifar10.json")],
+        "model": {"backbone": {"depth": 18, "init_cfg": None}, "head": {"in_channels": 512}},
+        "train_dataloader": {"num_workers": 0, "dataset": {"type": "SyntheticCIFAR10", "num_samples": train_images,
+                                                           "pipeline": pack}},
+        "val_dataloader": None,
+        "test_dataloader": {"num_workers": 0, "dataset": {"type": "SyntheticCIFAR10", "num_samples": 8, "seed": 1,
+                                                          "pipeline": pack}},
+        "train_cfg": {"max_epochs": 1, "total_batch_size": total_batch},
+        "randomness": {"seed": 0},
+    }
+    path = tmp_path / "tiny.json"
+    path.write_text(json.dumps(recipe))
+    return str(path)
+
+
+def test_last_batch_of_one_image_then_a_second_run_on_the_same_work_dir(tmp_path, capsys, caplog):
+    from hf_finetune.run import main
+
+    recipe = tiny_run_recipe(tmp_path, train_images=17, total_batch=16)  # 16 + a batch of 1 at 32 px
+    work_dir = str(tmp_path / "run")
+    with caplog.at_level(logging.WARNING, logger="hf_finetune"):
+        assert main([recipe, "--work-dir", work_dir]) == 0
+    assert "single image" in caplog.text
+    assert json.load(open(os.path.join(work_dir, "trainer_state.json")))["global_step"] == 1
+    weights_before = os.path.getmtime(os.path.join(work_dir, "model.safetensors"))
+
+    capsys.readouterr()
+    assert main([recipe, "--work-dir", work_dir]) == 2  # a fresh run would mix with the first
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "already holds a run" in err and "--overwrite" in err
+    assert os.path.getmtime(os.path.join(work_dir, "model.safetensors")) == weights_before
+    assert main([recipe, "--work-dir", work_dir, "--overwrite"]) == 0
+
+
+def test_sigterm_stops_like_ctrl_c_and_resume_finishes(tmp_path):
+    import signal
+    import sys
+
+    recipe = tiny_run_recipe(tmp_path, train_images=64, total_batch=4)
+    work_dir = str(tmp_path / "term")
+    proc = subprocess.Popen([sys.executable, "-m", "hf_finetune.run", recipe, "--work-dir", work_dir,
+                             "--cfg-options", "train_cfg.max_epochs=3"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    first = os.path.join(work_dir, "checkpoint-16", "trainer_state.json")
+    deadline = time.time() + 240
+    while not os.path.exists(first) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143
+    assert "checkpoints already written are intact" in err and "--resume" in err
+    assert "Traceback" not in err
+    from hf_finetune.run import main
+
+    assert main([recipe, "--work-dir", work_dir, "--resume", "--cfg-options", "train_cfg.max_epochs=3"]) == 0

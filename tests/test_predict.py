@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from hf_finetune.config import config_from_dict
 from hf_finetune.data import build_dataloader, build_datasets
 from hf_finetune.models import FinetuneResNetConfig, FinetuneResNetForImageClassification
 from hf_finetune.predict import default_device, main, predict
@@ -29,8 +30,10 @@ def work_dir(tmp_path_factory):
     model = FinetuneResNetForImageClassification(config).eval()
     out = root / "work"
     model.save_pretrained(out)
-    recipe = {"test_dataloader": {"dataset": {"type": "HFImageDataset", "pipeline": TEST_PIPELINE}}}
-    (out / "recipe.json").write_text(json.dumps(recipe))
+    recipe = {"model": {"backbone": {"depth": 18}, "head": {"num_classes": len(LABELS)}},
+              "test_dataloader": {"dataset": {"type": "HFImageDataset", "data_root": str(root),
+                                              "pipeline": TEST_PIPELINE}}}
+    (out / "recipe.json").write_text(json.dumps(config_from_dict(recipe).to_dict()))
     return out
 
 
@@ -49,10 +52,10 @@ def image_root(tmp_path_factory):
 
 def eval_path_probabilities(work_dir, image_root):
     """What evaluation computes: the test split through build_datasets + the whole-batch loader."""
-    recipe = {"model": {"head": {"num_classes": len(LABELS)}},
+    recipe = {"model": {"head": {}},  # the classes are the folder's; only the images matter here
               "test_dataloader": {"dataset": {"type": "HFImageDataset", "data_root": str(image_root),
                                               "split": "test", "pipeline": TEST_PIPELINE}}}
-    dataset = build_datasets(recipe)["test"]
+    dataset = build_datasets(config_from_dict(recipe))["test"]
     device = default_device()  # the device predict() picks, so both sides run the same kernels
     model = FinetuneResNetForImageClassification.from_pretrained(work_dir).to(device).eval()
     with torch.no_grad():

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageEnhance, ImageOps
 
+from hf_finetune.config import config_from_dict
 from hf_finetune.data import build_dataloader, build_datasets
 from hf_finetune.data.decode import encode_ppm
 from hf_finetune.data.runtime import set_pipeline_generator
@@ -410,9 +411,11 @@ IMAGENET_STYLE = [
 
 
 def test_imagenet_style_pipeline_reproducible_per_seed_and_epoch(seeded):  # seeded: resets the generator after
-    recipe = {"train_dataloader": {"dataset": {"type": "SyntheticCIFAR10", "num_samples": 16, "seed": 0,
-                                               "pipeline": IMAGENET_STYLE}}}
-    ds = build_datasets(recipe)["train"]
+    recipe = {"model": {"head": {"num_classes": 10}},
+              "optim_wrapper": {"optimizer": {"type": "SGD", "lr": 0.1}},
+              "train_dataloader": {"batch_size": 8, "dataset": {"type": "SyntheticCIFAR10", "num_samples": 16,
+                                                                "seed": 0, "pipeline": IMAGENET_STYLE}}}
+    ds = build_datasets(config_from_dict(recipe))["train"]
 
     def epochs(seed):
         loader = build_dataloader(ds, 8, shuffle=False, seed=seed)

@@ -17,8 +17,7 @@ import platform
 import re
 from importlib import metadata
 
-from hf_finetune.config import config_from_dict
-from hf_finetune.hub.processor import PROCESSOR_FILE, input_size, processor_dict
+from hf_finetune.hub.processor import PROCESSOR_FILE, input_size, processor_dict, saved_config
 
 logger = logging.getLogger("hf_finetune.hub")
 
@@ -63,84 +62,71 @@ def is_hub_id(value) -> bool:
 
 
 # ------------------------------------------------------------------ the recipe
-def base_checkpoint(recipe: dict) -> str | None:
-    init_cfg = recipe.get("model", {}).get("backbone", {}).get("init_cfg") or {}
-    return init_cfg.get("checkpoint") or recipe.get("load_from") or None
-
-
-def dataset_info(recipe: dict, loader: str) -> dict:
-    """name / Hub id / split / config of a dataloader's dataset (empty dict when absent).
+def dataset_info(cfg, split: str) -> dict:
+    """name / Hub id / split / config of a split's dataset (empty dict when absent).
 
     "source" identifies the images read (everything but the pipeline), to tell whether
     validation and test read the same split.
     """
+    from hf_finetune.config import to_data
     from hf_finetune.data.build import DEFAULT_SPLITS
 
-    dataset = recipe.get(loader, {}).get("dataset") or {}
-    if not dataset:
+    section = cfg.dataloaders().get(split)
+    if section is None:
         return {}
-    kind = dataset.get("type")
-    hub_id = dataset.get("hub_id") or DATASET_HUB_IDS.get(kind)
-    default_split = DEFAULT_SPLITS[loader.removesuffix("_dataloader")]
-    source = {key: value for key, value in dataset.items() if key != "pipeline"}
-    source.setdefault("split", default_split)
+    dataset = section.dataset
+    hub_id = getattr(dataset, "hub_id", None) or DATASET_HUB_IDS.get(dataset.type)
+    source = {key: value for key, value in to_data(dataset).items() if key != "pipeline"}
+    source["split"] = dataset.split or DEFAULT_SPLITS[split]
     return {
-        "type": kind,
+        "type": dataset.type,
         "hub_id": hub_id,
-        "name": DATASET_NAMES.get(kind) or hub_id or kind,
-        "split": dataset.get("split") or default_split,
-        "config_name": dataset.get("config_name"),
+        "name": DATASET_NAMES.get(dataset.type) or hub_id or dataset.type,
+        "split": source["split"],
+        "config_name": getattr(dataset, "config_name", None),
         "source": json.dumps(source, sort_keys=True),
     }
 
 
-def _call_text(section: dict) -> str | None:
-    """{"type": "SGD", "lr": 0.01} -> 'SGD(lr=0.01)'."""
-    if not section.get("type"):
-        return None
-    args = ", ".join(f"{k}={json.dumps(v)}" for k, v in section.items() if k != "type")
-    return f"{section['type']}({args})"
+def _call_text(section) -> str:
+    """SGDCfg(lr=0.01, ...) -> 'SGD(lr=0.01, ...)'."""
+    from hf_finetune.config import to_data
+
+    args = ", ".join(f"{k}={json.dumps(v)}" for k, v in to_data(section).items() if k != "type")
+    return f"{section.type}({args})"
 
 
-def _loss_text(head: dict, config: dict) -> str:
-    loss = head.get("loss") or {}
-    text = loss.get("type") or config.get("loss_type") or "CrossEntropyLoss"
-    smoothing = loss.get("label_smoothing", loss.get("label_smooth_val", config.get("label_smoothing", 0.0)))
-    return f"{text}, label smoothing {smoothing}" if smoothing else text
-
-
-def recipe_facts(recipe: dict, config: dict) -> dict:
-    """What the card says about the recipe: the only function here that reads recipe keys.
-
-    recipe: the merged recipe (recipe.json), {} when unknown; config: the model's config.json.
-    """
-    model = recipe.get("model", {})
-    backbone, head = model.get("backbone", {}), model.get("head", {})
-    schedulers = recipe.get("param_scheduler") or []
-    schedulers = [schedulers] if isinstance(schedulers, dict) else schedulers
-    train_cfg = recipe.get("train_cfg", {})
-    preprocessor = recipe.get("data_preprocessor", {})
+def recipe_facts(cfg, config: dict) -> dict:
+    """What the card says about the run's Config (None when unknown) and the model's config.json."""
+    if cfg is None:
+        return {"known": False, "license": None, "base_checkpoint": None, "base_prefix": None,
+                "depth": config.get("depth"), "datasets": {"train": {}, "val": {}, "test": {}},
+                "settings": []}
+    backbone, head = cfg.model.backbone, cfg.model.head
+    loss = head.loss.type + (f", label smoothing {head.loss.smoothing()}" if head.loss.smoothing() else "")
+    total_batch = cfg.train_cfg.total_batch_size or (cfg.train_dataloader.batch_size if cfg.train_dataloader else None)
+    pre = cfg.data_preprocessor
     settings = [
-        ("architecture", f"ResNet-{config.get('depth', backbone.get('depth', '?'))}, "
-                         f"style={backbone.get('style', config.get('style', 'pytorch'))}"),
-        ("frozen_stages", backbone.get("frozen_stages", config.get("frozen_stages", -1))),
-        ("classes", config.get("num_labels") or head.get("num_classes")),
-        ("epochs", train_cfg.get("max_epochs")),
-        ("total batch size", train_cfg.get("total_batch_size") or recipe.get("train_dataloader", {}).get("batch_size")),
-        ("optimizer", _call_text(recipe.get("optim_wrapper", {}).get("optimizer", {}))),
-        ("LR schedule", "; ".join(_call_text(s) or "?" for s in schedulers) or None),
-        ("loss", _loss_text(head, config)),
-        ("normalisation (0-255 scale)", f"mean={config.get('mean', preprocessor.get('mean'))}, "
-                                        f"std={config.get('std', preprocessor.get('std'))}, "
-                                        f"to_rgb={config.get('to_rgb', preprocessor.get('to_rgb', False))}"),
+        ("architecture", f"ResNet-{config.get('depth', backbone.depth)}, style={backbone.style}"),
+        ("frozen_stages", backbone.frozen_stages),
+        ("classes", config.get("num_labels") or head.num_classes),
+        ("epochs" if cfg.train_cfg.by_epoch else "updates",
+         cfg.train_cfg.max_epochs if cfg.train_cfg.by_epoch else cfg.train_cfg.max_iters),
+        ("total batch size", total_batch),
+        ("optimizer", _call_text(cfg.optim_wrapper.optimizer) if cfg.optim_wrapper else None),
+        ("LR schedule", "; ".join(_call_text(s) for s in cfg.param_scheduler) or None),
+        ("loss", loss),
+        ("normalisation (0-255 scale)", f"mean={config.get('mean', pre.mean)}, std={config.get('std', pre.std)}, "
+                                        f"to_rgb={config.get('to_rgb', pre.to_rgb)}"),
     ]
+    init_cfg = backbone.init_cfg
     return {
-        "known": bool(recipe),
-        "license": (recipe.get("model_card") or {}).get("license"),
-        "base_checkpoint": base_checkpoint(recipe),
-        "base_prefix": (backbone.get("init_cfg") or {}).get("prefix"),
-        "depth": config.get("depth") or backbone.get("depth"),
-        "datasets": {split: dataset_info(recipe, f"{split}_dataloader") for split in ("train", "val", "test")},
+        "known": True,
+        "license": cfg.model_card.license,
+        "base_checkpoint": (init_cfg.checkpoint if init_cfg else None) or cfg.load_from,
+        "base_prefix": init_cfg.prefix if init_cfg else None,
+        "depth": config.get("depth") or backbone.depth,
+        "datasets": {split: dataset_info(cfg, split) for split in ("train", "val", "test")},
         "settings": settings,
     }
 
@@ -459,15 +445,14 @@ def write_model_card(work_dir: str, *, repo_id: str | None = None, native_subfol
     from huggingface_hub import ModelCard
 
     work_dir = str(work_dir)
-    recipe = _load_json(os.path.join(work_dir, "recipe.json")) or {}
+    cfg = saved_config(work_dir)
     config = _load_json(os.path.join(work_dir, "config.json")) or {}
     all_results = _load_json(os.path.join(work_dir, "all_results.json"))
     trainer_state = _load_json(os.path.join(work_dir, "trainer_state.json"))
     confusion = _load_json(os.path.join(work_dir, "confusion_matrix.json"))
     environment = _load_json(os.path.join(work_dir, ENVIRONMENT_FILE))
-    processor = _load_json(os.path.join(work_dir, PROCESSOR_FILE)) or processor_dict(
-        config, config_from_dict(recipe) if recipe else None)
-    facts = recipe_facts(recipe, config)
+    processor = _load_json(os.path.join(work_dir, PROCESSOR_FILE)) or processor_dict(config, cfg)
+    facts = recipe_facts(cfg, config)
     license = license or facts["license"]
     results = eval_results(all_results)
     model_name = os.path.basename(os.path.abspath(work_dir))
