@@ -323,7 +323,7 @@ def test_native_transformers_export_keys():
     ({"backbone": {"with_cp": "yes"}}, "model.backbone.with_cp: expected true/false"),
     ({"backbone": {"style": "cafe"}}, "did you mean 'caffe'"),
     ({"backbone": {"init_cfg": {"type": "Kaiming"}}}, "model.backbone.init_cfg.type"),
-    ({"num_classes": 3}, "model.head.topk"),
+    ({"num_classes": 3, "head": {"topk": [1, 5]}}, "model.head.topk"),
     ({"head": {"in_channels": 2048}}, "model.head.in_channels"),
     ({"head": {"loss": {"type": "FocalLos"}}}, "did you mean 'FocalLoss'"),
     ({"head": {"loss": {"type": "CrossEntropyLoss", "label_smoothing": 1.5}}}, "label_smoothing"),
@@ -342,7 +342,7 @@ def test_bad_recipe_values(changes, expected):
 
 def test_topk_message_and_small_label_sets():
     with pytest.raises(RecipeError, match=r"model.head.topk.*num_classes is 3.*\[1\]"):
-        config_from(recipe(num_classes=3))
+        config_from(recipe(num_classes=3, head={"topk": [1, 5]}))
     assert config_from(recipe(num_classes=3, head={"topk": [1]})).num_labels == 3
 
 
