@@ -109,7 +109,6 @@ def train(cfg, resume=None, overwrite=False):
             # Datasets and their labels.
             datasets = build_datasets(cfg)
             id2label = dict(enumerate(label_names(datasets)))
-            cfg.model.head.num_classes = len(id2label)  # recorded in recipe.json when inferred
 
             # The model: backbone weights from init_cfg, then whole-model weights from load_from;
             # the recipe's seed makes its initialisation repeatable.

@@ -232,7 +232,6 @@ def build_trainer(cfg, datasets=None, model=None, callbacks=None):
         if datasets is None:
             datasets = build_datasets(cfg)
         names = label_names(datasets)
-        cfg.model.head.num_classes = cfg.model.head.num_classes or len(names)
         if model is None:
             model = build_model(cfg.model, cfg.data_preprocessor, dict(enumerate(names)),
                                 load_from=cfg.load_from)

@@ -30,9 +30,7 @@ def build_config(model_cfg, preprocessor_cfg, id2label=None) -> FinetuneResNetCo
         raise RecipeError("model.head.num_classes: needed to build the model without a dataset")
     names = id2label or {i: str(i) for i in range(head.num_classes)}
     id2label = {int(k): str(v) for k, v in dict(names).items()}
-    if len(id2label) != head.num_classes:
-        from hf_finetune.errors import RecipeError
-
+    if head.num_classes is not None and len(id2label) != head.num_classes:
         raise RecipeError(f"model.head.num_classes is {head.num_classes} but the dataset has "
                           f"{len(id2label)} classes; set model.head.num_classes={len(id2label)}")
     return FinetuneResNetConfig(

@@ -250,8 +250,15 @@ class FinetuneResNetForImageClassification(PreTrainedModel):
             pixel_values = pixel_values.flip(1)
         if pixel_values.dtype != torch.uint8:
             return pixel_values
-        pixel_values = (pixel_values.float() - self.pixel_mean) / self.pixel_std
-        return pixel_values.to(self.backbone.embedder.embedder.convolution.weight.dtype)
+        # The input takes the weights' memory format in the one conversion copy: convolutions
+        # then run the kernels the model was set up for (NCHW unless env_cfg.channels_last),
+        # whatever layout the data pipeline handed over.
+        weight = self.backbone.embedder.embedder.convolution.weight
+        layout = torch.channels_last if weight.is_contiguous(memory_format=torch.channels_last) \
+            else torch.contiguous_format
+        pixel_values = pixel_values.to(torch.float32, memory_format=layout)
+        pixel_values = (pixel_values - self.pixel_mean) / self.pixel_std
+        return pixel_values.to(weight.dtype)
 
     def backbone_features(self, pixel_values: torch.Tensor, output_hidden_states: bool = False):
         """ResNetModel's forward, block by block so that each block can be checkpointed.
