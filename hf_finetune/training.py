@@ -92,6 +92,22 @@ def updates_per_epoch(num_samples, plan, drop_last=False):
 # --- TrainingArguments -----------------------------------------------------------------------
 
 
+# report_to name -> (transformers' availability check, what to install)
+INTEGRATIONS = {"tensorboard": ("is_tensorboard_available", '"hf_finetune[tensorboard]"'),
+                "wandb": ("is_wandb_available", "wandb"), "mlflow": ("is_mlflow_available", "mlflow")}
+
+
+def check_integrations(report_to):
+    """One line instead of the Trainer's traceback when a logging integration is not installed."""
+    from transformers import integrations
+
+    for name in [report_to] if isinstance(report_to, str) else report_to:
+        check, package = INTEGRATIONS.get(name, (None, None))
+        if check and not getattr(integrations, check)():
+            raise RecipeError(f"visualizer / training_args.report_to: {name} is not installed; "
+                              f"pip install {package}")
+
+
 def resolve_seed(cfg):
     if cfg.randomness.seed is None:
         # mmengine draws a seed when none is set; record it so the run can be repeated.
@@ -176,11 +192,9 @@ def build_training_args(cfg, plan, steps_per_epoch=1, validate=True):
         # Pinned batches can be copied while the previous step still runs on the GPU.
         args["accelerator_config"] = {"non_blocking": True}
     args.update(cfg.training_args)
+    check_integrations(args["report_to"])
     try:
         training_args = TrainingArguments(**args)
-    except ImportError as e:
-        raise RecipeError(f"visualizer / training_args.report_to: {e}; "
-                          f'pip install "hf_finetune[tensorboard]"') from None
     except (TypeError, ValueError) as e:
         raise RecipeError(f"training_args: {e}") from None
     if training_args.world_size != _launched_processes():

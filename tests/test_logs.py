@@ -129,3 +129,33 @@ def test_progress_bars_follow_the_terminal(monkeypatch):
     assert logs.progress_bars_disabled() is False
     monkeypatch.setattr("sys.stdout.isatty", lambda: False)
     assert logs.progress_bars_disabled() is True
+
+
+# --------------------------------------------------------------------------- visualizer -> report_to
+def test_visualizer_backends_map_to_trainer_integrations():
+    from hf_finetune.config import config_from_dict, report_to
+    from hf_finetune.errors import RecipeError
+
+    def cfg(*backends):
+        return config_from_dict({"model": {"head": {"num_classes": 10}},
+                                 "visualizer": {"type": "UniversalVisualizer",
+                                                "vis_backends": [{"type": b} for b in backends]}})
+
+    assert report_to(cfg("LocalVisBackend")) == "none"
+    assert report_to(cfg("LocalVisBackend", "TensorboardVisBackend")) == ["tensorboard"]
+    assert report_to(cfg("WandbVisBackend", "MLflowVisBackend")) == ["mlflow", "wandb"]
+    with pytest.raises(RecipeError, match="did you mean 'TensorboardVisBackend'"):
+        cfg("TensorbordVisBackend")
+
+
+def test_a_missing_integration_is_one_line_naming_what_to_install():
+    from transformers.integrations import is_tensorboard_available
+
+    from hf_finetune.errors import RecipeError
+    from hf_finetune.training import check_integrations
+
+    check_integrations("none")
+    if is_tensorboard_available():
+        pytest.skip("tensorboard is installed here")
+    with pytest.raises(RecipeError, match=r'pip install "hf_finetune\[tensorboard\]"'):
+        check_integrations(["tensorboard"])

@@ -1,24 +1,61 @@
 """The README's examples run as printed."""
 
+import json
 import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
+
+from hf_finetune.config import compat_keys
+from hf_finetune.run import main
+
 ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
 
 
-def readme_python_blocks():
-    return re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+def python_block(marker):
+    (block,) = [b for b in re.findall(r"```python\n(.*?)```", README, flags=re.S) if marker in b]
+    return block
+
+
+def run_python(code, cwd):
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
 def test_python_api_snippet_runs_as_printed(tmp_path):
-    (snippet,) = readme_python_blocks()
     shutil.copytree(ROOT / "recipes", tmp_path / "recipes")
-    result = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, capture_output=True,
-                            text=True, timeout=300)
+    result = run_python(python_block("hf_finetune.load_config"), tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "test_accuracy_top1" in result.stdout
     # build_trainer's default work dir: work_dirs/<recipe name>
     assert (tmp_path / "work_dirs" / "cifar10_smoke").is_dir()
+
+
+def test_export_then_transformers_pipeline_as_printed(tmp_path):
+    """`hf-finetune export WORK_DIR exported --format transformers`, then the README's pipeline
+    snippet on one of your images, with a small trained work dir standing in."""
+    recipe = tmp_path / "tiny.json"
+    recipe.write_text(json.dumps({
+        "_base_": [str(ROOT / "recipes" / "cifar10_smoke.json")],
+        "model": {"backbone": {"depth": 18}, "head": {"in_channels": 512}},
+        "train_dataloader": {"dataset": {"num_samples": 16}}, "val_dataloader": None,
+        "test_dataloader": {"dataset": {"num_samples": 8}}, "train_cfg": {"max_epochs": 1, "total_batch_size": 8},
+    }))
+    work_dir = tmp_path / "work_dirs" / "cifar10_smoke"
+    assert main([str(recipe), "--work-dir", str(work_dir)]) == 0
+    assert "hf-finetune export work_dirs/cifar10_smoke exported --format transformers" in README
+    assert main(["export", str(work_dir), str(tmp_path / "exported"), "--format", "transformers"]) == 0
+    (tmp_path / "my_images" / "val" / "cat").mkdir(parents=True)
+    Image.fromarray(np.full((40, 50, 3), 120, np.uint8)).save(tmp_path / "my_images" / "val" / "cat" / "0.jpg")
+    result = run_python(python_block("pipeline("), tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "'label'" in result.stdout and "'score'" in result.stdout
+
+
+def test_compatibility_keys_are_each_named_in_the_readme():
+    for key in compat_keys():
+        assert f"`{key}`" in README, key
