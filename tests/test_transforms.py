@@ -2,7 +2,9 @@
 replayable seeding, mixed-size batches and one-line recipe errors."""
 
 import io
+import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -487,3 +489,18 @@ def test_mmpretrain_imagenet_pipelines_run_on_mixed_size_jpegs(seeded):
     out = transform(test)(photos)["pixel_values"]
     assert out.shape == (3, 3, 32, 32)
     assert [ResizeEdge(36).output_size(hw) for hw in [(60, 80), (80, 60)]] == [(36, 48), (48, 36)]
+
+
+def test_cv2_exact_backend_matches_opencv_bit_for_bit():
+    """Resize backend 'cv2-exact' gives mmcv/cv2's pixels (reference written by cv2.resize)."""
+    with open(os.path.join(os.path.dirname(__file__), "cv2_resize_reference.json")) as f:
+        reference = json.load(f)
+    image = torch.tensor(reference["img"], dtype=torch.uint8)[None]
+    for size, expected in reference["out"].items():
+        height, width = map(int, size.split("x"))
+        exact = build_pipeline([{"type": "Resize", "scale": [height, width], "backend": "cv2-exact"},
+                                {"type": "PackClsInputs"}])[0]
+        assert torch.equal(exact(image)[0], torch.tensor(expected, dtype=torch.uint8)), size
+    with pytest.raises(RecipeError, match="cv2-exact"):
+        build_pipeline([{"type": "Resize", "scale": 8, "interpolation": "bicubic", "backend": "cv2-exact"},
+                        {"type": "PackClsInputs"}])

@@ -91,18 +91,59 @@ def _color(value, key: str) -> tuple:
 
 
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
-BACKENDS = ("cv2", "pillow")  # mmcv's resize backends: pillow antialiases when shrinking, cv2 does not
+# mmcv's resize backends: pillow antialiases when shrinking, cv2 does not. "cv2" is torch's
+# bilinear (same geometry as cv2, rounding may differ by 1); "cv2-exact" reproduces cv2's
+# fixed-point arithmetic bit for bit (bilinear only, slower): mmpretrain's pixels exactly.
+BACKENDS = ("cv2", "pillow", "cv2-exact")
 
 
-def _resize(images: torch.Tensor, size: tuple[int, int], mode: str, antialias: bool = False) -> torch.Tensor:
+def _resize(images: torch.Tensor, size: tuple[int, int], mode: str, backend: str = "cv2") -> torch.Tensor:
     """uint8 NHWC -> uint8 NHWC of `size`, with half-pixel centres (cv2 / PIL geometry)."""
     if tuple(images.shape[1:3]) == tuple(size):
         return images
+    if backend == "cv2-exact" and mode == "bilinear":
+        return _resize_cv2_exact(images, *size)
     nchw = images.permute(0, 3, 1, 2)  # channels_last view of the NHWC batch
     if not nchw.is_contiguous(memory_format=torch.channels_last):
         nchw = nchw.contiguous(memory_format=torch.channels_last)
-    extra = {} if mode == "nearest" else {"align_corners": False, "antialias": antialias}
+    extra = {} if mode == "nearest" else {"align_corners": False, "antialias": backend == "pillow"}
     return F.interpolate(nchw, size=size, mode=mode, **extra).permute(0, 2, 3, 1)
+
+
+def _resize_backend(backend, interpolation, key):
+    backend = _choice(backend, BACKENDS, f"{key}.backend")
+    if backend == "cv2-exact" and interpolation != "bilinear":
+        raise RecipeError(f"{key}.backend: 'cv2-exact' reproduces cv2's bilinear resize only; "
+                          f"use interpolation 'bilinear' or backend 'cv2'")
+    return backend
+
+
+def _cv2_taps(src: int, dst: int, clamp_weights: bool):
+    """cv2 INTER_LINEAR source indices and 11-bit fixed-point weights per output position.
+    Columns outside the image take the edge pixel at full weight (clamp_weights); rows keep
+    their fractional weights and read the clamped edge row, as cv::resize does."""
+    position = ((torch.arange(dst, dtype=torch.float64) + 0.5) * (src / dst) - 0.5).float()
+    index = position.floor()
+    fraction = position - index  # float32, as cv2
+    index = index.long()
+    if clamp_weights:
+        fraction = torch.where((index < 0) | (index >= src - 1), torch.zeros_like(fraction), fraction)
+    w0 = torch.round((1 - fraction) * 2048).to(torch.int32)  # cvRound: half to even
+    w1 = torch.round(fraction * 2048).to(torch.int32)
+    return index.clamp(0, src - 1), (index + 1).clamp(0, src - 1), w0, w1
+
+
+def _resize_cv2_exact(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Bilinear resize with cv2.resize's integer arithmetic (no cv2 needed): horizontal pass
+    in 11-bit weights, then the vertical pass with cv2's shifts and rounding."""
+    _, h, w, _ = images.shape
+    x0, x1, a0, a1 = _cv2_taps(w, width, True)
+    y0, y1, b0, b1 = _cv2_taps(h, height, False)
+    src = images.to(torch.int32)
+    rows = (src[:, :, x0] * a0.view(1, 1, -1, 1) + src[:, :, x1] * a1.view(1, 1, -1, 1)) >> 4
+    top = (rows[:, y0] * b0.view(1, -1, 1, 1)) >> 16
+    bottom = (rows[:, y1] * b1.view(1, -1, 1, 1)) >> 16
+    return ((top + bottom + 2) >> 2).clamp(0, 255).to(torch.uint8)
 
 
 def _pixels(image, box=None, min_size=None) -> torch.Tensor:
@@ -311,13 +352,13 @@ class Resize(PipelineStep):
     def __init__(self, scale, interpolation="bilinear", backend="cv2", *, key="Resize"):
         self.scale = _size_pair(scale, f"{key}.scale")
         self.interpolation = _choice(interpolation, INTERPOLATIONS, f"{key}.interpolation")
-        self.backend = _choice(backend, BACKENDS, f"{key}.backend")
+        self.backend = _resize_backend(backend, self.interpolation, key)
 
     def output_size(self, in_hw):
         return self.scale
 
     def apply(self, images: torch.Tensor, params: dict | None = None) -> torch.Tensor:
-        return _resize(images, self.scale, self.interpolation, self.backend == "pillow")
+        return _resize(images, self.scale, self.interpolation, self.backend)
 
     __call__ = apply
 
@@ -386,7 +427,7 @@ class RandomResizedCrop(PipelineStep):
             raise RecipeError(f"{key}.max_attempts: expected an int >= 0, got {max_attempts!r}")
         self.max_attempts = int(max_attempts)
         self.interpolation = _choice(interpolation, INTERPOLATIONS, f"{key}.interpolation")
-        self.backend = _choice(backend, BACKENDS, f"{key}.backend")
+        self.backend = _resize_backend(backend, self.interpolation, key)
 
     def output_size(self, in_hw):
         return self.scale
@@ -428,7 +469,7 @@ class RandomResizedCrop(PipelineStep):
         out = torch.empty((len(images), *self.scale, 3), dtype=torch.uint8)
         for i, (image, box) in enumerate(zip(images, params["boxes"].tolist())):
             out[i] = _resize(_pixels(image, box, self.scale)[None], self.scale, self.interpolation,
-                             self.backend == "pillow")[0]
+                             self.backend)[0]
         return out
 
     def apply(self, images: torch.Tensor, params: dict) -> torch.Tensor:
@@ -457,7 +498,7 @@ class ResizeEdge(PipelineStep):
         self.scale = int(scale)
         self.edge = _choice(edge, self.EDGES, f"{key}.edge")
         self.interpolation = _choice(interpolation, INTERPOLATIONS, f"{key}.interpolation")
-        self.backend = _choice(backend, BACKENDS, f"{key}.backend")
+        self.backend = _resize_backend(backend, self.interpolation, key)
 
     def output_size(self, in_hw):
         height, width = in_hw
@@ -467,10 +508,10 @@ class ResizeEdge(PipelineStep):
         return self.scale, max(1, int(self.scale * width / height))
 
     def _resize_one(self, pixels: torch.Tensor, size) -> torch.Tensor:
-        return _resize(pixels[None], size, self.interpolation, self.backend == "pillow")[0]
+        return _resize(pixels[None], size, self.interpolation, self.backend)[0]
 
     def apply(self, images: torch.Tensor, params: dict | None = None) -> torch.Tensor:
-        return _resize(images, self.output_size(images.shape[1:3]), self.interpolation, self.backend == "pillow")
+        return _resize(images, self.output_size(images.shape[1:3]), self.interpolation, self.backend)
 
     __call__ = apply
 
