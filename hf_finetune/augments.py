@@ -21,7 +21,6 @@ batch index restarts where a resumed run left off, so it draws what the uninterr
 would have drawn.
 """
 
-import difflib
 import math
 import numbers
 
@@ -30,6 +29,7 @@ import torch
 from torch.nn import functional as F
 from transformers import TrainerCallback
 
+from .config import typed_entry
 from .errors import RecipeError
 
 
@@ -122,21 +122,8 @@ BATCH_AUGMENTS = {"Mixup": Mixup, "CutMix": CutMix}
 
 
 def _build_augment(config, key):
-    if not isinstance(config, dict) or "type" not in config:
-        raise RecipeError(f"{key}: each augment is an object with a 'type' (one of "
-                          f"{', '.join(BATCH_AUGMENTS)})")
+    cls, args = typed_entry(config, BATCH_AUGMENTS, key, "batch augment")
     name = config["type"]
-    if name not in BATCH_AUGMENTS:
-        close = difflib.get_close_matches(str(name), BATCH_AUGMENTS, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise RecipeError(f"{key}.type: unknown batch augment {name!r}{hint}; known: "
-                          f"{', '.join(BATCH_AUGMENTS)}")
-    cls = BATCH_AUGMENTS[name]
-    args = {k: v for k, v in config.items() if k != "type"}
-    for arg in args:
-        if arg not in cls.ARGS:
-            raise RecipeError(f"{key}.{arg}: unknown argument for {name}; accepted: "
-                              f"{', '.join(cls.ARGS)}")
     if "alpha" not in args:
         raise RecipeError(f"{key}.alpha: {name} requires 'alpha' (the Beta distribution's "
                           f"parameter, e.g. 0.8 for Mixup, 1.0 for CutMix)")

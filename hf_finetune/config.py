@@ -1010,6 +1010,22 @@ def describe_config():
 # --- messages ------------------------------------------------------------------------------
 
 
+def typed_entry(entry, registry, key, what, ignore=()):
+    """(class, arguments) of a {"type": NAME, ...} list entry (an augment, a hook), its type
+    looked up in `registry` and its arguments checked against the class's ARGS."""
+    if not isinstance(entry, dict) or "type" not in entry:
+        raise RecipeError(f"{key}: each {what} is an object with a 'type' (one of {', '.join(registry)})")
+    name = entry["type"]
+    if name not in registry:
+        raise RecipeError(f"{key}.type: " + unknown_message(what, name, registry))
+    cls = registry[name]
+    args = {k: v for k, v in entry.items() if k != "type" and k not in ignore}
+    for arg in args:
+        if arg not in cls.ARGS:
+            raise RecipeError(f"{key}.{arg}: " + unknown_message(f"argument for {name}", arg, cls.ARGS))
+    return cls, args
+
+
 def did_you_mean(name, options):
     if len(str(name)) > 200:  # no key is that long, and difflib takes minutes on megabytes
         return ""

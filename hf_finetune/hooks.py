@@ -18,7 +18,6 @@ Updates count optimizer updates (mmengine counts iterations; they differ only wi
 gradient accumulation).
 """
 
-import difflib
 import logging
 import math
 import os
@@ -31,6 +30,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from .config import typed_entry
 from .errors import CheckpointError, RecipeError
 from .workdir import atomic_write
 
@@ -356,27 +356,11 @@ def build_custom_hooks(config, key="custom_hooks"):
     hooks = []
     for i, hook_config in enumerate(config):
         where = f"{key}.{i}"
-        if not isinstance(hook_config, dict) or "type" not in hook_config:
-            raise RecipeError(f"{where}: each hook is an object with a 'type' (one of "
-                              f"{', '.join(CUSTOM_HOOKS)})")
-        name = hook_config["type"]
-        if name not in CUSTOM_HOOKS:
-            close = difflib.get_close_matches(str(name), CUSTOM_HOOKS, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise RecipeError(f"{where}.type: unknown hook {name!r}{hint}; known: "
-                              f"{', '.join(CUSTOM_HOOKS)}")
-        cls = CUSTOM_HOOKS[name]
-        args = {k: v for k, v in hook_config.items() if k not in ("type", "priority")}
+        cls, args = typed_entry(hook_config, CUSTOM_HOOKS, where, "hook", ignore=("priority",))
         priority = hook_config.get("priority", "NORMAL")
         if priority not in PRIORITIES and not (isinstance(priority, int) and 0 <= priority <= 100):
             raise RecipeError(f"{where}.priority: expected one of {', '.join(PRIORITIES)} or "
                               f"an integer 0..100, got {priority!r}")
-        for arg in args:
-            if arg not in cls.ARGS:
-                close = difflib.get_close_matches(arg, cls.ARGS, n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise RecipeError(f"{where}.{arg}: unknown argument for {name}{hint}; "
-                                  f"accepted: {', '.join(cls.ARGS)}")
         if cls is EarlyStoppingHook and "monitor" not in args:
             raise RecipeError(f"{where}.monitor: EarlyStoppingHook requires 'monitor' "
                               f"(e.g. 'accuracy/top1')")
