@@ -5,3 +5,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def fresh_pipeline_generator():
+    """Each test starts with the pipeline drawing from torch's global RNG: a DataLoader iterated
+    in-process by an earlier test leaves its epoch generator installed."""
+    from hf_finetune.data.runtime import set_pipeline_generator
+
+    set_pipeline_generator(None)
+    yield

@@ -393,12 +393,12 @@ def test_sigterm_stops_like_ctrl_c_and_resume_finishes(tmp_path):
     import signal
     import sys
 
-    recipe = tiny_run_recipe(tmp_path, train_images=64, total_batch=4)
+    recipe = tiny_run_recipe(tmp_path, train_images=32, total_batch=4)
     work_dir = str(tmp_path / "term")
     proc = subprocess.Popen([sys.executable, "-m", "hf_finetune.run", recipe, "--work-dir", work_dir,
-                             "--cfg-options", "train_cfg.max_epochs=3"],
+                             "--cfg-options", "train_cfg.max_epochs=20"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    first = os.path.join(work_dir, "checkpoint-16", "trainer_state.json")
+    first = os.path.join(work_dir, "checkpoint-8", "trainer_state.json")
     deadline = time.time() + 240
     while not os.path.exists(first) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
@@ -409,4 +409,5 @@ def test_sigterm_stops_like_ctrl_c_and_resume_finishes(tmp_path):
     assert "Traceback" not in err
     from hf_finetune.run import main
 
-    assert main([recipe, "--work-dir", work_dir, "--resume", "--cfg-options", "train_cfg.max_epochs=3"]) == 0
+    assert main([recipe, "--work-dir", work_dir, "--resume", "--cfg-options", "train_cfg.max_epochs=2"]) == 0
+    assert json.load(open(os.path.join(work_dir, "trainer_state.json")))["global_step"] == 16
