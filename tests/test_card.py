@@ -130,3 +130,11 @@ def test_learning_rate_curve_and_normalised_matrix(tmp_path):
 
     rows = normalised_rows([[3, 1, 0], [0, 0, 0], [2, 2, 4]])
     assert rows[0] == [0.75, 0.25, 0.0] and rows[1] == [0.0, 0.0, 0.0] and sum(rows[2]) == pytest.approx(1.0)
+
+
+def test_multi_label_results_are_tabled_and_in_the_model_index(tmp_path):
+    results = {"train_runtime": 12.0, "test_multilabel/mAP": 0.9277, "test_multilabel/f1-score": 0.8822}
+    metadata, text = read_card(write_model_card(work_dir(tmp_path, results=results)))
+    assert "| test (split `test`) | 88.22 | 92.77 |" in text
+    metrics = {m["type"]: m["value"] for m in metadata["model-index"][0]["results"][0]["metrics"]}
+    assert metrics == {"f1-score": 0.8822, "mAP": 0.9277}

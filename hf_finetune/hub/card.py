@@ -35,7 +35,8 @@ NATIVE_SUBFOLDER = "native"
 DATASET_HUB_IDS = {"CIFAR10": "uoft-cs/cifar10"}
 DATASET_NAMES = {"CIFAR10": "CIFAR-10", "SyntheticCIFAR10": "synthetic CIFAR-10-like data"}
 HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
-RESULT_KEY_RE = re.compile(r"^(?P<prefix>[a-z]+)_accuracy_top(?P<k>\d+)$")
+# test_accuracy_top1 (single-label) or test_multilabel/mAP (multi-label)
+RESULT_KEY_RE = re.compile(r"^(?P<prefix>[a-z]+)_(?:accuracy_top(?P<k>\d+)|multilabel/(?P<name>[\w-]+))$")
 REMOTE_FILES = ("configuration_finetune_resnet.py", "modeling_finetune_resnet.py")
 
 
@@ -163,13 +164,19 @@ def write_environment(work_dir: str, num_processes: int = 1) -> str:
     return path
 
 
-def eval_results(all_results: dict | None) -> dict[str, dict[int, float]]:
-    """{'test': {1: 0.93, 5: 0.99}, 'eval': {...}} from all_results.json keys like test_accuracy_top1."""
-    found: dict[str, dict[int, float]] = {}
-    for key, value in (all_results or {}).items():
-        match = RESULT_KEY_RE.match(key)
-        if match and isinstance(value, (int, float)):
-            found.setdefault(match["prefix"], {})[int(match["k"])] = float(value)
+def _metric_label(match) -> str:
+    return f"top-{match['k']} accuracy" if match["k"] else match["name"]
+
+
+def eval_results(all_results: dict | None) -> dict[str, dict[str, float]]:
+    """{'test': {'top-1 accuracy': 0.93, ...}, 'eval': {...}} from all_results.json keys like
+    test_accuracy_top1 or test_multilabel/mAP, in a stable order (top-k by k, then by name)."""
+    found: dict[str, dict[str, float]] = {}
+    keys = [(RESULT_KEY_RE.match(key), value) for key, value in (all_results or {}).items()]
+    keys = sorted(((m, v) for m, v in keys if m and isinstance(v, (int, float))),
+                  key=lambda mv: (mv[0]["k"] is None, int(mv[0]["k"] or 0), mv[0]["name"] or ""))
+    for match, value in keys:
+        found.setdefault(match["prefix"], {})[_metric_label(match)] = float(value)
     return found
 
 
@@ -203,7 +210,7 @@ def per_epoch_history(log_history: list[dict]) -> dict[str, dict[int, float]]:
         if "loss" in entry:
             train_sums.setdefault(index, []).append(float(entry["loss"]))
         for key, value in entry.items():
-            if key.startswith("eval_") and (key == "eval_loss" or "accuracy" in key):
+            if key.startswith("eval_") and (key == "eval_loss" or RESULT_KEY_RE.match(key)):
                 series.setdefault(key, {})[index] = float(value)
     if train_sums:
         series["train_loss"] = {e: sum(v) / len(v) for e, v in sorted(train_sums.items())}
@@ -222,7 +229,7 @@ def plot_training_curves(trainer_state: dict, path: str) -> bool:
     log_history = trainer_state.get("log_history") or []
     series = per_epoch_history(log_history)
     losses = {k: v for k, v in series.items() if k.endswith("loss")}
-    accuracies = {k: v for k, v in series.items() if "accuracy" in k}
+    accuracies = {k: v for k, v in series.items() if RESULT_KEY_RE.match(k)}
     lr_epochs, lrs = learning_rates(log_history)
     if not losses and not accuracies:
         return False
@@ -232,9 +239,9 @@ def plot_training_curves(trainer_state: dict, path: str) -> bool:
         ax_loss.plot(list(points), list(points.values()), marker="o", label=name.replace("_", " "))
     ax_loss.set(title="loss", xlabel="epoch")
     for name, points in sorted(accuracies.items()):
-        label = name.replace("eval_", "").replace("_", " ")
+        label = _metric_label(RESULT_KEY_RE.match(name))
         ax_acc.plot(list(points), [100 * v if v <= 1 else v for v in points.values()], marker="o", label=label)
-    ax_acc.set(title="validation accuracy (%)", xlabel="epoch")
+    ax_acc.set(title="validation metrics (%)", xlabel="epoch")
     if lrs:
         ax_lr.plot(lr_epochs, lrs, drawstyle="steps-post", label="learning rate")
     ax_lr.set(title="learning rate", xlabel="epoch")
@@ -302,7 +309,8 @@ def _metadata(facts, config, results, repo_id, model_name, license):
         if prefix not in results:
             continue
         data = data or test_data or val_data or {}
-        for k, value in sorted(results[prefix].items()):
+        for label, value in results[prefix].items():
+            k = int(label.split("-")[1].split()[0]) if label.startswith("top-") else None
             evals.append(EvalResult(
                 task_type="image-classification",
                 task_name="Image Classification",
@@ -310,10 +318,10 @@ def _metadata(facts, config, results, repo_id, model_name, license):
                 dataset_name=data.get("name") or "unknown",
                 dataset_split=data.get("split"),
                 dataset_config=data.get("config_name"),
-                metric_type="accuracy",
-                metric_name=f"Top-{k} Accuracy",
+                metric_type="accuracy" if k else label,
+                metric_name=f"Top-{k} Accuracy" if k else label,
                 metric_value=value,
-                metric_args={"k": k} if k != 1 else None,
+                metric_args={"k": k} if k and k != 1 else None,
             ))
         break  # one split in model-index: the final test when present, else validation
 
@@ -323,7 +331,8 @@ def _metadata(facts, config, results, repo_id, model_name, license):
         pipeline_tag="image-classification",
         tags=tags,
         datasets=hub_datasets or None,
-        metrics=["accuracy"],
+        metrics=sorted({"accuracy" if label.startswith("top-") else label
+                        for by_label in results.values() for label in by_label}) or ["accuracy"],
         base_model=base if is_hub_id(base) else None,
         model_name=repo_id or model_name,
         eval_results=evals or None,
@@ -342,11 +351,11 @@ def _settings_table(facts: dict, processor: dict) -> list[str]:
 
 
 def _evaluation_table(facts: dict, results: dict) -> list[str]:
-    """Final top-k accuracy per split; one row when validation and test read the same split."""
+    """Final metrics per split; one row when validation and test read the same split."""
     if same_split(facts) and "test" in results:
         results = {"test": results["test"]}
-    ks = sorted({k for by_k in results.values() for k in by_k})
-    lines = ["| split | " + " | ".join(f"top-{k} accuracy (%)" for k in ks) + " |", "|---|" + "---|" * len(ks)]
+    ks = list(dict.fromkeys(label for by_label in results.values() for label in by_label))
+    lines = ["| split | " + " | ".join(f"{k} (%)" for k in ks) + " |", "|---|" + "---|" * len(ks)]
     for prefix, by_k in sorted(results.items(), key=lambda item: item[0] != "test"):
         split = facts["datasets"]["test" if prefix == "test" else "val"].get("split")
         name = {"test": "test", "eval": "validation"}.get(prefix, prefix)
@@ -366,7 +375,8 @@ def _per_epoch_table(log_history: list[dict]) -> list[str]:
         entry = dict(entry)
         for key in [k for k in entry if RESULT_KEY_RE.match(k)]:
             match = RESULT_KEY_RE.match(key)
-            entry[f"{match['prefix']}_top-{match['k']}_accuracy_(%)"] = round(100 * entry.pop(key), 2)
+            label = _metric_label(match).replace(" ", "_")
+            entry[f"{match['prefix']}_{label}_(%)"] = round(100 * entry.pop(key), 2)
         renamed.append(entry)
     _, lines, _ = parse_log_history(renamed)
     return [make_markdown_table(lines).rstrip()] if lines else []
@@ -499,7 +509,7 @@ def write_model_card(work_dir: str, *, repo_id: str | None = None, native_subfol
     if results:
         body += _evaluation_table(facts, results)
     else:
-        body.append("No evaluation results (all_results.json missing or without accuracy keys).")
+        body.append("No evaluation results (all_results.json missing or without metrics).")
     per_epoch = _per_epoch_table((trainer_state or {}).get("log_history") or [])
     if per_epoch:
         body += ["", "Per validation during training:", ""] + per_epoch
