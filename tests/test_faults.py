@@ -411,3 +411,20 @@ def test_sigterm_stops_like_ctrl_c_and_resume_finishes(tmp_path):
 
     assert main([recipe, "--work-dir", work_dir, "--resume", "--cfg-options", "train_cfg.max_epochs=2"]) == 0
     assert json.load(open(os.path.join(work_dir, "trainer_state.json")))["global_step"] == 16
+
+
+def test_an_empty_split_is_named_not_an_index_error(tmp_path, capsys):
+    import datasets
+
+    from hf_finetune.run import main
+
+    features = datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])})
+    empty = datasets.Dataset.from_dict({"img": [], "label": []}, features=features)
+    datasets.DatasetDict({"train": empty, "test": empty}).save_to_disk(str(tmp_path / "data"))
+    recipe = tiny_run_recipe(tmp_path, train_images=8, total_batch=4)
+    assert main([recipe, "--work-dir", str(tmp_path / "w"), "--cfg-options",
+                 f'train_dataloader.dataset={{"type": "HFImageDataset", "data_root": "{tmp_path / "data"}", '
+                 '"pipeline": [{"type": "PackClsInputs"}]}', "model.head.num_classes=2",
+                 "data_preprocessor.num_classes=2", "model.head.topk=[1]"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "empty (0 rows)" in err and "split '" in err and "index out of range" not in err
