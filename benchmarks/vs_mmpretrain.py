@@ -39,7 +39,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 ANCHOR_SCRIPTS = REPO.parent / "shared" / "anchor"
-TRAIN_LOG = re.compile(rb"\{'loss': ")  # one Trainer log line per update (not eval_loss)
+# One training log line per update (not eval_loss): mmengine-style lines, or the Trainer's
+# dict lines of older checkouts (--ours-src).
+TRAIN_LOG = re.compile(rb"\{'loss': |(?:Epoch|Iter)\(train\) \[")
 
 
 def parse_args(argv=None):
