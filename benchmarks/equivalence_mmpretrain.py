@@ -58,7 +58,9 @@ SETUPS = {
         "milestones": [2],
         "ours": [
             "model.backbone.init_cfg=null",
-            'train_dataloader.dataset.pipeline=[{"type": "Resize", "scale": 224}, {"type": "PackClsInputs"}]',
+            # cv2's fixed-point resize, as mmcv's Resize (the default backend differs by 1 on some pixels)
+            'train_dataloader.dataset.pipeline=[{"type": "Resize", "scale": 224, "backend": "cv2-exact"}, '
+            '{"type": "PackClsInputs"}]',
         ],
     },
     "resnet18": {
@@ -190,6 +192,7 @@ def run_setup(setup, anchor, work, data_root, extra_options=()):
         "train_cfg.val_interval=100",
         f"param_scheduler.milestones={json.dumps(SETUPS[setup]['milestones'])}",
         f"randomness.seed={SEED}",
+        "env_cfg.channels_last=false",  # NCHW convolutions: mmpretrain's float summation order
         *SETUPS[setup]["ours"],
         *extra_options,
     ]

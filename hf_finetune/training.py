@@ -256,8 +256,7 @@ def build_trainer(cfg, datasets=None, model=None, callbacks=None):
     steps = updates_per_epoch(len(datasets["train"]), plan, cfg.train_dataloader.drop_last) \
         if "train" in datasets else 1
     args = build_training_args(cfg, plan, steps, validate="val" in datasets)
-    channels_last = cfg.env_cfg.channels_last
-    if channels_last or (channels_last is None and torch.cuda.is_available()):
+    if cfg.env_cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if cfg.env_cfg.cudnn_benchmark:
         torch.backends.cudnn.benchmark = True
