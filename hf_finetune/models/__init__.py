@@ -7,13 +7,14 @@ Importing this package registers the model with AutoConfig / AutoModelForImageCl
 from __future__ import annotations
 
 import dataclasses
+import os
 
 from transformers import AutoConfig, AutoModelForImageClassification
 
-from hf_finetune.errors import RecipeError
+from hf_finetune.errors import CheckpointError, RecipeError
 
 from .checkpoints import LoadReport, load_checkpoint_file, load_pretrained, to_transformers_state_dict
-from .configuration_finetune_resnet import RESNET_ARCH, FinetuneResNetConfig
+from .configuration_finetune_resnet import FinetuneResNetConfig
 from .modeling_finetune_resnet import FinetuneResNetForImageClassification
 
 AutoConfig.register(FinetuneResNetConfig.model_type, FinetuneResNetConfig, exist_ok=True)
@@ -77,10 +78,7 @@ def build_model(model_cfg, preprocessor_cfg, id2label=None, load_from=None, load
 def load_saved_model(folder, key):
     """A model saved with save_pretrained (a work dir or checkpoint folder), its weights read
     without running code from them and checked finite first."""
-    from hf_finetune.errors import CheckpointError
-    from hf_finetune.workdir import verify_weights
-
-    import os
+    from hf_finetune.workdir import verify_weights  # workdir imports this package: import on use
 
     if not os.path.isfile(os.path.join(folder, "config.json")):
         raise CheckpointError(f"{key}: no config.json there (not a saved model)")
