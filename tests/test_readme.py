@@ -35,8 +35,8 @@ def test_python_api_snippet_runs_as_printed(tmp_path):
     assert (tmp_path / "work_dirs" / "cifar10_smoke").is_dir()
 
 
-def test_export_then_transformers_pipeline_as_printed(tmp_path):
-    """`hf-finetune export WORK_DIR exported --format transformers`, then the README's pipeline
+def test_predict_export_and_pipeline_as_printed(tmp_path, monkeypatch):
+    """The README's `hf-finetune predict` and `hf-finetune export` commands, then its pipeline
     snippet on one of your images, with a small trained work dir standing in."""
     recipe = tmp_path / "tiny.json"
     recipe.write_text(json.dumps({
@@ -47,10 +47,14 @@ def test_export_then_transformers_pipeline_as_printed(tmp_path):
     }))
     work_dir = tmp_path / "work_dirs" / "cifar10_smoke"
     assert main([str(recipe), "--work-dir", str(work_dir)]) == 0
-    assert "hf-finetune export work_dirs/cifar10_smoke exported --format transformers" in README
-    assert main(["export", str(work_dir), str(tmp_path / "exported"), "--format", "transformers"]) == 0
     (tmp_path / "my_images" / "val" / "cat").mkdir(parents=True)
     Image.fromarray(np.full((40, 50, 3), 120, np.uint8)).save(tmp_path / "my_images" / "val" / "cat" / "0.jpg")
+    monkeypatch.chdir(tmp_path)
+    for command in ("predict work_dirs/cifar10_smoke my_images/ --topk 3 --out predictions.csv",
+                    "export work_dirs/cifar10_smoke exported --format transformers"):
+        assert f"hf-finetune {command}" in README
+        assert main(command.split()) == 0, command
+    assert "my_images/val/cat/0.jpg" in (tmp_path / "predictions.csv").read_text()
     result = run_python(python_block("pipeline("), tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "'label'" in result.stdout and "'score'" in result.stdout
