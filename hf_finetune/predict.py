@@ -23,8 +23,9 @@ import numpy as np
 import torch
 
 from hf_finetune.config import read_config
-from hf_finetune.data.decode import decode_image
+from hf_finetune.data.decode import LazyImage, decode_image
 from hf_finetune.data.sources import IMAGE_EXTENSIONS
+from hf_finetune.data.transforms import BatchTransform
 from hf_finetune.errors import CheckpointError, DataError, UserError
 
 RECIPE_FILE = "recipe.json"
@@ -78,7 +79,11 @@ class Classifier:
             self.model = model.to(self.device).eval()
         except (RuntimeError, AssertionError) as exc:  # unknown name, or a device this torch lacks
             raise UserError(f"--device {device}: not usable here ({str(exc).splitlines()[0]})") from None
-        self.steps, self.processor = steps, processor
+        self.processor = processor
+        # The evaluation transform itself: same decoding (reduced-scale JPEG where it applies),
+        # same steps, one batch per call.
+        self.transform = BatchTransform(steps, image_column="img", label_column="label",
+                                        source="predict") if steps else None
         self.labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
 
     @classmethod
@@ -109,32 +114,32 @@ class Classifier:
             raise CheckpointError(f"cannot load the model in {source!r}: {exc}") from None
         return cls(model, processor=processor, device=device)
 
-    def model_inputs(self, images: list[np.ndarray]) -> list[tuple[list[int], torch.Tensor]]:
-        """[(positions in `images`, pixel_values)]: one tensor per output size (usually one)."""
+    def open(self, path: str):
+        """What model_inputs takes for one file: the undecoded image for the evaluation
+        transform (it decodes only what its steps need), else the decoded array."""
+        with open(path, "rb") as handle:
+            data = handle.read()
+        if self.transform is None:
+            return _decode(data)
+        from PIL import UnidentifiedImageError
+
+        try:
+            return LazyImage({"bytes": data, "path": path})
+        except UnidentifiedImageError:  # PIL names its BytesIO here, not the file
+            raise ValueError("not an image format PIL can read") from None
+
+    def model_inputs(self, images: list) -> torch.Tensor:
+        """pixel_values [N, 3, H, W] for the model."""
         if self.processor is not None:
-            return [(list(range(len(images))), self.processor(images, return_tensors="pt")["pixel_values"])]
-        by_input_size: dict[tuple, list[int]] = {}
-        for position, image in enumerate(images):
-            by_input_size.setdefault(image.shape, []).append(position)
-        by_output_size: dict[tuple, tuple[list[int], list[torch.Tensor]]] = {}
-        for positions in by_input_size.values():
-            batch = torch.from_numpy(np.stack([images[p] for p in positions]))
-            for step in self.steps[:-1]:
-                batch = step(batch)
-            kept, tensors = by_output_size.setdefault(tuple(batch.shape[1:]), ([], []))
-            kept += positions
-            tensors.append(batch)
+            return self.processor(images, return_tensors="pt")["pixel_values"]
         # NHWC -> the [N, 3, H, W] channels_last view PackClsInputs hands the model.
-        return [(positions, torch.cat(tensors).permute(0, 3, 1, 2)) for positions, tensors in by_output_size.values()]
+        return self.transform.run_steps(images).permute(0, 3, 1, 2)
 
     @torch.inference_mode()
     def probabilities(self, images: list[np.ndarray]) -> torch.Tensor:
         """[len(images), num_labels] softmax scores, in the order of `images`."""
-        out = torch.empty(len(images), len(self.labels))
-        for positions, pixel_values in self.model_inputs(images):
-            logits = self.model(pixel_values=pixel_values.to(self.device, non_blocking=True)).logits
-            out[torch.tensor(positions)] = logits.float().softmax(-1).cpu()
-        return out
+        logits = self.model(pixel_values=self.model_inputs(images).to(self.device, non_blocking=True)).logits
+        return logits.float().softmax(-1).cpu()
 
 
 def default_device() -> str:
@@ -167,11 +172,9 @@ def find_images(inputs) -> list[str]:
     return found
 
 
-def _read(path: str) -> np.ndarray:
+def _decode(data: bytes) -> np.ndarray:
     from PIL import UnidentifiedImageError
 
-    with open(path, "rb") as handle:
-        data = handle.read()
     try:
         return decode_image(data)
     except UnidentifiedImageError:  # PIL names its BytesIO here, not the file
@@ -197,18 +200,35 @@ def predict(model, inputs, topk: int = 5, batch_size: int = 32, device=None, pro
             images, readable = [], []
             for path in files[start:start + batch_size]:
                 try:
-                    images.append(_read(path))
+                    images.append(classifier.open(path))
                     readable.append(path)
                 except Exception as exc:
                     rows.append({"file": path, "predictions": [], "error": f"cannot read the image: {exc}"})
-            if images:
-                scores, indices = classifier.probabilities(images).topk(topk, dim=-1)
-                for path, row_scores, row_indices in zip(readable, scores.tolist(), indices.tolist()):
-                    predictions = [(classifier.labels[i], s) for i, s in zip(row_indices, row_scores)]
-                    rows.append({"file": path, "predictions": predictions, "error": None})
+            for path, probabilities in _scored(classifier, readable, images, rows):
+                scores, indices = probabilities.topk(topk)
+                predictions = [(classifier.labels[i], s) for i, s in zip(indices.tolist(), scores.tolist())]
+                rows.append({"file": path, "predictions": predictions, "error": None})
             bar.update(len(files[start:start + batch_size]))
     order = {path: i for i, path in enumerate(files)}
     return sorted(rows, key=lambda row: order[row["file"]])
+
+
+def _scored(classifier, paths, images, rows):
+    """(path, probabilities) per image, the batch at once; when the batch fails (an image
+    that only fails when decoded, sizes a pipeline does not unify), each image alone, a
+    failing one reported on its row."""
+    if not images:
+        return []
+    try:
+        return list(zip(paths, classifier.probabilities(images)))
+    except Exception:
+        scored = []
+        for path, image in zip(paths, images):
+            try:
+                scored.append((path, classifier.probabilities([image])[0]))
+            except Exception as exc:
+                rows.append({"file": path, "predictions": [], "error": f"cannot read the image: {exc}"})
+        return scored
 
 
 # ------------------------------------------------------------------ output

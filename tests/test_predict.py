@@ -17,7 +17,9 @@ from hf_finetune.predict import default_device, main, predict
 LABELS = ["cat", "dog", "ship"]
 TEST_PIPELINE = [{"type": "Resize", "scale": 32}, {"type": "PackClsInputs"}]
 # Mixed sizes, PNG and JPEG; same-size files share a batch in both paths.
-IMAGES = [("a.png", 40, 48), ("b.jpg", 32, 32), ("c.png", 64, 20), ("d.jpeg", 40, 48), ("e.png", 32, 32)]
+# f.jpg is large: evaluation decodes it at reduced JPEG scale, and so must predict.
+IMAGES = [("a.png", 40, 48), ("b.jpg", 32, 32), ("c.png", 64, 20), ("d.jpeg", 40, 48), ("e.png", 32, 32),
+          ("f.jpg", 480, 640)]
 
 
 @pytest.fixture(scope="module")
@@ -169,3 +171,14 @@ def test_unknown_model_and_offline_hub_fail_in_one_line(image_root, capsys):
     assert err.startswith("error: cannot download 'no/such-model-here'") and "\n" not in err
     assert main([str(image_root / "missing"), str(image_root)]) == 2
     assert "no such folder" in capsys.readouterr().err
+
+
+def test_a_truncated_jpeg_is_reported_on_its_line(work_dir, image_root, tmp_path):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    good = (image_root / "test" / "cat" / "d.jpeg").read_bytes()
+    (folder / "good.jpeg").write_bytes(good)
+    (folder / "truncated.jpeg").write_bytes(good[: len(good) // 2])
+    rows = predict(str(work_dir), [str(folder)], topk=1)
+    assert [row["error"] is None for row in rows] == [True, False]
+    assert "cannot read the image" in rows[1]["error"]
