@@ -428,3 +428,23 @@ def test_an_empty_split_is_named_not_an_index_error(tmp_path, capsys):
                  "data_preprocessor.num_classes=2", "model.head.topk=[1]"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "empty (0 rows)" in err and "split '" in err and "index out of range" not in err
+
+
+def test_a_corrupt_file_in_an_image_folder_names_its_class_folder(tmp_path):
+    from PIL import Image
+
+    from hf_finetune.config import config_from_dict
+    from hf_finetune.data import build_datasets
+    from hf_finetune.data.runtime import BatchDataError
+
+    for name in ("cat", "dog"):
+        (tmp_path / "train" / name).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (8, 8), (60 * i, 0, 0)).save(tmp_path / "train" / name / f"{i}.png")
+    (tmp_path / "train" / "dog" / "1.png").write_bytes(b"not a png")
+    cfg = config_from_dict({"model": {"head": {}}, "optim_wrapper": {"optimizer": {"type": "SGD", "lr": 0.1}},
+                            "train_dataloader": {"batch_size": 4, "dataset": {
+                                "type": "HFImageDataset", "data_root": str(tmp_path),
+                                "pipeline": [{"type": "PackClsInputs"}]}}})
+    with pytest.raises(BatchDataError, match=r"1\.png in class folder 'dog'"):
+        build_datasets(cfg)["train"][[0, 1, 2, 3]]

@@ -76,7 +76,7 @@ def _build_split(cfg, key: str, default_split: str, num_classes: int, multi_labe
         ds = _drop_undecodable(ds, IMAGE, source)
     transform = BatchTransform(steps, image_column=IMAGE, label_column=LABEL, source=source,
                                on_corrupt=cfg.on_corrupt,
-                               multi_label_classes=len(names) if multi_label else None)
+                               multi_label_classes=len(names) if multi_label else None, class_names=names)
     ds.set_transform(transform, columns=[IMAGE, LABEL, ROW_COLUMN])
     return ds
 

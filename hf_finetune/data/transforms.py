@@ -1101,7 +1101,7 @@ class BatchTransform:
     """
 
     def __init__(self, steps, *, image_column: str, label_column: str, source: str, on_corrupt: str = "error",
-                 multi_label_classes: int | None = None):
+                 multi_label_classes: int | None = None, class_names: list[str] | None = None):
         self.steps = list(steps[:-1])
         self.packer = steps[-1]
         self.image_column = image_column
@@ -1110,19 +1110,22 @@ class BatchTransform:
         self.on_corrupt = on_corrupt
         # Multi-label: the label column holds class lists; targets are multi-hot float [N, C].
         self.multi_label_classes = multi_label_classes
+        self.class_names = class_names  # for error messages: an image folder's class is its folder
         self.skipped = 0  # per process
 
-    def _where(self, item, row) -> str:
+    def _where(self, item, row, label=None) -> str:
         path = item.get("path") if isinstance(item, dict) else None
+        if path and self.class_names and isinstance(label, int):  # an image folder: say which class folder
+            path += f" in class folder {self.class_names[label]!r}"
         return f"index {row}" + (f" ({path})" if path else "") + f" of {self.source}"
 
-    def open(self, items, rows) -> tuple[list[LazyImage], list[int]]:
+    def open(self, items, rows, labels=None) -> tuple[list[LazyImage], list[int]]:
         images, kept = [], []
         for pos, item in enumerate(items):
             try:
                 images.append(LazyImage(item))
             except Exception as exc:
-                where = self._where(item, rows[pos])
+                where = self._where(item, rows[pos], labels[pos] if labels else None)
                 if self.on_corrupt != "skip":
                     raise BatchDataError(undecodable_message(where, exc)) from exc
                 self.skipped += 1
@@ -1147,7 +1150,7 @@ class BatchTransform:
     def __call__(self, batch: dict) -> dict:
         items = batch[self.image_column]
         rows = batch.get(ROW_COLUMN) or list(range(len(items)))
-        images, kept = self.open(items, rows)
+        images, kept = self.open(items, rows, batch.get(self.label_column))
         if not images:
             raise BatchDataError(f"no image of this batch of {self.source} could be decoded (indices {list(rows)[:8]})")
         labels = batch[self.label_column]
