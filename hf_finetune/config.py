@@ -691,8 +691,6 @@ def _check_config(cfg, error, set_keys):
 # --- parsing --------------------------------------------------------------------------------
 
 
-MAX_DEPTH = 32  # no real recipe nests deeper than 8; deeper input is a mistake or an attack
-
 
 class _Parser:
     def __init__(self, origins):
@@ -745,8 +743,6 @@ class _Parser:
         return self.section(types[name], value, path)
 
     def value(self, value, hint, meta, path):
-        if len(path) > MAX_DEPTH:
-            raise self.error(path[:MAX_DEPTH], f"nested deeper than {MAX_DEPTH} levels")
         if meta.get("listify") and isinstance(value, dict):
             value = [value]
         origin, args = typing.get_origin(hint), typing.get_args(hint)
@@ -802,12 +798,10 @@ class _Parser:
 
     def scalar(self, value, hint, path):
         if hint is Any:
-            _check_depth(value, path, self)
             return value
         if hint is dict:
             if not isinstance(value, dict):
                 raise self.error(path, f"expected an object, got {describe(value)}")
-            _check_depth(value, path, self)
             return value
         ok = {bool: isinstance(value, bool), str: isinstance(value, str),
               int: isinstance(value, int) and not isinstance(value, bool),
@@ -844,17 +838,6 @@ class _Parser:
         return Step(name, {k: v for k, v in value.items() if k != "type"}, op)
 
 
-def _check_depth(value, path, parser, depth=0):
-    if depth + len(path) > MAX_DEPTH:
-        raise parser.error(path, f"nested deeper than {MAX_DEPTH} levels")
-    if isinstance(value, dict):
-        for v in value.values():
-            _check_depth(v, path, parser, depth + 1)
-    elif isinstance(value, list):
-        for v in value:
-            _check_depth(v, path, parser, depth + 1)
-
-
 def _shape(hint):
     origin = typing.get_origin(hint)
     if origin is list:
@@ -875,7 +858,8 @@ def _shape_of(value):
 
 
 def parse_config(recipe, origins=None, name=None):
-    """A merged recipe dict -> Config, every key checked (see module docstring)."""
+    """A merged recipe dict -> Config, every key checked (see module docstring); its depth
+    was bounded by recipe.check_size on every route here."""
     origins = dict(origins or {})
     recipe = dict(recipe)
     recipe.pop("_base_", None)
@@ -924,6 +908,7 @@ def read_config(path):
             recipe = json.load(f)
     except (OSError, ValueError) as e:
         raise RecipeError(f"{path}: cannot read the saved recipe ({e})") from None
+    check_size(recipe, path)
     return parse_config(recipe, {(): path}, None)
 
 
@@ -979,33 +964,6 @@ def compat_keys():
 
     walk(Config, "")
     return found
-
-
-def describe_config():
-    """Every key with its default and help, for `--help-recipe` and the docs."""
-    lines = []
-
-    def walk(cls, prefix):
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            if f.metadata.get("secret"):
-                continue
-            hint, key = hints[f.name], prefix + f.name
-            inner = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
-            types = f.metadata.get("types")
-            if types:
-                for name, sub in types.items():
-                    walk(sub, f"{key}[{name}].")
-            elif dataclasses.is_dataclass(inner[0]) and inner[0] is not Step:
-                walk(inner[0], key + ".")
-            else:
-                default = "required" if f.metadata.get("required") else json.dumps(
-                    to_data(f.default_factory() if f.default_factory is not dataclasses.MISSING
-                             else f.default))
-                lines.append(f"{key} = {default}  # {f.metadata.get('help', '')}")
-
-    walk(Config, "")
-    return "\n".join(lines)
 
 
 # --- messages ------------------------------------------------------------------------------

@@ -18,3 +18,14 @@ def fresh_pipeline_generator():
 
     set_pipeline_generator(None)
     yield
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: thread start-up dominates and is slow on a busy machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -18,13 +18,7 @@ from hf_finetune.models.modeling_finetune_resnet import classification_loss
 N, K = 8, 10
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny tensors: thread start-up dominates and is slow on a busy machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def batch(dtype=torch.float32, size=16, seed=0):

@@ -19,12 +19,7 @@ from hf_finetune.layer_decay import layer_decay_param_groups
 from hf_finetune.models import FinetuneResNetConfig, FinetuneResNetForImageClassification
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Tiny(nn.Module):
