@@ -87,19 +87,18 @@ def tutorial_pipeline(size):
 
 
 def train_dataset(num_images, size):
-    """Generated CIFAR-10 as the train split is served: undecoded PNGs + the batched pipeline."""
-    import datasets
-    import numpy as np
+    """Generated CIFAR-10 as a recipe's train split is served (the batched pipeline; with workers,
+    the Resize runs in the main process on the 32 px batches they hand over)."""
+    from hf_finetune.config import config_from_dict
+    from hf_finetune.data import build_datasets
 
-    from hf_finetune.data.synthetic import synthetic_dataset
-    from hf_finetune.data.transforms import ROW_COLUMN, BatchTransform, build_pipeline
-
-    ds = synthetic_dataset(num_images, seed=0).cast_column("img", datasets.Image(decode=False))
-    ds = ds.add_column(ROW_COLUMN, np.arange(len(ds), dtype=np.int64))
-    transform = BatchTransform(build_pipeline(tutorial_pipeline(size)), image_column="img", label_column="label",
-                               source="generated CIFAR-10")
-    ds.set_transform(transform, columns=["img", "label", ROW_COLUMN])
-    return ds
+    return build_datasets(config_from_dict({
+        "model": {"head": {"num_classes": 10}},
+        "optim_wrapper": {"optimizer": {"type": "SGD", "lr": 0.1}},
+        "train_dataloader": {"batch_size": 16, "dataset": {
+            "type": "SyntheticCIFAR10", "num_samples": num_images, "seed": 0,
+            "pipeline": tutorial_pipeline(size)}},
+    }))["train"]
 
 
 def train_loader(dataset, args, num_workers):

@@ -3,8 +3,10 @@
 The DataLoader's ``batch_sampler`` yields lists of indices; the dataset is
 wrapped so torch's fetcher hands each whole list to ``dataset[list_of_indices]``
 once, the dataset's batched transform builds the batch tensor, and that tensor
-IS the batch (no split into samples and re-stacking; see DESIGN.md). accelerate
-shards a batch_sampler per process and skips into it on resume.
+IS the batch (no split into samples and re-stacking; see DESIGN.md). With
+workers, a worker may hand over the batch before the pipeline's trailing resize,
+which the main process then runs (transforms.HandOver). accelerate shards a
+batch_sampler per process and skips into it on resume.
 
 Randomness of the pipeline:
 - in DataLoader workers it draws from the worker's global torch RNG. torch seeds
