@@ -7,14 +7,34 @@ check that all sources agree.
 from __future__ import annotations
 
 import io
+import pickle
 import tarfile
 from pathlib import Path
 
+import numpy as np
 
 from hf_finetune.data import cifar
 from hf_finetune.data.synthetic import _to_dataset, encode_png, synthetic_arrays
 
 CIFAR10_CLASSES = cifar.CIFAR10_CLASSES
+
+
+def batch_files(images: np.ndarray, labels: np.ndarray, train: bool) -> dict[str, bytes]:
+    """Pickled batch files (official layout) for images uint8 [N,32,32,3] and labels."""
+    names = cifar.TRAIN_FILES if train else cifar.TEST_FILES
+    out = {}
+    for name, idx in zip(names, np.array_split(np.arange(len(images)), len(names))):
+        rows = images[idx].transpose(0, 3, 1, 2).reshape(len(idx), -1)
+        batch = {b"batch_label": name.encode(), b"labels": [int(v) for v in labels[idx]],
+                 b"data": np.ascontiguousarray(rows, dtype=np.uint8),
+                 b"filenames": [f"{int(i):05d}.png".encode() for i in idx]}
+        out[name] = pickle.dumps(batch, protocol=2)
+    return out
+
+
+def meta_file(label_names=CIFAR10_CLASSES) -> bytes:
+    return pickle.dumps({b"num_cases_per_batch": 10000, b"num_vis": 3072,
+                         b"label_names": [n.encode() for n in label_names]}, protocol=2)
 
 
 def _split_arrays(n_train: int, n_test: int, seed: int):
@@ -23,8 +43,8 @@ def _split_arrays(n_train: int, n_test: int, seed: int):
 
 def _batch_folder_files(n_train: int, n_test: int, seed: int) -> dict[str, bytes]:
     arrays = _split_arrays(n_train, n_test, seed)
-    files = {**cifar.batch_files(*arrays["train"], train=True), **cifar.batch_files(*arrays["test"], train=False)}
-    files[cifar.META_FILE] = cifar.meta_file()
+    files = {**batch_files(*arrays["train"], train=True), **batch_files(*arrays["test"], train=False)}
+    files[cifar.META_FILE] = meta_file()
     return files
 
 

@@ -1,4 +1,4 @@
-"""The official CIFAR-10 "python version" layout: read and write it.
+"""The official CIFAR-10 "python version" layout: read it.
 
 Layout (the format torchvision and mmcls download): ``cifar-10-batches-py/`` with
 ``data_batch_1`` .. ``data_batch_5``, ``test_batch`` and ``batches.meta``, each a
@@ -120,21 +120,3 @@ def read_tarball(path: Path) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], 
         splits[split] = (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
     meta = _load_pickle(members[META_FILE], f"{path}:{META_FILE}") if META_FILE in members else None
     return splits, _label_names(meta)
-
-
-def batch_files(images: np.ndarray, labels: np.ndarray, train: bool) -> dict[str, bytes]:
-    """Pickled batch files (official layout) for images uint8 [N,32,32,3] and labels."""
-    names = TRAIN_FILES if train else TEST_FILES
-    out = {}
-    for name, idx in zip(names, np.array_split(np.arange(len(images)), len(names))):
-        rows = images[idx].transpose(0, 3, 1, 2).reshape(len(idx), -1)
-        batch = {b"batch_label": name.encode(), b"labels": [int(v) for v in labels[idx]],
-                 b"data": np.ascontiguousarray(rows, dtype=np.uint8),
-                 b"filenames": [f"{int(i):05d}.png".encode() for i in idx]}
-        out[name] = pickle.dumps(batch, protocol=2)
-    return out
-
-
-def meta_file(label_names=CIFAR10_CLASSES) -> bytes:
-    return pickle.dumps({b"num_cases_per_batch": 10000, b"num_vis": 3072,
-                         b"label_names": [n.encode() for n in label_names]}, protocol=2)

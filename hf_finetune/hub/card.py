@@ -37,7 +37,6 @@ DATASET_NAMES = {"CIFAR10": "CIFAR-10", "SyntheticCIFAR10": "synthetic CIFAR-10-
 HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 # test_accuracy_top1 (single-label) or test_multilabel/mAP (multi-label)
 RESULT_KEY_RE = re.compile(r"^(?P<prefix>[a-z]+)_(?:accuracy_top(?P<k>\d+)|multilabel/(?P<name>[\w-]+))$")
-REMOTE_FILES = ("configuration_finetune_resnet.py", "modeling_finetune_resnet.py")
 
 
 def _load_json(path: str):

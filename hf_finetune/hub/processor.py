@@ -27,15 +27,6 @@ DEFAULT_SIZE = 224
 PIL_RESAMPLE = {"bilinear": 2, "nearest": 0, "bicubic": 3}
 
 
-def _hw(value, key: str) -> tuple[int, int]:
-    """An mmcls size argument (int or [h, w]) as (height, width)."""
-    if isinstance(value, (int, float)):
-        return int(value), int(value)
-    if isinstance(value, (list, tuple)) and len(value) == 2:
-        return int(value[0]), int(value[1])
-    raise ValueError(f"{key}={value!r} is not a size: expected an int or [height, width]")
-
-
 def pipeline_geometry(steps) -> dict | None:
     """How a pipeline (typed Steps) sizes an image, asked of its steps: {'resize': (h, w) |
     None, 'shortest_edge': int | None, 'crop': (h, w) | None, 'resample'}; None when no step
