@@ -241,6 +241,21 @@ def test_killed_mid_epoch_then_resume(tmp_path):
     assert os.path.isfile(os.path.join(work_dir, "model.safetensors"))
 
 
+def test_loader_workers_train_the_same_with_the_resize_in_either_process(tmp_path):
+    """Two loader workers, a Resize at the end of the pipeline: handing the 32 px batches to the
+    main process (the default) trains exactly as resizing in the workers does."""
+    losses = {}
+    for in_main in ("true", "false"):
+        work_dir = str(tmp_path / f"resize_in_main_{in_main}")
+        pipeline = json.dumps(PIPE_TRAIN[:-1] + [{"type": "Resize", "scale": 40}, {"type": "PackClsInputs"}])
+        assert main([tiny_recipe(tmp_path), "--work-dir", work_dir, "--cfg-options", "train_cfg.max_epochs=1",
+                     "train_dataloader.num_workers=2", f"train_dataloader.resize_in_main_process={in_main}",
+                     f"train_dataloader.dataset.pipeline={pipeline}"]) == 0
+        history = read_json(os.path.join(work_dir, "trainer_state.json"))["log_history"]
+        losses[in_main] = [e["loss"] for e in history if "loss" in e]
+    assert len(losses["true"]) == 6 and losses["true"] == losses["false"]
+
+
 def test_speed_knobs_bf16_and_channels_last_run_on_cpu(tmp_path):
     work_dir = str(tmp_path / "fast")
     assert main([tiny_recipe(tmp_path), "--work-dir", work_dir, "--cfg-options",
