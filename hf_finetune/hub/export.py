@@ -14,7 +14,7 @@ import logging
 import os
 
 from hf_finetune.errors import CheckpointError
-from hf_finetune.hub.processor import PROCESSOR_FILE, processor_dict, saved_config
+from hf_finetune.hub.processor import PROCESSOR_FILE, processor_dict, save_image_processor, saved_config
 
 logger = logging.getLogger("hf_finetune.hub")
 
@@ -136,8 +136,6 @@ def export_transformers(work_dir: str, out_dir: str) -> str:
 
     os.makedirs(out_dir, exist_ok=True)
     native.save_pretrained(out_dir)
-    with open(os.path.join(out_dir, PROCESSOR_FILE), "w", encoding="utf-8") as handle:
-        json.dump(processor, handle, indent=2)
-        handle.write("\n")
+    save_image_processor(processor, out_dir)
     logger.info("exported %s as a transformers ResNetForImageClassification to %s", work_dir, out_dir)
     return out_dir

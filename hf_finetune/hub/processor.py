@@ -148,10 +148,13 @@ def write_image_processor_config(work_dir_or_out_dir: str, config=None, cfg=None
         config = _read_json(config_path) if os.path.exists(config_path) else {}
     if cfg is None:
         cfg = saved_config(directory)
-    content = processor_dict(config, cfg)
-    os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, PROCESSOR_FILE)
-    with open(path, "w", encoding="utf-8") as handle:
-        json.dump(content, handle, indent=2)
-        handle.write("\n")
-    return path
+    return save_image_processor(processor_dict(config, cfg), directory)
+
+
+def save_image_processor(processor: dict, directory: str) -> str:
+    """Write a processor_dict as transformers' image-processor class saves itself; returns the path."""
+    from transformers import BitImageProcessorPil, ViTImageProcessorPil  # PIL backends: no torchvision needed
+
+    cls = BitImageProcessorPil if processor["image_processor_type"] == EDGE_PROCESSOR_CLASS else ViTImageProcessorPil
+    cls(**{key: value for key, value in processor.items() if key != "image_processor_type"}).save_pretrained(directory)
+    return os.path.join(directory, PROCESSOR_FILE)
