@@ -276,17 +276,19 @@ def test_tail_in_main_process_gives_the_same_batches():
         assert a["pixel_values"].stride() == b["pixel_values"].stride()
 
 
-def test_worker_hands_over_the_batch_before_the_tail(monkeypatch):
+def test_worker_hands_over_the_batch_before_the_tail():
     import pickle
 
     from hf_finetune.data import transforms
 
+    from hf_finetune.data.runtime import fetching_for_handover
+
     ds = build_datasets(_tail_recipe(TRAIN_PIPELINE, True))["train"]
     torch.manual_seed(3)
     inline = ds[list(range(8))]
-    monkeypatch.setattr(transforms, "get_worker_info", lambda: object())  # as inside a loader worker
     torch.manual_seed(3)
-    handed = ds[list(range(8))]
+    with fetching_for_handover():  # as inside one of our loader's workers
+        handed = ds[list(range(8))]
     assert isinstance(handed, transforms.HandOver) and handed.images.shape == (8, 32, 32, 3)
     assert [type(step).__name__ for step in handed.tail] == ["Resize"]
     finished = pickle.loads(pickle.dumps(handed))  # what the main process receives
@@ -295,7 +297,7 @@ def test_worker_hands_over_the_batch_before_the_tail(monkeypatch):
     assert len(pickle.dumps(handed)) < 8 * 32 * 32 * 3 + 2000  # the 64 px batch never crosses
 
 
-def test_tail_stays_in_the_worker_when_it_must(monkeypatch):
+def test_tail_stays_in_the_worker_when_it_must():
     """Images of different sizes before the tail, or JPEGs the tail's size lets us decode smaller:
     the worker runs the tail itself, with the same output as without workers."""
     from hf_finetune.data import transforms
@@ -321,15 +323,26 @@ def test_tail_stays_in_the_worker_when_it_must(monkeypatch):
                                           tail_in_main_process=True)
     inline = {name: transform(batch) for name, batch in (("mixed", mixed), ("jpeg", large_jpegs),
                                                          ("uniform", uniform))}
-    monkeypatch.setattr(transforms, "get_worker_info", lambda: object())
-    for name, batch in (("mixed", mixed), ("jpeg", large_jpegs)):
-        in_worker = transform(batch)
-        assert isinstance(in_worker, dict), name
-        assert torch.equal(in_worker["pixel_values"], inline[name]["pixel_values"]), name
-    handed = transform(uniform)
+    from hf_finetune.data.runtime import fetching_for_handover
+
+    with fetching_for_handover():
+        in_worker = {name: transform(batch) for name, batch in (("mixed", mixed), ("jpeg", large_jpegs))}
+        handed = transform(uniform)
+    for name, batch in in_worker.items():
+        assert isinstance(batch, dict), name
+        assert torch.equal(batch["pixel_values"], inline[name]["pixel_values"]), name
     assert isinstance(handed, transforms.HandOver)
     import pickle
     assert torch.equal(pickle.loads(pickle.dumps(handed))["pixel_values"], inline["uniform"]["pixel_values"])
+
+
+def test_a_users_own_loader_with_workers_gets_finished_batches():
+    """Only our loader finishes handed-over batches: torch's default DataLoader (per-image
+    collate, as transformers' Trainer uses) over the same dataset with workers gets full images."""
+    ds = build_datasets(_tail_recipe(TRAIN_PIPELINE, True))["train"]
+    batches = list(torch.utils.data.DataLoader(ds, batch_size=6, num_workers=2))
+    assert len(batches) == 4
+    assert all(b["pixel_values"].shape == (6, 3, 64, 64) and b["labels"].shape == (6,) for b in batches)
 
 
 def test_tail_error_in_the_main_process_is_one_line():

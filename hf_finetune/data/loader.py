@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
 
-from .runtime import mix_seed, process_rank, set_pipeline_generator
+from .runtime import fetching_for_handover, mix_seed, process_rank, set_pipeline_generator
 
 logger = logging.getLogger("hf_finetune")
 
@@ -98,7 +98,10 @@ class WholeBatches(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitems__(self, indices):
-        return self.dataset[list(indices)]
+        if torch.utils.data.get_worker_info() is None:
+            return self.dataset[list(indices)]
+        with fetching_for_handover():  # our main process finishes what a worker hands over
+            return self.dataset[list(indices)]
 
     def __getitem__(self, index):
         return self.dataset[[index]]

@@ -1,13 +1,15 @@
 """Per-process state shared by the batch transform and the DataLoader.
 
-Two things cross the boundary between the dataset transform and the loader:
-the random stream the pipeline draws from, and errors raised inside DataLoader
+Three things cross the boundary between the dataset transform and the loader:
+the random stream the pipeline draws from, errors raised inside DataLoader
 worker processes (which torch re-raises in the main process with the worker's
-whole traceback glued into the message).
+whole traceback glued into the message), and whether the transform may hand a
+batch over unfinished (only our loader's workers may: see fetching_for_handover).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 
@@ -81,3 +83,23 @@ def pipeline_generator() -> torch.Generator | None:
     if _pipeline_generator is None or _pipeline_generator[0] != os.getpid():
         return None
     return _pipeline_generator[1]
+
+
+# True while one of our loader's workers fetches a whole batch: the transform may then return
+# it before its tail (transforms.HandOver), which the loader's main process finishes. Any other
+# caller (a user's own DataLoader or Trainer over the dataset) always gets finished batches.
+_handover_allowed = False
+
+
+@contextlib.contextmanager
+def fetching_for_handover():
+    global _handover_allowed
+    _handover_allowed = True
+    try:
+        yield
+    finally:
+        _handover_allowed = False
+
+
+def handover_allowed() -> bool:
+    return _handover_allowed

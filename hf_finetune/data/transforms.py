@@ -32,12 +32,11 @@ import warnings
 import torch
 import torch.nn.functional as F
 from torch._utils import ExceptionWrapper
-from torch.utils.data import get_worker_info
 
 from ..errors import RecipeError
 from .decode import LazyImage
 from .labels import class_lists_to_multi_hot
-from .runtime import BatchDataError, pipeline_generator, undecodable_message
+from .runtime import BatchDataError, handover_allowed, pipeline_generator, undecodable_message
 
 ROW_COLUMN = "__row__"  # original row index within the split, for error messages
 
@@ -1192,7 +1191,7 @@ class BatchTransform:
         return self._run_by_size(images, []) if isinstance(images, list) and one_size else images
 
     def _run_in_worker(self, images, labels):
-        """In a loader worker: the steps before the tail, then a HandOver when the batch is one
+        """In one of our loader's workers: the steps before the tail, then a HandOver when the batch is one
         tensor there; else the tail too, here."""
         images = self.run_steps(images, self.steps[:self.tail_start], one_size=False)
         tail = self.steps[self.tail_start:]
@@ -1218,7 +1217,7 @@ class BatchTransform:
         else:
             labels = torch.tensor(labels, dtype=torch.int64)
         try:
-            if self.tail_start < len(self.steps) and get_worker_info() is not None:
+            if self.tail_start < len(self.steps) and handover_allowed():
                 return self._run_in_worker(images, labels)
             pixels = self.run_steps(images)
         except (OSError, ValueError, SyntaxError) as exc:  # what Pillow raises on a truncated or corrupt file
