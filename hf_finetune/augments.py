@@ -29,7 +29,7 @@ import torch
 from torch.nn import functional as F
 from transformers import TrainerCallback
 
-from .config import typed_entry
+from .config import check_flags, typed_entry
 from .errors import RecipeError
 
 
@@ -82,8 +82,7 @@ class CutMix:
                 raise RecipeError(f"{key}.cutmix_minmax: expected [min, max] with "
                                   f"0 < min < max < 1, got {cutmix_minmax!r}")
             cutmix_minmax = (float(cutmix_minmax[0]), float(cutmix_minmax[1]))
-        if not isinstance(correct_lam, bool):
-            raise RecipeError(f"{key}.correct_lam: expected true or false, got {correct_lam!r}")
+        check_flags(key, correct_lam=correct_lam)
         self.cutmix_minmax = cutmix_minmax
         self.correct_lam = correct_lam
 

@@ -989,6 +989,13 @@ def typed_entry(entry, registry, key, what, ignore=()):
     return cls, args
 
 
+def check_flags(key, **flags):
+    """The true/false arguments of a typed_entry class: each must be a bool."""
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise RecipeError(f"{key}.{name}: expected true or false, got {value!r}")
+
+
 def did_you_mean(name, options):
     if len(str(name)) > 200:  # no key is that long, and difflib takes minutes on megabytes
         return ""

@@ -30,7 +30,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .config import typed_entry
+from .config import check_flags, typed_entry
 from .errors import CheckpointError, RecipeError
 from .workdir import atomic_write
 
@@ -78,9 +78,7 @@ class EMAHook(TrainerCallback):
         if ema_type != "ExponentialMovingAverage":
             raise RecipeError(f"{key}.ema_type: only 'ExponentialMovingAverage' is supported, "
                               f"got {ema_type!r}")
-        for name, value in (("update_buffers", update_buffers), ("strict_load", strict_load)):
-            if not isinstance(value, bool):
-                raise RecipeError(f"{key}.{name}: expected true or false, got {value!r}")
+        check_flags(key, update_buffers=update_buffers, strict_load=strict_load)
         self.momentum = float(momentum)
         self.interval = interval
         self.begin_iter = begin_iter
@@ -248,9 +246,7 @@ class EarlyStoppingHook(TrainerCallback, ExportableState):
         if stopping_threshold is not None and not _is_number(stopping_threshold):
             raise RecipeError(f"{key}.stopping_threshold: expected a number or null, "
                               f"got {stopping_threshold!r}")
-        for name, value in (("strict", strict), ("check_finite", check_finite)):
-            if not isinstance(value, bool):
-                raise RecipeError(f"{key}.{name}: expected true or false, got {value!r}")
+        check_flags(key, strict=strict, check_finite=check_finite)
         self.monitor = monitor
         self.rule = rule
         self.min_delta = min_delta

@@ -289,6 +289,8 @@ def test_build_custom_hooks_accepts_mmpretrain_configs():
     ([{"type": "EarlyStoppingHook"}], "custom_hooks.0.monitor"),
     ([{"type": "EarlyStoppingHook", "monitor": "f1_macro"}], "custom_hooks.0.rule"),
     ([{"type": "EarlyStoppingHook", "monitor": "loss", "patience": -1}], "custom_hooks.0.patience"),
+    ([{"type": "EMAHook", "update_buffers": 1}], "custom_hooks.0.update_buffers"),
+    ([{"type": "EarlyStoppingHook", "monitor": "loss", "check_finite": "yes"}], "custom_hooks.0.check_finite"),
     ({"type": "EMAHook"}, "custom_hooks"),
 ])
 def test_invalid_hooks_name_the_key(config, key):
