@@ -298,10 +298,14 @@ def test_worker_hands_over_the_batch_before_the_tail():
 
 
 def test_tail_stays_in_the_worker_when_it_must():
-    """Images of different sizes before the tail, or JPEGs the tail's size lets us decode smaller:
-    the worker runs the tail itself, with the same output as without workers."""
+    """Images of different sizes before the tail, JPEGs the tail's size lets us decode smaller, or
+    a tail that shrinks the images: the worker runs the tail itself, with the same output as
+    without workers."""
+    import pickle
+
     from hf_finetune.data import transforms
     from hf_finetune.data.decode import encode_ppm
+    from hf_finetune.data.runtime import fetching_for_handover
 
     def rows(items):
         return {"img": items, "label": list(range(len(items))), "__row__": list(range(len(items)))}
@@ -317,22 +321,22 @@ def test_tail_stays_in_the_worker_when_it_must():
     mixed = rows([{"bytes": encode_ppm(random_images(1, h, w, seed=h)[0].numpy()), "path": None}
                   for h, w in ((32, 32), (40, 48), (32, 32))])
     large_jpegs = rows([jpeg(random_images(1, 96, 96, seed=i)[0].numpy()) for i in range(2)])
-    uniform = rows([{"bytes": encode_ppm(random_images(1, seed=i)[0].numpy()), "path": None} for i in range(2)])
+    uniform = rows([{"bytes": encode_ppm(random_images(1, 16, 16, seed=i)[0].numpy()), "path": None}
+                    for i in range(2)])
+    large = rows([{"bytes": encode_ppm(random_images(1, 96, 96, seed=i)[0].numpy()), "path": None} for i in range(2)])
     transform = transforms.BatchTransform(build_pipeline([{"type": "Resize", "scale": 24}, {"type": "PackClsInputs"}]),
                                           image_column="img", label_column="label", source="test",
                                           tail_in_main_process=True)
     inline = {name: transform(batch) for name, batch in (("mixed", mixed), ("jpeg", large_jpegs),
-                                                         ("uniform", uniform))}
-    from hf_finetune.data.runtime import fetching_for_handover
-
+                                                         ("large", large), ("uniform", uniform))}
     with fetching_for_handover():
-        in_worker = {name: transform(batch) for name, batch in (("mixed", mixed), ("jpeg", large_jpegs))}
+        in_worker = {name: transform(batch) for name, batch in (("mixed", mixed), ("jpeg", large_jpegs),
+                                                                ("large", large))}
         handed = transform(uniform)
     for name, batch in in_worker.items():
         assert isinstance(batch, dict), name
         assert torch.equal(batch["pixel_values"], inline[name]["pixel_values"]), name
     assert isinstance(handed, transforms.HandOver)
-    import pickle
     assert torch.equal(pickle.loads(pickle.dumps(handed))["pixel_values"], inline["uniform"]["pixel_values"])
 
 

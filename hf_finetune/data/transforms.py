@@ -1095,6 +1095,15 @@ def build_pipeline(config, key: str = "pipeline") -> list[PipelineStep]:
     return steps
 
 
+def _enlarges(steps, in_hw) -> bool:
+    """Whether `steps` output more pixels than they take: only then is handing over the
+    smaller input the cheaper crossing (a 1024 px photo cropped to 224 crosses as 224)."""
+    out_hw = in_hw
+    for step in steps:
+        out_hw = step.output_size(out_hw)
+    return out_hw[0] * out_hw[1] > in_hw[0] * in_hw[1]
+
+
 class HandOver:
     """What a loader worker returns when the tail of the pipeline is left to the main process:
     the batch before the tail (at CIFAR's 32 px, 49x smaller than after a 224 px Resize).
@@ -1192,7 +1201,7 @@ class BatchTransform:
 
     def _run_in_worker(self, images, labels):
         """In one of our loader's workers: the steps before the tail, then a HandOver when the batch is one
-        tensor there; else the tail too, here."""
+        tensor there and the tail enlarges it; else the tail too, here."""
         images = self.run_steps(images, self.steps[:self.tail_start], one_size=False)
         tail = self.steps[self.tail_start:]
         # A JPEG is decoded smaller when the tail shrinks it (draft mode): keep that in the worker.
@@ -1200,7 +1209,7 @@ class BatchTransform:
             images = [_pixels(im) for im in images]
             if all(im.shape == images[0].shape for im in images):
                 images = torch.stack(images)
-        if isinstance(images, torch.Tensor):
+        if isinstance(images, torch.Tensor) and _enlarges(tail, tuple(images.shape[1:3])):
             return HandOver(images, labels, tail, self.packer)
         return self.packer.pack(self.run_steps(images, tail), labels)
 
