@@ -237,10 +237,6 @@ class DataloaderCfg:
     pin_memory: Optional[bool] = knob(None, "page-locked batches (default: on CUDA)")
     prefetch_factor: Optional[int] = knob(None, "batches each worker loads ahead", min=1)
     drop_last: bool = knob(False, "drop the last incomplete batch")
-    resize_in_main_process: bool = knob(True, "with workers: the pipeline's trailing Resize / ResizeEdge / "
-                                        "CenterCrop steps, when they enlarge the images, run in the main "
-                                        "process on the smaller images the workers hand over (same pixels, "
-                                        "far less copied between processes); false: in the workers")
     sampler: SamplerCfg = knob(SamplerCfg, "order of the images")
     dataset: DatasetCfg = knob(REQUIRED, "the images", types=DATASET_TYPES)
     collate_fn: Optional[dict] = knob(None, "mmcls key; batches are built by the pipeline", compat=True,

@@ -257,101 +257,18 @@ def test_workers_draw_independent_streams(monkeypatch):
     assert not any(torch.equal(a, b) for a, b in zip(batches, rank1))
 
 
-def _tail_recipe(pipeline, in_main, num_samples=24, **dataset):
-    cfg = synthetic_recipe(pipeline, num_samples=num_samples, **dataset).to_dict()
-    cfg["train_dataloader"]["resize_in_main_process"] = in_main
-    return config_from_dict(cfg)
-
-
-def test_tail_in_main_process_gives_the_same_batches():
-    """Workers hand over 32 px batches and the main process resizes them: same pixels, labels
-    and memory layout as resizing in the workers."""
-    split = {in_main: build_datasets(_tail_recipe(TRAIN_PIPELINE, in_main))["train"] for in_main in (True, False)}
-    batches = {in_main: [b for b in build_dataloader(ds, 8, shuffle=True, num_workers=2, seed=5)]
-               for in_main, ds in split.items()}
-    assert len(batches[True]) == len(batches[False]) == 3
-    for a, b in zip(batches[True], batches[False]):
-        assert a["pixel_values"].shape == (8, 3, 64, 64)
-        assert torch.equal(a["pixel_values"], b["pixel_values"]) and torch.equal(a["labels"], b["labels"])
-        assert a["pixel_values"].stride() == b["pixel_values"].stride()
-
-
-def test_worker_hands_over_the_batch_before_the_tail():
-    import pickle
-
-    from hf_finetune.data import transforms
-
-    from hf_finetune.data.runtime import fetching_for_handover
-
-    ds = build_datasets(_tail_recipe(TRAIN_PIPELINE, True))["train"]
-    torch.manual_seed(3)
-    inline = ds[list(range(8))]
-    torch.manual_seed(3)
-    with fetching_for_handover():  # as inside one of our loader's workers
-        handed = ds[list(range(8))]
-    assert isinstance(handed, transforms.HandOver) and handed.images.shape == (8, 32, 32, 3)
-    assert [type(step).__name__ for step in handed.tail] == ["Resize"]
-    finished = pickle.loads(pickle.dumps(handed))  # what the main process receives
-    assert torch.equal(finished["pixel_values"], inline["pixel_values"])
-    assert torch.equal(finished["labels"], inline["labels"])
-    assert len(pickle.dumps(handed)) < 8 * 32 * 32 * 3 + 2000  # the 64 px batch never crosses
-
-
-def test_tail_stays_in_the_worker_when_it_must():
-    """Images of different sizes before the tail, JPEGs the tail's size lets us decode smaller, or
-    a tail that shrinks the images: the worker runs the tail itself, with the same output as
-    without workers."""
-    import pickle
-
-    from hf_finetune.data import transforms
-    from hf_finetune.data.decode import encode_ppm
-    from hf_finetune.data.runtime import fetching_for_handover
-
-    def rows(items):
-        return {"img": items, "label": list(range(len(items))), "__row__": list(range(len(items)))}
-
-    def jpeg(array):
-        import io
-
-        from PIL import Image
-        buffer = io.BytesIO()
-        Image.fromarray(array).save(buffer, format="JPEG")
-        return {"bytes": buffer.getvalue(), "path": None}
-
-    mixed = rows([{"bytes": encode_ppm(random_images(1, h, w, seed=h)[0].numpy()), "path": None}
-                  for h, w in ((32, 32), (40, 48), (32, 32))])
-    large_jpegs = rows([jpeg(random_images(1, 96, 96, seed=i)[0].numpy()) for i in range(2)])
-    uniform = rows([{"bytes": encode_ppm(random_images(1, 16, 16, seed=i)[0].numpy()), "path": None}
-                    for i in range(2)])
-    large = rows([{"bytes": encode_ppm(random_images(1, 96, 96, seed=i)[0].numpy()), "path": None} for i in range(2)])
-    transform = transforms.BatchTransform(build_pipeline([{"type": "Resize", "scale": 24}, {"type": "PackClsInputs"}]),
-                                          image_column="img", label_column="label", source="test",
-                                          tail_in_main_process=True)
-    inline = {name: transform(batch) for name, batch in (("mixed", mixed), ("jpeg", large_jpegs),
-                                                         ("large", large), ("uniform", uniform))}
-    with fetching_for_handover():
-        in_worker = {name: transform(batch) for name, batch in (("mixed", mixed), ("jpeg", large_jpegs),
-                                                                ("large", large))}
-        handed = transform(uniform)
-    for name, batch in in_worker.items():
-        assert isinstance(batch, dict), name
-        assert torch.equal(batch["pixel_values"], inline[name]["pixel_values"]), name
-    assert isinstance(handed, transforms.HandOver)
-    assert torch.equal(pickle.loads(pickle.dumps(handed))["pixel_values"], inline["uniform"]["pixel_values"])
-
-
-def test_a_users_own_loader_with_workers_gets_finished_batches():
-    """Only our loader finishes handed-over batches: torch's default DataLoader (per-image
-    collate, as transformers' Trainer uses) over the same dataset with workers gets full images."""
-    ds = build_datasets(_tail_recipe(TRAIN_PIPELINE, True))["train"]
+def test_a_users_own_loader_with_workers_gets_whole_images():
+    """torch's default DataLoader (per-image collate, as transformers' Trainer uses) over the
+    dataset, with workers, gets ordinary batches of the full-size images."""
+    ds = build_datasets(synthetic_recipe(TRAIN_PIPELINE, num_samples=24))["train"]
     batches = list(torch.utils.data.DataLoader(ds, batch_size=6, num_workers=2))
     assert len(batches) == 4
     assert all(b["pixel_values"].shape == (6, 3, 64, 64) and b["labels"].shape == (6,) for b in batches)
 
 
-def test_tail_error_in_the_main_process_is_one_line():
-    ds = build_datasets(_tail_recipe([{"type": "RandomFlip", "prob": 0.5}, {"type": "CenterCrop", "crop_size": 40},
-                                      {"type": "PackClsInputs"}], True))["train"]
+def test_pipeline_error_in_a_worker_is_one_line():
+    ds = build_datasets(synthetic_recipe([{"type": "RandomFlip", "prob": 0.5}, {"type": "CenterCrop", "crop_size": 40},
+                                          {"type": "PackClsInputs"}], num_samples=24))["train"]
     with pytest.raises(DataError) as caught:
         next(iter(build_dataloader(ds, 8, num_workers=2, seed=0)))
     assert str(caught.value) == ("CenterCrop: crop_size 40x40 is larger than the image 32x32; put a Resize "

@@ -241,19 +241,29 @@ def test_killed_mid_epoch_then_resume(tmp_path):
     assert os.path.isfile(os.path.join(work_dir, "model.safetensors"))
 
 
-def test_loader_workers_train_the_same_with_the_resize_in_either_process(tmp_path):
-    """Two loader workers, a Resize at the end of the pipeline: handing the 32 px batches to the
-    main process (the default) trains exactly as resizing in the workers does."""
+def test_loader_workers_train_the_same_with_or_without_shared_slots(tmp_path, monkeypatch):
+    """Two loader workers, a Resize at the end of the pipeline: batches handed over in shared
+    slots (the default) train exactly as batches sent torch's usual way."""
+    from hf_finetune.data.ring import BatchRing
+
+    made = []
+    for_loader = BatchRing.for_loader.__func__
+
+    def recording(cls, *args):
+        made.append(for_loader(cls, *args))
+        return made[-1]
+
     losses = {}
-    for in_main in ("true", "false"):
-        work_dir = str(tmp_path / f"resize_in_main_{in_main}")
+    for shared in (True, False):
+        monkeypatch.setattr(BatchRing, "for_loader", classmethod(recording if shared else lambda cls, *args: None))
+        work_dir = str(tmp_path / f"shared_{shared}")
         pipeline = json.dumps(PIPE_TRAIN[:-1] + [{"type": "Resize", "scale": 40}, {"type": "PackClsInputs"}])
         assert main([tiny_recipe(tmp_path), "--work-dir", work_dir, "--cfg-options", "train_cfg.max_epochs=1",
-                     "train_dataloader.num_workers=2", f"train_dataloader.resize_in_main_process={in_main}",
-                     f"train_dataloader.dataset.pipeline={pipeline}"]) == 0
+                     "train_dataloader.num_workers=2", f"train_dataloader.dataset.pipeline={pipeline}"]) == 0
         history = read_json(os.path.join(work_dir, "trainer_state.json"))["log_history"]
-        losses[in_main] = [e["loss"] for e in history if "loss" in e]
-    assert len(losses["true"]) == 6 and losses["true"] == losses["false"]
+        losses[shared] = [e["loss"] for e in history if "loss" in e]
+    assert made and made[0].memory[:40 * 40 * 3].any()  # the workers wrote the batches into the slots
+    assert len(losses[True]) == 6 and losses[True] == losses[False]
 
 
 def test_speed_knobs_bf16_and_channels_last_run_on_cpu(tmp_path):

@@ -30,7 +30,7 @@ def build_datasets(cfg, splits=None) -> datasets.DatasetDict:
     loader = SourceLoader()
     head = cfg.model.head
     splits = {split: _build_split(section.dataset, f"{split}_dataloader.dataset", DEFAULT_SPLITS[split],
-                                  head.num_classes, head.multi_label, loader, section.resize_in_main_process)
+                                  head.num_classes, head.multi_label, loader)
               for split, section in cfg.dataloaders().items() if splits is None or split in splits}
     return datasets.DatasetDict(splits)
 
@@ -43,7 +43,7 @@ def label_names(dataset_dict) -> list[str]:
 
 
 def _build_split(cfg, key: str, default_split: str, num_classes: int, multi_label: bool,
-                 loader: SourceLoader, tail_in_main_process: bool):
+                 loader: SourceLoader):
     steps = [step.op for step in cfg.pipeline]
     split = cfg.split or default_split
     ds, source = _load_source(cfg, key, split, loader)
@@ -76,8 +76,7 @@ def _build_split(cfg, key: str, default_split: str, num_classes: int, multi_labe
         ds = _drop_undecodable(ds, IMAGE, source)
     transform = BatchTransform(steps, image_column=IMAGE, label_column=LABEL, source=source,
                                on_corrupt=cfg.on_corrupt,
-                               multi_label_classes=len(names) if multi_label else None, class_names=names,
-                               tail_in_main_process=tail_in_main_process)
+                               multi_label_classes=len(names) if multi_label else None, class_names=names)
     ds.set_transform(transform, columns=[IMAGE, LABEL, ROW_COLUMN])
     return ds
 

@@ -190,11 +190,6 @@ class LazyImage:
         if self.height == 0 or self.width == 0:
             raise ValueError(f"image of size {self.width}x{self.height}")
 
-    @property
-    def reducible(self) -> bool:
-        """Whether pixels(min_size=...) may decode it smaller than its full size (a JPEG)."""
-        return self._pil is not None and self._pil.format == "JPEG"
-
     def pixels(self, box=None, min_size=None) -> np.ndarray:
         top, left, height, width = box or (0, 0, self.height, self.width)
         if self._array is not None:

@@ -4,9 +4,8 @@ The DataLoader's ``batch_sampler`` yields lists of indices; the dataset is
 wrapped so torch's fetcher hands each whole list to ``dataset[list_of_indices]``
 once, the dataset's batched transform builds the batch tensor, and that tensor
 IS the batch (no split into samples and re-stacking; see DESIGN.md). With
-workers, a worker may hand over the batch before the pipeline's trailing resize,
-which the main process then runs (transforms.HandOver). accelerate shards a
-batch_sampler per process and skips into it on resume.
+workers, the batch's pixels travel in reused shared-memory slots (ring.BatchRing).
+accelerate shards a batch_sampler per process and skips into it on resume.
 
 Randomness of the pipeline:
 - in DataLoader workers it draws from the worker's global torch RNG. torch seeds
@@ -21,13 +20,15 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import random
 
 import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
 
-from .runtime import fetching_for_handover, mix_seed, process_rank, set_pipeline_generator
+from .ring import BatchRing
+from .runtime import lending_output, mix_seed, process_rank, set_pipeline_generator
 
 logger = logging.getLogger("hf_finetune")
 
@@ -88,20 +89,29 @@ class WholeBatches(torch.utils.data.Dataset):
 
     torch's fetcher calls ``__getitems__(indices)`` when a dataset has it; ``datasets``
     would split the batch it built into per-sample dicts there, and collate would stack
-    them again. Here the batch the transform built is returned as it is.
+    them again. Here the batch the transform built is returned as it is; in a worker
+    forked from the process that made `ring`, its pixels are written into the ring.
     """
 
-    def __init__(self, dataset):
+    def __init__(self, dataset, ring: BatchRing | None = None):
         self.dataset = dataset
+        self.ring = ring
+
+    def __getstate__(self):
+        return {**self.__dict__, "ring": None}  # spawned workers: torch's usual transfer
 
     def __len__(self):
         return len(self.dataset)
 
     def __getitems__(self, indices):
-        if torch.utils.data.get_worker_info() is None:
+        if self.ring is None or self.ring.owner == os.getpid():
             return self.dataset[list(indices)]
-        with fetching_for_handover():  # our main process finishes what a worker hands over
-            return self.dataset[list(indices)]
+        try:
+            with lending_output(self.ring.lend):
+                batch = self.dataset[list(indices)]
+            return self.ring.send(batch)
+        finally:
+            self.ring.give_back()  # the slot lent for a batch that failed or went another way
 
     def __getitem__(self, index):
         return self.dataset[[index]]
@@ -109,13 +119,16 @@ class WholeBatches(torch.utils.data.Dataset):
 
 def build_dataloader(dataset, batch_size: int, *, shuffle: bool = False, drop_last: bool = False,
                      num_workers: int = 0, pin_memory: bool = False, persistent_workers: bool = False,
-                     prefetch_factor: int | None = None, seed: int = 0, drop_single: bool = False) -> DataLoader:
+                     prefetch_factor: int | None = None, seed: int = 0, drop_single: bool = False,
+                     shared_slots: bool = True) -> DataLoader:
     """A torch DataLoader over ``dataset`` (built by build_datasets) yielding
     {"pixel_values": uint8 [B,3,H,W], "labels": int64 [B]}.
 
     ``batch_sampler`` is a BatchSampler over a RandomSampler (generator seeded by
-    ``seed``) when shuffling, else over a SequentialSampler. Arguments are checked by
-    the config (hf_finetune.config.DataloaderCfg).
+    ``seed``) when shuffling, else over a SequentialSampler. With workers, batches
+    travel in reused shared-memory slots (ring.BatchRing); shared_slots=False sends
+    them torch's usual way. Arguments are checked by the config
+    (hf_finetune.config.DataloaderCfg).
     """
     if shuffle:
         sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(mix_seed(seed, 0x5A3B1E)))
@@ -123,16 +136,18 @@ def build_dataloader(dataset, batch_size: int, *, shuffle: bool = False, drop_la
         sampler = SequentialSampler(dataset)
     batches = EpochSeededBatchSampler(sampler, batch_size, drop_last, seed=seed, drop_single=drop_single)
     workers = num_workers > 0
+    prefetch_factor = (prefetch_factor or 2) if workers else None
+    ring = BatchRing.for_loader(batch_size, num_workers, prefetch_factor) if workers and shared_slots else None
     # A plain batch_sampler (not a BatchSampler passed as `sampler`): accelerate shards it per
     # process and skips into it on resume on every number of processes.
     return DataLoader(
-        WholeBatches(dataset),
+        WholeBatches(dataset, ring),
         batch_sampler=batches,
         collate_fn=return_batch,
         num_workers=num_workers,
         pin_memory=pin_memory,
         persistent_workers=bool(persistent_workers) and workers,
-        prefetch_factor=(prefetch_factor or 2) if workers else None,
+        prefetch_factor=prefetch_factor,
         worker_init_fn=seed_worker if workers else None,
         generator=torch.Generator().manual_seed(mix_seed(seed, 0x10ADE5)),
     )

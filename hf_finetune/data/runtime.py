@@ -3,8 +3,8 @@
 Three things cross the boundary between the dataset transform and the loader:
 the random stream the pipeline draws from, errors raised inside DataLoader
 worker processes (which torch re-raises in the main process with the worker's
-whole traceback glued into the message), and whether the transform may hand a
-batch over unfinished (only our loader's workers may: see fetching_for_handover).
+whole traceback glued into the message), and, in our loader's workers, the
+shared memory the batch's final pixels are written into (see output_buffer).
 """
 
 from __future__ import annotations
@@ -85,21 +85,22 @@ def pipeline_generator() -> torch.Generator | None:
     return _pipeline_generator[1]
 
 
-# True while one of our loader's workers fetches a whole batch: the transform may then return
-# it before its tail (transforms.HandOver), which the loader's main process finishes. Any other
-# caller (a user's own DataLoader or Trainer over the dataset) always gets finished batches.
-_handover_allowed = False
+# Set while one of our loader's workers builds a batch: hands out a shared-memory slot for the
+# batch's final pixels (ring.BatchRing.lend). Any other caller (the main process, a user's own
+# DataLoader or Trainer over the dataset) gets ordinary tensors.
+_lend = None
 
 
 @contextlib.contextmanager
-def fetching_for_handover():
-    global _handover_allowed
-    _handover_allowed = True
+def lending_output(lend):
+    global _lend
+    _lend = lend
     try:
         yield
     finally:
-        _handover_allowed = False
+        _lend = None
 
 
-def handover_allowed() -> bool:
-    return _handover_allowed
+def output_buffer(shape) -> torch.Tensor | None:
+    """An empty uint8 tensor of `shape` (N, H, W, C) to write a batch's final pixels into, or None."""
+    return None if _lend is None else _lend(shape)

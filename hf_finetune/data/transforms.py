@@ -17,9 +17,9 @@ Images of different sizes (photos) reach the first step as a list of
 each image's region only, at a reduced JPEG scale when the output is much
 smaller, and return one batch tensor when their outputs share a size.
 
-With loader workers, the pipeline's trailing non-random steps (the tail: e.g. CIFAR's
-32 -> 224 Resize) can run after the process boundary, in the main process: the worker
-hands over the smaller batch (see HandOver). The pixels are the same either way.
+In our loader's workers the batch's final pixels are written into shared memory the
+main process reads without a copy (runtime.output_buffer, ring.BatchRing): a final
+Resize writes there directly, PackClsInputs copies whatever else the last step made.
 """
 
 from __future__ import annotations
@@ -31,12 +31,11 @@ import warnings
 
 import torch
 import torch.nn.functional as F
-from torch._utils import ExceptionWrapper
 
 from ..errors import RecipeError
 from .decode import LazyImage
 from .labels import class_lists_to_multi_hot
-from .runtime import BatchDataError, handover_allowed, pipeline_generator, undecodable_message
+from .runtime import BatchDataError, output_buffer, pipeline_generator, undecodable_message
 
 ROW_COLUMN = "__row__"  # original row index within the split, for error messages
 
@@ -102,8 +101,19 @@ INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 BACKENDS = ("cv2", "pillow", "cv2-exact")
 
 
-def _resize(images: torch.Tensor, size: tuple[int, int], mode: str, backend: str = "cv2") -> torch.Tensor:
-    """uint8 NHWC -> uint8 NHWC of `size`, with half-pixel centres (cv2 / PIL geometry)."""
+# F.interpolate's kernels with an `out` argument (F.interpolate has none), by (mode, antialias).
+_RESIZE_INTO = {
+    ("bilinear", False): torch.ops.aten.upsample_bilinear2d.out,
+    ("bilinear", True): torch.ops.aten._upsample_bilinear2d_aa.out,
+    ("bicubic", False): torch.ops.aten.upsample_bicubic2d.out,
+    ("bicubic", True): torch.ops.aten._upsample_bicubic2d_aa.out,
+}
+
+
+def _resize(images: torch.Tensor, size: tuple[int, int], mode: str, backend: str = "cv2",
+            out: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 NHWC -> uint8 NHWC of `size`, with half-pixel centres (cv2 / PIL geometry).
+    out: an NHWC tensor to write into (the loader's shared memory), when the kernel can."""
     if tuple(images.shape[1:3]) == tuple(size):
         return images
     if backend == "cv2-exact" and mode == "bilinear":
@@ -111,7 +121,11 @@ def _resize(images: torch.Tensor, size: tuple[int, int], mode: str, backend: str
     nchw = images.permute(0, 3, 1, 2)  # channels_last view of the NHWC batch
     if not nchw.is_contiguous(memory_format=torch.channels_last):
         nchw = nchw.contiguous(memory_format=torch.channels_last)
-    extra = {} if mode == "nearest" else {"align_corners": False, "antialias": backend == "pillow"}
+    antialias = backend == "pillow"
+    if out is not None and (mode, antialias) in _RESIZE_INTO:
+        _RESIZE_INTO[mode, antialias](nchw, list(size), False, None, None, out=out.permute(0, 3, 1, 2))
+        return out
+    extra = {} if mode == "nearest" else {"align_corners": False, "antialias": antialias}
     return F.interpolate(nchw, size=size, mode=mode, **extra).permute(0, 2, 3, 1)
 
 
@@ -185,6 +199,10 @@ class PipelineStep:
     def output_size(self, in_hw: tuple[int, int]) -> tuple[int, int]:
         """(height, width) this step outputs for an input of in_hw (the image-processor export asks)."""
         return tuple(in_hw)
+
+    def finish(self, images: torch.Tensor) -> torch.Tensor:
+        """As the pipeline's last step (a step may write its output into runtime.output_buffer)."""
+        return self(images)
 
     @classmethod
     def from_config(cls, config: dict, key: str) -> "PipelineStep":
@@ -362,10 +380,14 @@ class Resize(PipelineStep):
     def output_size(self, in_hw):
         return self.scale
 
-    def apply(self, images: torch.Tensor, params: dict | None = None) -> torch.Tensor:
-        return _resize(images, self.scale, self.interpolation, self.backend)
+    def apply(self, images: torch.Tensor, params: dict | None = None, out=None) -> torch.Tensor:
+        return _resize(images, self.scale, self.interpolation, self.backend, out)
 
     __call__ = apply
+
+    def finish(self, images):
+        # Write straight into the loader's shared memory: saves copying the enlarged batch there.
+        return self.apply(images, out=output_buffer((images.shape[0], *self.scale, images.shape[3])))
 
     def apply_list(self, images: list) -> torch.Tensor:
         pixels = [_pixels(im, min_size=self.scale) for im in images]
@@ -1047,7 +1069,10 @@ class PackClsInputs(PipelineStep):
         pass
 
     def pack(self, images: torch.Tensor, labels: torch.Tensor) -> dict:
-        if not images.is_contiguous():
+        out = output_buffer(tuple(images.shape))  # in our loader's workers: shared memory
+        if out is not None and not (out.data_ptr() == images.data_ptr() and images.is_contiguous()):
+            images = out.copy_(images)
+        elif not images.is_contiguous():
             images = images.contiguous()
         return {"pixel_values": images.permute(0, 3, 1, 2), "labels": labels}
 
@@ -1095,45 +1120,6 @@ def build_pipeline(config, key: str = "pipeline") -> list[PipelineStep]:
     return steps
 
 
-def _enlarges(steps, in_hw) -> bool:
-    """Whether `steps` output more pixels than they take: only then is handing over the
-    smaller input the cheaper crossing (a 1024 px photo cropped to 224 crosses as 224)."""
-    out_hw = in_hw
-    for step in steps:
-        out_hw = step.output_size(out_hw)
-    return out_hw[0] * out_hw[1] > in_hw[0] * in_hw[1]
-
-
-class HandOver:
-    """What a loader worker returns when the tail of the pipeline is left to the main process:
-    the batch before the tail (at CIFAR's 32 px, 49x smaller than after a 224 px Resize).
-
-    Written by hand because torch's loader has no main-process step between a worker and the
-    training loop: unpickling is that step. A tensor crosses processes through a new shared-memory
-    segment and a file-descriptor handover per batch, which at 224 px costs the worker more than
-    the pipeline itself; this batch is pickled as plain arrays and travels through the pipe as
-    bytes. Unpickling, in the main process (or its pin-memory thread), runs the tail and packs.
-    """
-
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, tail: list, packer: "PackClsInputs"):
-        self.images, self.labels, self.tail, self.packer = images, labels, tail, packer
-
-    def __reduce__(self):
-        return _finish_handover, (self.images.numpy(), self.labels.numpy(), self.tail, self.packer)
-
-
-def _finish_handover(images, labels, tail, packer):
-    try:
-        images = torch.from_numpy(images)
-        for step in tail:
-            images = step(images)
-        return packer.pack(images, torch.from_numpy(labels))
-    except Exception:
-        # An exception raised while unpickling would kill the loader's pin-memory thread; torch
-        # re-raises a wrapped one in the training loop, as it does a worker's.
-        return ExceptionWrapper(where="in the main process, finishing a batch from a DataLoader worker")
-
-
 class BatchTransform:
     """The ``set_transform`` callable: a batch of dataset rows -> model inputs.
 
@@ -1145,15 +1131,9 @@ class BatchTransform:
     """
 
     def __init__(self, steps, *, image_column: str, label_column: str, source: str, on_corrupt: str = "error",
-                 multi_label_classes: int | None = None, class_names: list[str] | None = None,
-                 tail_in_main_process: bool = False):
+                 multi_label_classes: int | None = None, class_names: list[str] | None = None):
         self.steps = list(steps[:-1])
         self.packer = steps[-1]
-        # Where the tail starts: the trailing steps that draw nothing may run in the main
-        # process, after a loader worker handed the batch over (see HandOver).
-        self.tail_start = len(self.steps)
-        while tail_in_main_process and self.tail_start > 0 and not self.steps[self.tail_start - 1].random:
-            self.tail_start -= 1
         self.image_column = image_column
         self.label_column = label_column
         self.source = source
@@ -1186,32 +1166,19 @@ class BatchTransform:
             kept.append(pos)
         return images, kept
 
-    def run_steps(self, images, steps=None, *, one_size=True):
-        """images: a uint8 NHWC batch, or a list of LazyImage / [H, W, 3] tensors of any sizes.
-        one_size=False: a list of images of different sizes may come out."""
-        steps = self.steps if steps is None else steps
-        for i, step in enumerate(steps):
+    def run_steps(self, images):
+        """images: a uint8 NHWC batch, or a list of LazyImage / [H, W, 3] tensors of any sizes."""
+        for i, step in enumerate(self.steps):
             if isinstance(images, list):
                 if not step.accepts_list:
-                    return self._run_by_size(images, steps[i:])
+                    return self._run_by_size(images, self.steps[i:])
                 images = step.apply_list(images)
             else:
-                images = step(images)
-        return self._run_by_size(images, []) if isinstance(images, list) and one_size else images
+                images = self._apply(step, images)
+        return self._run_by_size(images, []) if isinstance(images, list) else images
 
-    def _run_in_worker(self, images, labels):
-        """In one of our loader's workers: the steps before the tail, then a HandOver when the batch is one
-        tensor there and the tail enlarges it; else the tail too, here."""
-        images = self.run_steps(images, self.steps[:self.tail_start], one_size=False)
-        tail = self.steps[self.tail_start:]
-        # A JPEG is decoded smaller when the tail shrinks it (draft mode): keep that in the worker.
-        if isinstance(images, list) and not any(isinstance(im, LazyImage) and im.reducible for im in images):
-            images = [_pixels(im) for im in images]
-            if all(im.shape == images[0].shape for im in images):
-                images = torch.stack(images)
-        if isinstance(images, torch.Tensor) and _enlarges(tail, tuple(images.shape[1:3])):
-            return HandOver(images, labels, tail, self.packer)
-        return self.packer.pack(self.run_steps(images, tail), labels)
+    def _apply(self, step, images: torch.Tensor, whole_batch: bool = True) -> torch.Tensor:
+        return step.finish(images) if whole_batch and step is self.steps[-1] else step(images)
 
     def __call__(self, batch: dict) -> dict:
         items = batch[self.image_column]
@@ -1226,8 +1193,6 @@ class BatchTransform:
         else:
             labels = torch.tensor(labels, dtype=torch.int64)
         try:
-            if self.tail_start < len(self.steps) and handover_allowed():
-                return self._run_in_worker(images, labels)
             pixels = self.run_steps(images)
         except (OSError, ValueError, SyntaxError) as exc:  # what Pillow raises on a truncated or corrupt file
             failed = next((p for p, im in zip(kept, images) if isinstance(im, LazyImage) and im.failed), None)
@@ -1246,7 +1211,7 @@ class BatchTransform:
         for shape, idx in groups.items():
             out = torch.stack([pixels[i] for i in idx])
             for step in steps:
-                out = step(out)
+                out = self._apply(step, out, whole_batch=len(groups) == 1)
             outputs[shape] = out
         out_shapes = {tuple(o.shape[1:]) for o in outputs.values()}
         if len(out_shapes) > 1:

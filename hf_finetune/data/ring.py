@@ -1,0 +1,177 @@
+"""Reused shared-memory slots that carry finished batches from our loader's workers.
+
+torch's DataLoader sends every tensor a worker returns through a new shared-memory
+segment and a file-descriptor handover. At 224 px (19 MB per batch of 128) that costs
+a worker more than the pipeline itself: N workers on N cores delivered a third of N
+times the in-process rate. torch has no way to reuse shared buffers across batches,
+so this is written by hand:
+
+- before its workers fork, the loader maps one region of slots (a memfd: memory is
+  only used where a batch is written, and no /dev/shm size limit applies);
+- in a worker, the pipeline's last step writes the batch's pixels straight into a
+  free slot (runtime.output_buffer) and the worker returns the slot's number and the
+  labels (RingBatch);
+- the main process views the slot as the batch tensor, without a copy;
+- the slot is free again only when the last tensor viewing it is gone (a finaliser on
+  the array the tensor is made from), so a batch the training loop still holds is
+  never overwritten.
+
+When no slot is free (the caller holds many batches) or a batch does not fit, it
+travels torch's usual way; workers started by spawn or forkserver get no ring (it is
+not pickled) and do the same. The pixels are the same either way.
+"""
+
+from __future__ import annotations
+
+import mmap
+import multiprocessing
+import os
+import weakref
+
+import numpy as np
+import torch
+from torch._utils import ExceptionWrapper
+
+FREE, RECEIVED = 0, -1  # slot states; a worker's claim is a positive token: pid << 32 | count
+MAX_IMAGE_BYTES = 3 * 1024 * 1024  # a slot holds a batch of images up to 1024 x 1024 RGB
+LOCK_TIMEOUT_S = 10.0
+
+_rings: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # this process's rings, by key
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+class BatchRing:
+    """Slots of shared memory for one loader's batches; made in the main process."""
+
+    @classmethod
+    def for_loader(cls, batch_size: int, num_workers: int, prefetch_factor: int) -> "BatchRing | None":
+        """A ring for a loader with workers, or None where the system offers no memfd or fork."""
+        # Each worker's prefetched batches, plus those the training loop, accelerate's look-ahead
+        # and the pin-memory thread may hold at once.
+        slots = num_workers * prefetch_factor + 4
+        try:
+            return cls(slots, batch_size * MAX_IMAGE_BYTES)
+        except (AttributeError, OSError, ValueError):  # no os.memfd_create, no fork, no mapping
+            return None
+
+    def __init__(self, slots: int, slot_bytes: int):
+        self.slot_bytes = slot_bytes
+        fd = os.memfd_create("hf_finetune_batches")
+        try:
+            os.ftruncate(fd, slots * slot_bytes)  # sparse: pages exist once written
+            self.memory = np.frombuffer(mmap.mmap(fd, slots * slot_bytes), dtype=np.uint8)
+        finally:
+            os.close(fd)  # the mapping keeps the memory
+        self.state = np.frombuffer(mmap.mmap(-1, 8 * slots), dtype=np.int64)  # shared with forked workers
+        self.lock = multiprocessing.get_context("fork").Lock()
+        self.owner = os.getpid()
+        self.key = os.urandom(8).hex()
+        self.claims = 0
+        self.lent = None  # in a worker: (slot, token, tensor) while a batch is being built
+        _rings[self.key] = self
+
+    def __reduce__(self):
+        raise TypeError("a BatchRing is shared with forked workers only")
+
+    def holds(self, tensor: torch.Tensor) -> bool:
+        """Whether the tensor's memory lies in this ring."""
+        start = self.memory.ctypes.data
+        return start <= tensor.data_ptr() < start + self.memory.size
+
+    def _slot(self, slot: int, shape) -> np.ndarray:
+        start = slot * self.slot_bytes
+        return self.memory[start:start + int(np.prod(shape))]
+
+    def _acquire(self) -> bool:
+        return self.lock.acquire(timeout=LOCK_TIMEOUT_S)
+
+    # In a worker.
+
+    def lend(self, shape) -> torch.Tensor | None:
+        """A uint8 tensor of `shape` in a free slot, or None; the same one until `send`."""
+        if self.lent is not None:
+            return self.lent[2] if tuple(self.lent[2].shape) == tuple(shape) else None
+        if int(np.prod(shape)) > self.slot_bytes or not self._acquire():
+            return None
+        try:
+            # A slot claimed by a worker that died before its batch arrived is free again.
+            free = next((s for s, state in enumerate(self.state)
+                         if state == FREE or (state > 0 and not _alive(int(state) >> 32))), None)
+            if free is None:
+                return None
+            self.claims += 1
+            token = (os.getpid() << 32) | (self.claims & 0xFFFFFFFF)
+            self.state[free] = token
+        finally:
+            self.lock.release()
+        self.lent = (free, token, torch.from_numpy(self._slot(free, shape)).view(shape))
+        return self.lent[2]
+
+    def send(self, batch: dict):
+        """What the worker returns: a RingBatch when the batch's pixels are the lent slot, else
+        the batch itself (then give_back)."""
+        if self.lent is None:
+            return batch
+        slot, token, tensor = self.lent
+        pixels = batch["pixel_values"].permute(0, 2, 3, 1)  # the NHWC memory PackClsInputs wrote
+        if pixels.data_ptr() != tensor.data_ptr() or pixels.shape != tensor.shape or not pixels.is_contiguous():
+            return batch
+        self.lent = None
+        return RingBatch(self.key, slot, token, tuple(tensor.shape), batch["labels"].numpy())
+
+    def give_back(self) -> None:
+        """Free the lent slot when the batch did not go through it."""
+        if self.lent is not None:
+            self.state[self.lent[0]] = FREE
+            self.lent = None
+
+    # In the main process.
+
+    def receive(self, slot: int, token: int, shape, labels) -> dict:
+        if not self._acquire():
+            raise RuntimeError("the loader's batch slots stayed locked; a worker died holding the lock")
+        try:
+            if self.state[slot] != token:
+                raise RuntimeError(f"slot {slot} of the loader's shared batches was reused before its batch arrived")
+            self.state[slot] = RECEIVED
+        finally:
+            self.lock.release()
+        pixels = self._slot(slot, shape)
+        weakref.finalize(pixels, self._free, slot).atexit = False
+        return {"pixel_values": torch.from_numpy(pixels).view(shape).permute(0, 3, 1, 2),
+                "labels": torch.from_numpy(labels)}
+
+    def _free(self, slot: int) -> None:
+        # No lock: finalisers may run inside any allocation, even one made while the lock is held.
+        # A forked worker inherits the main process's batches; their finalisers must not free slots.
+        if os.getpid() == self.owner:
+            self.state[slot] = FREE
+
+
+class RingBatch:
+    """A worker's batch whose pixels are in a ring slot: pickles to the slot's number."""
+
+    def __init__(self, key: str, slot: int, token: int, shape: tuple, labels: np.ndarray):
+        # Labels as an array: pickled inline, where a tensor would take a shared-memory segment.
+        self.args = (key, slot, token, shape, labels)
+
+    def __reduce__(self):
+        return _receive, self.args
+
+
+def _receive(key, slot, token, shape, labels):
+    try:
+        return _rings[key].receive(slot, token, shape, labels)
+    except Exception:
+        # An exception raised while unpickling would kill the loader's pin-memory thread; torch
+        # re-raises a wrapped one in the training loop, as it does a worker's.
+        return ExceptionWrapper(where="in the main process, receiving a batch from a DataLoader worker")

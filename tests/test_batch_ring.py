@@ -1,0 +1,119 @@
+"""Loader workers hand batches over in reused shared-memory slots (hf_finetune.data.ring)."""
+
+import gc
+import multiprocessing
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hf_finetune.data import build_dataloader, build_datasets
+from hf_finetune.data.ring import FREE, RECEIVED, BatchRing, _receive
+from hf_finetune.data.transforms import _resize
+from test_data_pipeline import TRAIN_PIPELINE, random_images, synthetic_recipe
+
+CROP_LAST = [{"type": "RandomFlip", "prob": 0.5}, {"type": "Resize", "scale": 48}, {"type": "CenterCrop", "crop_size": 40},
+             {"type": "PackClsInputs"}]
+
+
+def _split(pipeline, num_samples=24):
+    return build_datasets(synthetic_recipe(pipeline, num_samples=num_samples))["train"]
+
+
+@pytest.mark.parametrize("pipeline, size", [(TRAIN_PIPELINE, 64), (CROP_LAST, 40)])
+def test_slots_give_the_same_batches_as_torchs_transfer(pipeline, size):
+    """A final Resize writes into the slot, a final CenterCrop is copied there: either way the
+    pixels, labels and memory layout equal torch's usual transfer."""
+    ds = _split(pipeline)
+    shared = build_dataloader(ds, 8, shuffle=True, num_workers=2, seed=5)
+    plain = build_dataloader(ds, 8, shuffle=True, num_workers=2, seed=5, shared_slots=False)
+    assert plain.dataset.ring is None
+    pairs = list(zip(shared, plain))
+    assert len(pairs) == 3
+    for a, b in pairs:
+        assert shared.dataset.ring.holds(a["pixel_values"])
+        assert a["pixel_values"].shape == (8, 3, size, size)
+        assert torch.equal(a["pixel_values"], b["pixel_values"]) and torch.equal(a["labels"], b["labels"])
+        assert a["pixel_values"].stride() == b["pixel_values"].stride()
+
+
+def test_held_batches_are_never_overwritten():
+    """Holding a whole epoch: once every slot is taken, batches travel torch's way; none is
+    overwritten. Dropping them frees the slots for the next epoch."""
+    ds = _split(TRAIN_PIPELINE, num_samples=96)
+    loader = build_dataloader(ds, 4, shuffle=True, num_workers=2, prefetch_factor=1, persistent_workers=True, seed=1)
+    ring = loader.dataset.ring
+    slots = len(ring.state)
+    assert slots == 2 * 1 + 4
+    held = list(loader)
+    reference = list(build_dataloader(ds, 4, shuffle=True, num_workers=2, prefetch_factor=1, seed=1,
+                                      shared_slots=False))
+    assert len(held) == len(reference) == 24
+    in_ring = [ring.holds(b["pixel_values"]) for b in held]
+    assert 0 < sum(in_ring) <= slots and not all(in_ring)
+    for a, b in zip(held, reference):
+        assert torch.equal(a["pixel_values"], b["pixel_values"]) and torch.equal(a["labels"], b["labels"])
+    del held, a, b
+    gc.collect()
+    assert (ring.state == FREE).all()
+    assert all(ring.holds(b["pixel_values"]) for b in loader)  # one batch held at a time
+
+
+def test_a_slot_is_free_only_when_its_last_view_is_gone():
+    loader = build_dataloader(_split(TRAIN_PIPELINE), 8, num_workers=1, seed=0)
+    ring = loader.dataset.ring
+    batches = iter(loader)
+    batch = next(batches)
+    slot = (batch["pixel_values"].data_ptr() - ring.memory.ctypes.data) // ring.slot_bytes
+    first_image = batch["pixel_values"][0]
+    expected = first_image.clone()
+    del batch
+    gc.collect()
+    assert ring.state[slot] == RECEIVED  # the view keeps the slot
+    rest = list(batches)  # the worker fills other slots meanwhile
+    assert len(rest) == 2 and torch.equal(first_image, expected)
+    del first_image
+    assert ring.state[slot] == FREE
+
+
+def _claim_and_die(ring):
+    ring.lend((1, 4, 4, 3))
+
+
+def test_claims_of_dead_workers_are_reclaimed_and_stale_batches_refused():
+    ring = BatchRing(slots=2, slot_bytes=64)
+    child = multiprocessing.get_context("fork").Process(target=_claim_and_die, args=(ring,))
+    child.start()
+    child.join()
+    dead_claim = int(ring.state[0])
+    assert dead_claim >> 32 == child.pid and ring.state[1] == FREE
+    slot = ring.lend((1, 4, 4, 3))  # the dead worker's slot is taken again
+    assert ring.lent[0] == 0 and slot.shape == (1, 4, 4, 3)
+    ring.give_back()
+    assert ring.state[0] == FREE
+    # A batch whose slot was claimed again before it arrived is refused, not read.
+    failed = _receive(ring.key, 0, dead_claim, (1, 4, 4, 3), torch.zeros(1, dtype=torch.int64).numpy())
+    with pytest.raises(RuntimeError, match="slot 0 of the loader's shared batches was reused before its batch"):
+        failed.reraise()
+
+
+def test_spawned_workers_get_no_ring():
+    loader = build_dataloader(_split(TRAIN_PIPELINE), 8, num_workers=2)
+    assert loader.dataset.ring is not None
+    assert pickle.loads(pickle.dumps(loader.dataset)).ring is None
+    with pytest.raises(TypeError, match="shared with forked workers only"):
+        pickle.dumps(loader.dataset.ring)
+
+
+@pytest.mark.parametrize("mode, backend", [("bilinear", "cv2"), ("bilinear", "pillow"), ("bicubic", "cv2"),
+                                           ("bicubic", "pillow")])
+@pytest.mark.parametrize("size", [(56, 72), (20, 24)])
+def test_resize_into_a_given_tensor_equals_interpolate(mode, backend, size):
+    images = random_images(4, 32, 40)
+    out = torch.full((4, *size, 3), 7, dtype=torch.uint8)
+    result = _resize(images, size, mode, backend, out=out)
+    assert result is out
+    nchw = images.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
+    expected = F.interpolate(nchw, size=size, mode=mode, align_corners=False, antialias=backend == "pillow")
+    assert torch.equal(out.permute(0, 3, 1, 2), expected)
