@@ -23,6 +23,7 @@ not pickled) and do the same. The pixels are the same either way.
 
 from __future__ import annotations
 
+import math
 import mmap
 import multiprocessing
 import os
@@ -89,7 +90,7 @@ class BatchRing:
 
     def _slot(self, slot: int, shape) -> np.ndarray:
         start = slot * self.slot_bytes
-        return self.memory[start:start + int(np.prod(shape))]
+        return self.memory[start:start + math.prod(shape)]
 
     def _acquire(self) -> bool:
         return self.lock.acquire(timeout=LOCK_TIMEOUT_S)
@@ -100,12 +101,13 @@ class BatchRing:
         """A uint8 tensor of `shape` in a free slot, or None; the same one until `send`."""
         if self.lent is not None:
             return self.lent[2] if tuple(self.lent[2].shape) == tuple(shape) else None
-        if int(np.prod(shape)) > self.slot_bytes or not self._acquire():
+        if math.prod(shape) > self.slot_bytes or not self._acquire():
             return None
         try:
-            # A slot claimed by a worker that died before its batch arrived is free again.
-            free = next((s for s, state in enumerate(self.state)
-                         if state == FREE or (state > 0 and not _alive(int(state) >> 32))), None)
+            states = self.state.tolist()
+            free = states.index(FREE) if FREE in states else None
+            if free is None:  # a slot claimed by a worker that died before its batch arrived is free again
+                free = next((s for s, state in enumerate(states) if state > 0 and not _alive(state >> 32)), None)
             if free is None:
                 return None
             self.claims += 1
