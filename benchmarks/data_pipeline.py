@@ -93,7 +93,7 @@ def main(argv=None) -> int:
     parser.add_argument("--baseline-images", type=int, default=1024, help="images timed for the slow baseline")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=5, help="side-by-side rounds for the workers scaling")
+    parser.add_argument("--rounds", type=int, default=9, help="side-by-side rounds for the workers scaling")
     parser.add_argument("--repeats", type=int, default=3, help="timed passes per row; the best is reported "
                         "(a shared machine's noise only ever slows a pass down)")
     parser.add_argument("--work-dir", default=None, help="where to write the data (default: a temporary folder)")

@@ -90,15 +90,12 @@ class WholeBatches(torch.utils.data.Dataset):
     torch's fetcher calls ``__getitems__(indices)`` when a dataset has it; ``datasets``
     would split the batch it built into per-sample dicts there, and collate would stack
     them again. Here the batch the transform built is returned as it is; in a worker
-    forked from the process that made `ring`, its pixels are written into the ring.
+    of the process that made `ring`, its pixels are written into the ring.
     """
 
     def __init__(self, dataset, ring: BatchRing | None = None):
         self.dataset = dataset
         self.ring = ring
-
-    def __getstate__(self):
-        return {**self.__dict__, "ring": None}  # spawned workers: torch's usual transfer
 
     def __len__(self):
         return len(self.dataset)

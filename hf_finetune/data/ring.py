@@ -6,8 +6,10 @@ a worker more than the pipeline itself: N workers on N cores delivered a third o
 times the in-process rate. torch has no way to reuse shared buffers across batches,
 so this is written by hand:
 
-- before its workers fork, the loader maps one region of slots (a memfd: memory is
-  only used where a batch is written, and no /dev/shm size limit applies);
+- before its workers start, the loader makes one region of slots (a memfd: memory is
+  only used where a batch is written, and no /dev/shm size limit applies), which
+  forked workers inherit and spawned ones (forkserver, Python 3.14's Linux default)
+  map from a duplicated file descriptor;
 - in a worker, the pipeline's last step writes the batch's pixels straight into a
   free slot (runtime.output_buffer) and the worker returns the slot's number and the
   labels (RingBatch);
@@ -17,25 +19,30 @@ so this is written by hand:
   never overwritten.
 
 When no slot is free (the caller holds many batches) or a batch does not fit, it
-travels torch's usual way; workers started by spawn or forkserver get no ring (it is
-not pickled) and do the same. The pixels are the same either way.
+travels torch's usual way, as it does where there is no memfd (macOS, Windows). The
+pixels are the same either way.
 """
 
 from __future__ import annotations
 
 import math
 import mmap
-import multiprocessing
 import os
+import threading
 import weakref
+from multiprocessing import context, reduction
 
 import numpy as np
 import torch
 from torch._utils import ExceptionWrapper
 
+try:
+    import fcntl
+except ImportError:  # Windows: no ring, batches travel torch's usual way
+    fcntl = None
+
 FREE, RECEIVED = 0, -1  # slot states; a worker's claim is a positive token: pid << 32 | count
 MAX_IMAGE_BYTES = 3 * 1024 * 1024  # a slot holds a batch of images up to 1024 x 1024 RGB
-LOCK_TIMEOUT_S = 10.0
 
 _rings: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # this process's rings, by key
 
@@ -55,33 +62,40 @@ class BatchRing:
 
     @classmethod
     def for_loader(cls, batch_size: int, num_workers: int, prefetch_factor: int) -> "BatchRing | None":
-        """A ring for a loader with workers, or None where the system offers no memfd or fork."""
+        """A ring for a loader with workers, or None where the system offers no memfd."""
         # Each worker's prefetched batches, plus those the training loop, accelerate's look-ahead
         # and the pin-memory thread may hold at once.
         slots = num_workers * prefetch_factor + 4
+        if fcntl is None or not hasattr(os, "memfd_create"):
+            return None
         try:
             return cls(slots, batch_size * MAX_IMAGE_BYTES)
-        except (AttributeError, OSError, ValueError):  # no os.memfd_create, no fork, no mapping
+        except OSError:  # no room to map
             return None
 
     def __init__(self, slots: int, slot_bytes: int):
-        self.slot_bytes = slot_bytes
-        fd = os.memfd_create("hf_finetune_batches")
-        try:
-            os.ftruncate(fd, slots * slot_bytes)  # sparse: pages exist once written
-            self.memory = np.frombuffer(mmap.mmap(fd, slots * slot_bytes), dtype=np.uint8)
-        finally:
-            os.close(fd)  # the mapping keeps the memory
-        self.state = np.frombuffer(mmap.mmap(-1, 8 * slots), dtype=np.int64)  # shared with forked workers
-        self.lock = multiprocessing.get_context("fork").Lock()
-        self.owner = os.getpid()
-        self.key = os.urandom(8).hex()
-        self.claims = 0
-        self.lent = None  # in a worker: (slot, token, tensor) while a batch is being built
+        fds = os.memfd_create("hf_finetune_batches"), os.memfd_create("hf_finetune_batch_states")
+        os.ftruncate(fds[0], slots * slot_bytes)  # sparse: pages exist once written
+        os.ftruncate(fds[1], 8 * slots)
+        self._map(slots, slot_bytes, fds, owner=os.getpid(), key=os.urandom(8).hex())
         _rings[self.key] = self
 
+    def _map(self, slots: int, slot_bytes: int, fds: tuple[int, int], owner: int, key: str) -> None:
+        self.slot_bytes, self.fds, self.owner, self.key = slot_bytes, fds, owner, key
+        weakref.finalize(self, _close, fds)
+        self.memory = np.frombuffer(mmap.mmap(fds[0], slots * slot_bytes), dtype=np.uint8)
+        self.state = np.frombuffer(mmap.mmap(fds[1], 8 * slots), dtype=np.int64)
+        self.claims = 0
+        self.lent = None  # in a worker: (slot, token, tensor) while a batch is being built
+        self.receiving = threading.Lock()  # the record lock is per process, not per thread
+
     def __reduce__(self):
-        raise TypeError("a BatchRing is shared with forked workers only")
+        # Pickled while a worker process starts (spawn, forkserver): the worker maps the same
+        # memory. Pickled any other way (a copy of the dataset): the copy has no ring.
+        if context.get_spawning_popen() is None:
+            return _no_ring, ()
+        return _attach, (len(self.state), self.slot_bytes, reduction.DupFd(self.fds[0]),
+                         reduction.DupFd(self.fds[1]), self.owner, self.key)
 
     def holds(self, tensor: torch.Tensor) -> bool:
         """Whether the tensor's memory lies in this ring."""
@@ -92,8 +106,14 @@ class BatchRing:
         start = slot * self.slot_bytes
         return self.memory[start:start + math.prod(shape)]
 
-    def _acquire(self) -> bool:
-        return self.lock.acquire(timeout=LOCK_TIMEOUT_S)
+    # A record lock on the state file: between processes, and released by the kernel when its
+    # holder dies (a killed worker never leaves the slots locked).
+
+    def _lock(self) -> None:
+        fcntl.lockf(self.fds[1], fcntl.LOCK_EX)
+
+    def _unlock(self) -> None:
+        fcntl.lockf(self.fds[1], fcntl.LOCK_UN)
 
     # In a worker.
 
@@ -101,8 +121,9 @@ class BatchRing:
         """A uint8 tensor of `shape` in a free slot, or None; the same one until `send`."""
         if self.lent is not None:
             return self.lent[2] if tuple(self.lent[2].shape) == tuple(shape) else None
-        if math.prod(shape) > self.slot_bytes or not self._acquire():
+        if math.prod(shape) > self.slot_bytes:
             return None
+        self._lock()
         try:
             states = self.state.tolist()
             free = states.index(FREE) if FREE in states else None
@@ -114,7 +135,7 @@ class BatchRing:
             token = (os.getpid() << 32) | (self.claims & 0xFFFFFFFF)
             self.state[free] = token
         finally:
-            self.lock.release()
+            self._unlock()
         self.lent = (free, token, torch.from_numpy(self._slot(free, shape)).view(shape))
         return self.lent[2]
 
@@ -139,14 +160,15 @@ class BatchRing:
     # In the main process.
 
     def receive(self, slot: int, token: int, shape, labels) -> dict:
-        if not self._acquire():
-            raise RuntimeError("the loader's batch slots stayed locked; a worker died holding the lock")
-        try:
-            if self.state[slot] != token:
-                raise RuntimeError(f"slot {slot} of the loader's shared batches was reused before its batch arrived")
-            self.state[slot] = RECEIVED
-        finally:
-            self.lock.release()
+        with self.receiving:
+            self._lock()
+            try:
+                if self.state[slot] != token:
+                    raise RuntimeError(f"slot {slot} of the loader's shared batches was reused before its batch "
+                                       f"arrived")
+                self.state[slot] = RECEIVED
+            finally:
+                self._unlock()
         pixels = self._slot(slot, shape)
         weakref.finalize(pixels, self._free, slot).atexit = False
         return {"pixel_values": torch.from_numpy(pixels).view(shape).permute(0, 3, 1, 2),
@@ -168,6 +190,21 @@ class RingBatch:
 
     def __reduce__(self):
         return _receive, self.args
+
+
+def _close(fds):
+    for fd in fds:
+        os.close(fd)
+
+
+def _no_ring():
+    return None
+
+
+def _attach(slots, slot_bytes, memory_fd, state_fd, owner, key):
+    ring = BatchRing.__new__(BatchRing)
+    ring._map(slots, slot_bytes, (memory_fd.detach(), state_fd.detach()), owner, key)
+    return ring
 
 
 def _receive(key, slot, token, shape, labels):
