@@ -139,3 +139,36 @@ def test_resize_into_a_given_tensor_equals_interpolate(mode, backend, size):
     nchw = images.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
     expected = F.interpolate(nchw, size=size, mode=mode, align_corners=False, antialias=backend == "pillow")
     assert torch.equal(out.permute(0, 3, 1, 2), expected)
+
+
+def _rows(*arrays):
+    from hf_finetune.data.decode import encode_ppm
+
+    items = [{"bytes": encode_ppm(a.numpy()), "path": None} for a in arrays]
+    return {"img": items, "label": list(range(len(items))), "__row__": list(range(len(items)))}
+
+
+@pytest.mark.parametrize("first_step", [[], [{"type": "RandomFlip", "prob": 0.0}]])
+@pytest.mark.parametrize("sizes", [[(32, 32)] * 3, [(32, 32), (40, 48), (32, 32)]])
+def test_every_path_of_the_transform_ends_in_the_lent_slot(first_step, sizes):
+    """Photos of one size or several, a Resize that opens the images itself or one after another
+    step: the batch a worker builds lies in the lent slot and arrives equal to the batch built
+    without one. A slot too small for the batch: it travels as an ordinary batch."""
+    from hf_finetune.data.runtime import lending_output
+    from hf_finetune.data.transforms import BatchTransform, build_pipeline
+
+    batch = _rows(*(random_images(1, h, w, seed=i)[0] for i, (h, w) in enumerate(sizes)))
+    steps = build_pipeline(first_step + [{"type": "Resize", "scale": 24}, {"type": "PackClsInputs"}])
+    transform = BatchTransform(steps, image_column="img", label_column="label", source="test")
+    expected = transform(batch)
+    for slot_bytes, fits in ((3 * 24 * 24 * 3, True), (100, False)):
+        ring = BatchRing(slots=1, slot_bytes=slot_bytes)
+        with lending_output(ring.lend):
+            built = transform(batch)
+        sent = ring.send(built)
+        ring.give_back()
+        assert ring.holds(built["pixel_values"]) == fits
+        received = pickle.loads(pickle.dumps(sent))  # what the main process gets
+        assert torch.equal(received["pixel_values"], expected["pixel_values"])
+        assert torch.equal(received["labels"], expected["labels"])
+        assert received["pixel_values"].stride() == expected["pixel_values"].stride()
