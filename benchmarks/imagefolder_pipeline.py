@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from data_pipeline import time_loader  # this folder is on sys.path when run as a script
 
 SIZES = [(500, 375), (375, 500), (500, 333), (480, 360)]  # (width, height), photo-like mix
 CLASSES = ("cat", "dog", "bird", "fish")
@@ -109,19 +110,6 @@ def baseline_collate(examples):
             "labels": torch.tensor([e["label"] for e in examples])}
 
 
-def images_per_cpu_second(loader, num_images: int) -> float:
-    """Images per CPU-second over one pass of about num_images images (the first batch warms up, untimed)."""
-    seen, start = 0, None
-    for batch in loader:
-        if start is None:
-            start = time.process_time()
-            continue
-        seen += batch["labels"].shape[0]
-        if seen >= num_images:
-            break
-    return seen / (time.process_time() - start)
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--num-images", type=int, default=512, help="JPEGs generated and timed per pass")
@@ -143,6 +131,7 @@ def run(args, work: Path) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import datasets
 
+    from hf_finetune.config import config_from_dict
     from hf_finetune.data import build_dataloader, build_datasets
 
     datasets.disable_progress_bars()
@@ -156,8 +145,12 @@ def run(args, work: Path) -> int:
         pipeline.append({"type": "RandAugment", "policies": "timm_increasing", "num_policies": 2,
                          "magnitude_level": 9, "magnitude_std": 0.5})
     pipeline.append({"type": "PackClsInputs"})
-    recipe = {"train_dataloader": {"dataset": {"type": "HFImageDataset", "data_root": str(work / "photos"),
-                                               "split": "train", "pipeline": pipeline}}}
+    recipe = config_from_dict({
+        "model": {"head": {"num_classes": None}},  # from the class folders
+        "optim_wrapper": {"optimizer": {"type": "SGD", "lr": 0.1}},
+        "train_dataloader": {"batch_size": args.batch_size, "dataset": {
+            "type": "HFImageDataset", "data_root": str(work / "photos"), "split": "train", "pipeline": pipeline}},
+    })
     ours_ds = build_datasets(recipe)["train"]
     ours_loader = build_dataloader(ours_ds, args.batch_size, shuffle=True, drop_last=True, num_workers=0, seed=0)
 
@@ -168,8 +161,8 @@ def run(args, work: Path) -> int:
 
     ours, base = [], []
     for _ in range(args.repeats):
-        ours.append(images_per_cpu_second(ours_loader, args.num_images))
-        base.append(images_per_cpu_second(base_loader, args.num_images))
+        ours.append(time_loader(ours_loader, args.num_images, time.process_time))
+        base.append(time_loader(base_loader, args.num_images, time.process_time))
     ours, base = max(ours), max(base)
     steps = " -> ".join(step["type"] for step in pipeline)
     print(f"one process, workers=0, torch threads=1, batch {args.batch_size}, 224 px; images per CPU-second")
