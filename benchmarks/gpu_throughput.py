@@ -88,7 +88,7 @@ def tutorial_pipeline(size):
 
 def train_dataset(num_images, size):
     """Generated CIFAR-10 as a recipe's train split is served (the batched pipeline; with workers,
-    the Resize runs in the main process on the 32 px batches they hand over)."""
+    batches arrive in shared slots, data/ring.py)."""
     from hf_finetune.config import config_from_dict
     from hf_finetune.data import build_datasets
 
