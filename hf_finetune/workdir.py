@@ -14,6 +14,7 @@ import re
 import shutil
 import socket
 import tempfile
+import time
 from pathlib import Path
 
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, sort_checkpoints
@@ -24,6 +25,8 @@ from .models.checkpoints import WEIGHT_FILES, assert_finite, safe_torch_load
 logger = logging.getLogger("hf_finetune")
 
 LOCK_FILE = ".hf_finetune.lock"
+# How long a start waits for a held lock: a run killed a moment ago releases it once torn down.
+LOCK_WAIT_S = 5.0
 # Every temporary file or folder of an atomic write starts with this, so the next start can find
 # what a killed save left behind.
 TEMP_PREFIX = ".tmp-hf_finetune-"
@@ -38,65 +41,96 @@ _DISK_FULL_SIGNS = ("No space left on device", "Disk quota exceeded", "inline_co
 
 
 # --------------------------------------------------------------------------- one run per work dir
+# Descriptors of the work-dir locks this process holds: a forked child closes its copies at once.
+_HELD_LOCKS: set[int] = set()
+
+
+def _close_inherited_locks() -> None:
+    for fd in _HELD_LOCKS:
+        with contextlib.suppress(OSError):
+            os.close(fd)  # only this copy: the parent's flock stays
+    _HELD_LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_close_inherited_locks)
+
+
 class WorkDirLock:
     """Hold `work_dir` for this run: a second run on it refuses, naming the process that holds it.
 
-    An flock on `.hf_finetune.lock`: the kernel releases it when the holder dies, however it
-    dies, so a lock file left by a killed run is stale by construction and is taken over with a
-    warning. Only the main process locks (`is_main`); the others of the same run skip.
+    An flock on `.hf_finetune.lock`, which records the holder's pid and host. The kernel releases
+    it when the holder dies, however it dies, so a lock file left by a killed run is taken over
+    with a warning. An flock lasts while any copy of its descriptor is open, so forked children
+    (DataLoader workers) close theirs at once: the lock ends with this process, not with the
+    workers a SIGKILL leaves running for seconds.
+
+    Hand-written: filelock locks with flock too, and only its recent releases close it in forked
+    children (huggingface_hub accepts filelock 3.10); a POSIX record lock (fcntl.lockf) is not
+    inherited, but this process closing any descriptor of the file (an upload of the work dir
+    reading it) would silently drop it.
+
+    A lock still held is waited for up to `wait_s` (a run killed a moment ago is still being
+    torn down) before refusing. Only the main process locks (`is_main`); the others skip.
     """
 
-    def __init__(self, work_dir, *, is_main: bool = True):
+    def __init__(self, work_dir, *, is_main: bool = True, wait_s: float = LOCK_WAIT_S):
         self.path = Path(work_dir) / LOCK_FILE
         self.is_main = is_main
+        self.wait_s = wait_s
         self._fd = None
 
     def __enter__(self):
         if self.is_main:
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-                self._acquire()
+                self._fd = self._acquire()
             except OSError as e:  # a file in the way, no permission, a read-only disk
                 raise UserError(f"work dir {self.path.parent}: not writable ({e.strerror}); choose "
                                 "another with --work-dir") from None
         return self
 
     def __exit__(self, *exc_info):
-        if self._fd is not None:
+        if self._fd in _HELD_LOCKS:  # not in a forked child, whose copy is closed
+            _HELD_LOCKS.discard(self._fd)
             with contextlib.suppress(FileNotFoundError):
-                self.path.unlink()
+                self.path.unlink()  # while held: a waiter that opened this file retries on a new one
             os.close(self._fd)  # releases the flock
-            self._fd = None
+        self._fd = None
 
-    def _acquire(self):
+    def _acquire(self) -> int | None:
+        deadline = time.monotonic() + self.wait_s
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                holder = _read_holder(fd)
+                holder = _read_holder(fd) or "pid not recorded yet"
                 os.close(fd)
-                raise UserError(
-                    f"work dir {self.path.parent} is in use by another run ({holder}); wait for it to finish "
-                    "or choose another --work-dir"
-                ) from None
+                if time.monotonic() >= deadline:
+                    raise UserError(
+                        f"work dir {self.path.parent} is in use by another run ({holder}); wait for it to finish "
+                        "or choose another --work-dir"
+                    ) from None
+                time.sleep(0.1)
+                continue
             except OSError as exc:  # a file system without locks (some network / FUSE mounts)
                 os.close(fd)
                 logger.warning("work dir %s: cannot be locked (%s); a second run on it would not be stopped",
                                self.path.parent, exc.strerror)
-                return
+                return None
             # The holder may have removed the file between our open and flock: lock the file on disk.
             if _same_file(fd, self.path):
                 break
             os.close(fd)
+        _HELD_LOCKS.add(fd)
         previous = _read_holder(fd)
         if previous:
             logger.warning("work dir %s: taking over the lock left by %s, which is no longer running",
                            self.path.parent, previous)
         os.ftruncate(fd, 0)
-        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode())
+        os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode(), 0)
         os.fsync(fd)
-        self._fd = fd
+        return fd
 
 
 def _read_holder(fd) -> str:

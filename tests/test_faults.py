@@ -7,6 +7,8 @@ import logging
 import multiprocessing
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import tarfile
 import time
@@ -98,22 +100,32 @@ def copy_run(source, target):
 
 
 # --------------------------------------------------------------------------- issue 10, class 2: one run per work dir
-def hold_lock(work_dir, locked):
+def hold_lock(work_dir, started, fork_worker):
     with WorkDirLock(work_dir):
-        locked.set()
+        worker = None
+        if fork_worker:  # as a DataLoader worker is: forked while the lock is held
+            worker = multiprocessing.get_context("fork").Process(target=time.sleep, args=(60,))
+            worker.start()
+        started.put(worker and worker.pid)
         time.sleep(60)
 
 
-def test_second_run_on_a_work_dir_refuses_and_a_dead_holder_is_taken_over(tmp_path, caplog):
+def start_holder(work_dir, fork_worker=False):
     context = multiprocessing.get_context("fork")
-    locked = context.Event()
-    holder = context.Process(target=hold_lock, args=(tmp_path, locked))
+    started = context.Queue()
+    holder = context.Process(target=hold_lock, args=(work_dir, started, fork_worker))
     holder.start()
+    return holder, started.get(timeout=30)
+
+
+def test_second_run_on_a_work_dir_refuses_and_a_dead_holder_is_taken_over(tmp_path, caplog):
+    holder, _ = start_holder(tmp_path)
     try:
-        assert locked.wait(30)
+        start = time.monotonic()
         with pytest.raises(UserError) as error:
-            WorkDirLock(tmp_path).__enter__()
-        assert f"in use by another run (pid {holder.pid} on host" in one_line(error)
+            WorkDirLock(tmp_path, wait_s=0.5).__enter__()
+        assert time.monotonic() - start >= 0.5  # a holder being torn down gets that long
+        assert f"in use by another run (pid {holder.pid} on host {socket.gethostname()})" in one_line(error)
         with WorkDirLock(tmp_path, is_main=False):  # the other processes of one run do not lock
             pass
     finally:
@@ -123,6 +135,18 @@ def test_second_run_on_a_work_dir_refuses_and_a_dead_holder_is_taken_over(tmp_pa
     with caplog.at_level(logging.WARNING, logger="hf_finetune"), WorkDirLock(tmp_path):
         assert f"pid {holder.pid}" in caplog.text and "no longer running" in caplog.text
     assert not (tmp_path / ".hf_finetune.lock").exists()
+
+
+def test_a_killed_run_frees_its_work_dir_though_its_forked_workers_live_on(tmp_path):
+    holder, worker_pid = start_holder(tmp_path, fork_worker=True)
+    try:
+        holder.kill()  # SIGKILL (the OOM killer): its DataLoader workers outlive it for seconds
+        holder.join()
+        os.kill(worker_pid, 0)  # the worker still runs
+        with WorkDirLock(tmp_path, wait_s=0):  # taken at once
+            pass
+    finally:
+        os.kill(worker_pid, signal.SIGKILL)
 
 
 def test_fresh_run_on_a_used_work_dir_says_what_is_there(tmp_path, trainer_checkpoints):
