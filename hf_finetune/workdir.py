@@ -20,7 +20,7 @@ from pathlib import Path
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, sort_checkpoints
 
 from .errors import CheckpointError, TrainingError, UserError
-from .models.checkpoints import WEIGHT_FILES, assert_finite, safe_torch_load
+from .models.checkpoints import WEIGHT_FILES, read_checkpoint, verify_weights, weights_file
 
 logger = logging.getLogger("hf_finetune")
 
@@ -320,23 +320,6 @@ def remove_interrupted_saves(work_dir) -> list[Path]:
 
 
 # --------------------------------------------------------------------------- checkpoints to trust
-def _weights_file(folder: Path) -> Path | None:
-    return next((folder / name for name in WEIGHT_FILES if (folder / name).is_file()), None)
-
-
-def verify_weights(folder, *, key: str = "checkpoint") -> None:
-    """Read the weights saved in `folder` without running code from them, and check they are finite.
-
-    Raises CheckpointError with one line; call it before `from_pretrained(folder)`.
-    """
-    folder = Path(folder)
-    weights = _weights_file(folder)
-    if weights is None:
-        raise CheckpointError(f"{key}: {folder} has no {' or '.join(WEIGHT_FILES)}")
-    state = safe_torch_load(weights, key=key)
-    assert_finite(state, str(weights), key=key)
-
-
 def verify_checkpoint(path) -> list[str]:
     """Problems with the files `--resume` will load from checkpoint folder `path` (empty: usable).
 
@@ -345,7 +328,7 @@ def verify_checkpoint(path) -> list[str]:
     """
     path = Path(path)
     missing = [name for name in RESUME_FILES if not (path / name).is_file()]
-    if _weights_file(path) is None:
+    if weights_file(path) is None:
         missing.append(" or ".join(WEIGHT_FILES))
     if missing:
         return [f"{path.name}: missing {', '.join(missing)} (interrupted while saving)"]
@@ -358,7 +341,7 @@ def verify_checkpoint(path) -> list[str]:
     for file in state_files + sorted(path.glob("rng_state*.pth")):
         if file.is_file():
             try:
-                safe_torch_load(file, key=path.name)
+                read_checkpoint(file, key=path.name)
             except CheckpointError as exc:
                 problems.append(str(exc))
     try:
@@ -442,5 +425,4 @@ __all__ = [
     "save_model_atomically",
     "usable_checkpoints",
     "verify_checkpoint",
-    "verify_weights",
 ]

@@ -17,6 +17,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from huggingface_hub import constants
 from safetensors.torch import save_file
 from transformers import ResNetForImageClassification
 
@@ -306,8 +307,7 @@ def http_root(tmp_path, monkeypatch):
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # read from the environment at import
     yield root, f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
     server.server_close()
@@ -334,7 +334,7 @@ def test_url_download_cache_and_hash_check(http_root, tmp_path, resnet18, monkey
     with pytest.raises(CheckpointError, match="HTTP 404.*set model.backbone.init_cfg.checkpoint to the local path"):
         build(recipe(init_cfg={"checkpoint": f"{base}/missing-0123abcd.pth"}))
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     requests_before = len(CountingHandler.requests)
     with pytest.raises(CheckpointError, match=r"offline mode is on.*wget"):
         build(recipe(init_cfg={"checkpoint": f"{base}/other-0123abcd.pth"}))
@@ -365,11 +365,9 @@ def cache_hub_repo(cache, repo_id, model):
 
 
 def test_hub_repo_id_from_the_cache_offline(tmp_path, resnet18, monkeypatch):
-    from huggingface_hub import constants
-
     cache_hub_repo(tmp_path / "hub", "acme/resnet18", resnet18)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     model = build(recipe(init_cfg={"checkpoint": "acme/resnet18"}))
     assert_backbone_equals(model, resnet18)
 
@@ -445,12 +443,10 @@ def test_report_only_on_the_main_process(tmp_path, resnet18, capsys, monkeypatch
 
 
 def test_unreachable_hub_fails_fast_and_falls_back_to_the_cache(tmp_path, resnet18, monkeypatch):
-    from huggingface_hub import constants
-
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     cache_hub_repo(tmp_path / "hub", "acme/cached", resnet18)

@@ -18,6 +18,7 @@ import re
 from importlib import metadata
 
 from hf_finetune.hub.processor import PROCESSOR_FILE, input_size, processor_dict, saved_config
+from hf_finetune.models.checkpoints import is_hub_id
 
 logger = logging.getLogger("hf_finetune.hub")
 
@@ -34,7 +35,6 @@ NATIVE_SUBFOLDER = "native"
 # Datasets whose Hub id is implied by the recipe's dataset type.
 DATASET_HUB_IDS = {"CIFAR10": "uoft-cs/cifar10"}
 DATASET_NAMES = {"CIFAR10": "CIFAR-10", "SyntheticCIFAR10": "synthetic CIFAR-10-like data"}
-HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 # test_accuracy_top1 (single-label) or test_multilabel/mAP (multi-label)
 RESULT_KEY_RE = re.compile(r"^(?P<prefix>[a-z]+)_(?:accuracy_top(?P<k>\d+)|multilabel/(?P<name>[\w-]+))$")
 
@@ -48,17 +48,6 @@ def _load_json(path: str):
     except (OSError, ValueError) as exc:
         logger.warning("model card: cannot read %s (%s); leaving it out", path, exc)
         return None
-
-
-def is_hub_id(value) -> bool:
-    """A Hub model id ('org/name'), as opposed to a URL or a local file."""
-    return (
-        isinstance(value, str)
-        and "://" not in value
-        and HUB_ID_RE.match(value) is not None
-        and not value.endswith((".pth", ".pt", ".bin", ".safetensors", ".ckpt"))
-        and not os.path.exists(value)
-    )
 
 
 # ------------------------------------------------------------------ the recipe

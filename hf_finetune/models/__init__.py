@@ -13,7 +13,7 @@ from transformers import AutoConfig, AutoModelForImageClassification
 
 from hf_finetune.errors import CheckpointError, RecipeError
 
-from .checkpoints import LoadReport, load_checkpoint_file, load_pretrained, to_transformers_state_dict
+from .checkpoints import LoadReport, load_checkpoint_file, load_pretrained, to_transformers_state_dict, verify_weights
 from .configuration_finetune_resnet import FinetuneResNetConfig
 from .modeling_finetune_resnet import FinetuneResNetForImageClassification
 
@@ -78,8 +78,6 @@ def build_model(model_cfg, preprocessor_cfg, id2label=None, load_from=None, load
 def load_saved_model(folder, key):
     """A model saved with save_pretrained (a work dir or checkpoint folder), its weights read
     without running code from them and checked finite first."""
-    from hf_finetune.workdir import verify_weights  # workdir imports this package: import on use
-
     if not os.path.isfile(os.path.join(folder, "config.json")):
         raise CheckpointError(f"{key}: no config.json there (not a saved model)")
     verify_weights(folder, key=key)

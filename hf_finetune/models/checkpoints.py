@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from huggingface_hub import is_offline_mode
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from hf_finetune.errors import CheckpointError
 
@@ -47,13 +49,6 @@ def _is_main_process() -> bool:
     return os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) in ("0", "")
 
 
-def _offline() -> bool:
-    return any(
-        os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on")
-        for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
-    )
-
-
 def _listing(items, limit=_MAX_LISTED) -> str:
     items = list(items)
     shown = ", ".join(str(i) for i in items[:limit])
@@ -74,52 +69,46 @@ def _is_url(source: str) -> bool:
     return urllib.parse.urlparse(source).scheme in ("http", "https")
 
 
-def _looks_like_hub_id(source: str) -> bool:
-    return (
-        re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", source) is not None
-        and not source.lower().endswith(CHECKPOINT_SUFFIXES)
-    )
-
-
-@contextlib.contextmanager
-def _socket_timeout(seconds: float):
-    # torch.hub's urlopen has no timeout argument; the default applies to the sockets it opens.
-    previous = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(seconds)
+def is_hub_id(value) -> bool:
+    """A Hub repository id ('org/name', by the Hub's own rules), as opposed to a URL or a local file."""
+    if not isinstance(value, str) or value.count("/") != 1 or value.lower().endswith(CHECKPOINT_SUFFIXES):
+        return False
     try:
-        yield
-    finally:
-        socket.setdefaulttimeout(previous)
+        validate_repo_id(value)
+    except HFValidationError:
+        return False
+    return not os.path.exists(value)
 
 
-def download_checkpoint(url: str, *, key: str = "checkpoint") -> Path:
-    """Download `url` into torch.hub's cache (`$TORCH_HOME/hub/checkpoints`), once.
+def _download_url(url: str, *, key: str) -> Path:
+    """`url` through torch.hub's cache (`$TORCH_HOME/hub/checkpoints`), downloaded once.
 
-    A file name carrying a hash prefix (mmcls: `..._20210831-ea4938fc.pth`) is checked against
-    the SHA-256 of the download, as torch.hub does.
+    torch.hub.load_state_dict_from_url would also torch.load the file, which our safe reader must
+    do instead, so this is its download half: a hash prefix in the file name (mmcls:
+    `..._20210831-ea4938fc.pth`) is checked against the SHA-256 of the download.
     """
     filename = os.path.basename(urllib.parse.urlparse(url).path)
     if not filename:
         raise CheckpointError(f"{key}: URL {url} does not name a file")
-    cache_dir = Path(torch.hub.get_dir()) / "checkpoints"
-    cached = cache_dir / filename
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / filename
     if cached.is_file():
         return cached
     manual = (
         f"Download it on a machine with access (e.g. `wget {url}`), copy it here and set {key} "
         "to the local path."
     )
-    if _offline():
+    if is_offline_mode():
         raise CheckpointError(
-            f"{key}: {url} is not in the torch.hub cache ({cached}) and offline mode is on "
-            f"(HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE). {manual}"
+            f"{key}: {url} is not in the torch.hub cache ({cached}) and offline mode is on (HF_HUB_OFFLINE). {manual}"
         )
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    cached.parent.mkdir(parents=True, exist_ok=True)
     match = torch.hub.HASH_REGEX.search(filename)
     hash_prefix = match.group(1) if match and match.group(1) else None
+    # torch.hub's urlopen takes no timeout; the default one applies to the sockets it opens.
+    previous_timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
     try:
-        with _socket_timeout(DOWNLOAD_TIMEOUT_S):
-            torch.hub.download_url_to_file(url, str(cached), hash_prefix, progress=_is_main_process())
+        torch.hub.download_url_to_file(url, str(cached), hash_prefix, progress=_is_main_process())
     except urllib.error.HTTPError as exc:
         raise CheckpointError(f"{key}: downloading {url} failed: HTTP {exc.code} {exc.reason}. {manual}") from None
     except (urllib.error.URLError, OSError) as exc:
@@ -132,6 +121,8 @@ def download_checkpoint(url: str, *, key: str = "checkpoint") -> Path:
             f"{key}: the file downloaded from {url} does not match the hash prefix '{hash_prefix}' in its "
             f"name ({exc}); it is corrupt or not the published file, so it was not cached."
         ) from None
+    finally:
+        socket.setdefaulttimeout(previous_timeout)
     return cached
 
 
@@ -146,46 +137,36 @@ def _hub_hint(config_path) -> str | None:
     return None
 
 
-def _endpoint_reachable(timeout: float = 5.0) -> bool:
-    from huggingface_hub import constants
-
-    url = urllib.parse.urlparse(constants.ENDPOINT)
-    port = url.port or (443 if url.scheme == "https" else 80)
-    try:
-        with socket.create_connection((url.hostname, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
 def download_from_hub(repo_id: str, *, key: str = "checkpoint") -> CheckpointFile:
     """model.safetensors (or pytorch_model.bin) of a Hub repository, through huggingface_hub's cache."""
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import constants, hf_hub_download
     from huggingface_hub.errors import (
         EntryNotFoundError,
-        HFValidationError,
         LocalEntryNotFoundError,
         RepositoryNotFoundError,
         RevisionNotFoundError,
     )
 
-    offline = _offline()
-    # huggingface_hub retries an unreachable endpoint for ~20 s; probe it once and use the cache instead.
-    local_only = offline or not _endpoint_reachable()
+    from hf_finetune.data.sources import hub_reachable
+
+    # hf_hub_download reads only the cache in offline mode. It retries an endpoint that does not
+    # answer for ~20 s, so the Hub is probed once first (as for datasets) and the cache read instead.
+    cache_only = None
+    if is_offline_mode():
+        cache_only = "offline mode is on (HF_HUB_OFFLINE; unset it to download)"
+    elif not hub_reachable():
+        cache_only = f"the Hub ({constants.ENDPOINT}) cannot be reached (check the network / HF_ENDPOINT)"
     for filename in WEIGHT_FILES:
         try:
-            path = hf_hub_download(repo_id, filename, local_files_only=local_only)
+            path = hf_hub_download(repo_id, filename, local_files_only=cache_only is not None)
         except LocalEntryNotFoundError:
-            if local_only:
+            if cache_only:
                 continue  # the other weight file may be cached
-            raise CheckpointError(
-                f"{key}: '{repo_id}' is not a local file, and the Hub cannot be reached to fetch it "
-                "(it is not in the local cache either). Check the network / HF_ENDPOINT, or download the "
-                "weights and set the key to the local path."
-            ) from None
+            cache_only = "the Hub cannot be reached (check the network / HF_ENDPOINT)"
+            break
         except EntryNotFoundError:
             continue
-        except (RepositoryNotFoundError, RevisionNotFoundError, HFValidationError) as exc:
+        except (RepositoryNotFoundError, RevisionNotFoundError) as exc:
             raise CheckpointError(
                 f"{key}: '{repo_id}' is neither an existing local path nor a Hub repository you can access "
                 f"({type(exc).__name__})."
@@ -196,40 +177,37 @@ def download_from_hub(repo_id: str, *, key: str = "checkpoint") -> CheckpointFil
         with contextlib.suppress(Exception):
             hint = _hub_hint(hf_hub_download(repo_id, "config.json", local_files_only=True))
         return CheckpointFile(repo_id, Path(path), hint)
-    if offline:
+    if cache_only:
         raise CheckpointError(
-            f"{key}: '{repo_id}' is not a local path and offline mode is on (HF_HUB_OFFLINE), but the Hub "
-            f"cache has no {' or '.join(WEIGHT_FILES)} for it. Unset HF_HUB_OFFLINE to download it, or "
-            "set the key to a local file."
-        )
-    if local_only:
-        from huggingface_hub import constants
-
-        raise CheckpointError(
-            f"{key}: '{repo_id}' is not a local path, the Hub ({constants.ENDPOINT}) cannot be reached and "
-            "the local Hub cache does not have it. Check the network / HF_ENDPOINT, or download the weights "
-            "and set the key to the local path."
+            f"{key}: '{repo_id}' is not a local path, {cache_only}, and the Hub cache "
+            f"({constants.HF_HUB_CACHE}) has no {' or '.join(WEIGHT_FILES)} for it. Download the weights on a "
+            f"machine with access and set {key} to their local path."
         )
     raise CheckpointError(f"{key}: Hub repository '{repo_id}' has no {' or '.join(WEIGHT_FILES)}")
+
+
+def weights_file(folder) -> Path | None:
+    """The weights save_pretrained wrote in `folder` (safetensors first), None when it has none."""
+    return next((Path(folder) / name for name in WEIGHT_FILES if (Path(folder) / name).is_file()), None)
 
 
 def resolve_checkpoint(source: str, *, key: str = "checkpoint") -> CheckpointFile:
     """URL -> torch.hub cache; existing path -> itself; `owner/name` -> Hub; else CheckpointError."""
     source = str(source)
     if _is_url(source):
-        return CheckpointFile(source, download_checkpoint(source, key=key))
+        return CheckpointFile(source, _download_url(source, key=key))
     path = Path(source).expanduser()
     if path.is_dir():
-        for name in WEIGHT_FILES:
-            if (path / name).is_file():
-                return CheckpointFile(source, path / name, _hub_hint(path / "config.json"))
-        raise CheckpointError(
-            f"{key}: directory {source} holds no {' or '.join(WEIGHT_FILES)} "
-            f"(found: {_listing(sorted(p.name for p in path.iterdir())) or 'nothing'})"
-        )
+        weights = weights_file(path)
+        if weights is None:
+            raise CheckpointError(
+                f"{key}: directory {source} holds no {' or '.join(WEIGHT_FILES)} "
+                f"(found: {_listing(sorted(p.name for p in path.iterdir())) or 'nothing'})"
+            )
+        return CheckpointFile(source, weights, _hub_hint(path / "config.json"))
     if path.is_file():
         return CheckpointFile(source, path, _hub_hint(path.parent / "config.json"))
-    if _looks_like_hub_id(source):
+    if is_hub_id(source):
         return download_from_hub(source, key=key)
     raise CheckpointError(f"{key}: checkpoint file not found: {source}")
 
@@ -268,53 +246,55 @@ def _placeholder(full_name: str):
 
 
 _UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+) was not an allowed global")
-
-
-def _torch_load_with_placeholders(path: Path):
-    """torch.load(weights_only=True), with every non-allowlisted global replaced by a placeholder."""
-    names: set[str] = set()
-    with contextlib.suppress(Exception):  # legacy (non-zip) files: names are found one by one below
-        names.update(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
-    for _ in range(200):
-        try:
-            with torch.serialization.safe_globals([_placeholder(n) for n in sorted(names)]):
-                return torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as exc:
-            match = _UNSUPPORTED_GLOBAL.search(str(exc))
-            if match is None or match.group(1) in names:
-                raise CheckpointError(
-                    f"{path} cannot be read safely (weights only, no code from the file is run): {_detail(exc)}"
-                ) from None
-            names.add(match.group(1))
-    raise CheckpointError(f"{path} names too many unknown classes to be read safely")
-
-
 _BLOCKED_GLOBAL = re.compile(r"GLOBAL (\S+) whose module \S+ is blocked")
 
 
-def read_checkpoint(path) -> object:
-    """Read a .safetensors / torch.save file without executing code from it."""
+def read_checkpoint(path, *, key: str = "checkpoint", foreign_classes: bool = False) -> object:
+    """Read a .safetensors or torch.save file without running code from it.
+
+    torch.load(weights_only=True); a class it blocks (os.system, ...) refuses the file. Any other
+    class outside torch's allowlist:
+      foreign_classes=False  what --resume and --eval-only read: numpy arrays pass, as in the
+                             Trainer's own loads; anything else refuses the file, as they would.
+      foreign_classes=True   pretrained weights: an inert UnloadedObject stands in for it, so an
+                             mmpretrain epoch_N.pth (mmengine MessageHub, numpy, ...) loads.
+    Every failure is one CheckpointError line starting with `key` and naming the file.
+    """
+    from transformers.trainer_pt_utils import safe_globals
+
     path = Path(path)
     if path.suffix == ".safetensors":
-        return _read_safetensors(path)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        if _UNSUPPORTED_GLOBAL.search(str(exc)):
-            # e.g. an mmpretrain epoch_N.pth: message_hub / optimizer / scheduler objects of mmengine classes.
-            return _torch_load_with_placeholders(path)
-        if blocked := _BLOCKED_GLOBAL.search(str(exc)):
-            raise CheckpointError(_refusal(path, blocked.group(1))) from None
-        error = exc
-    except Exception as exc:  # noqa: BLE001 - whatever torch raises, the file is not a torch checkpoint
-        error = exc
-    with contextlib.suppress(CheckpointError):
-        return _read_safetensors(path)
-    raise CheckpointError(f"{path} is not a checkpoint (neither a torch.save file nor safetensors; {_detail(error)})")
-
-
-def _refusal(path, name: str) -> str:
-    return f"{path} refuses to load: it calls {name}, which a checkpoint never needs (it may be malicious)"
+        return _read_safetensors(path, key)
+    names: set[str] = set()  # the classes that get a stand-in
+    if foreign_classes:  # listed up front for zip files; a legacy file's are found one load at a time
+        with contextlib.suppress(Exception):
+            names.update(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
+    # numpy's allowlist only without stand-ins: an allowed array whose dtype class stands in cannot be built.
+    allowlist = contextlib.nullcontext if foreign_classes else safe_globals
+    while True:
+        try:
+            with allowlist(), torch.serialization.safe_globals([_placeholder(n) for n in sorted(names)]):
+                return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            blocked, unknown = _BLOCKED_GLOBAL.search(str(exc)), _UNSUPPORTED_GLOBAL.search(str(exc))
+            if blocked or (unknown and (not foreign_classes or unknown.group(1) in names)):
+                name = (blocked or unknown).group(1)
+                raise CheckpointError(
+                    f"{key}: {path} refuses to load: it calls {name}, which a checkpoint never needs "
+                    "(it may be malicious)"
+                ) from None
+            if unknown:
+                names.add(unknown.group(1))
+                continue
+            error = exc
+        except Exception as exc:  # noqa: BLE001 - whatever torch raises, the file is not a torch checkpoint
+            error = exc
+        break
+    with contextlib.suppress(CheckpointError):  # safetensors under another name
+        return _read_safetensors(path, key)
+    raise CheckpointError(
+        f"{key}: {path} is not a checkpoint (neither a torch.save file nor safetensors; {_detail(error)})"
+    )
 
 
 def _detail(error: Exception) -> str:
@@ -325,39 +305,13 @@ def _detail(error: Exception) -> str:
     return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
-def _read_safetensors(path: Path) -> dict:
+def _read_safetensors(path: Path, key: str) -> dict:
     from safetensors.torch import load_file
 
     try:
         return load_file(str(path), device="cpu")
     except Exception as exc:  # noqa: BLE001 - any parse failure means "not safetensors"
-        raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from None
-
-
-def safe_torch_load(path, key: str = "checkpoint") -> object:
-    """A file `--resume` or `--eval-only` reads, loaded as they load it but failing with one line.
-
-    torch.load(weights_only=True) with numpy arrays allowed (transformers' resume allowlist), or
-    safetensors; a file naming any other class is refused, since the Trainer would refuse it too.
-    """
-    from transformers.trainer_pt_utils import safe_globals
-
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        try:
-            return _read_safetensors(path)
-        except CheckpointError as exc:
-            raise CheckpointError(f"{key}: {exc}") from None
-    try:
-        with safe_globals():
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        if found := _BLOCKED_GLOBAL.search(str(exc)) or _UNSUPPORTED_GLOBAL.search(str(exc)):
-            raise CheckpointError(f"{key}: {_refusal(path, found.group(1))}") from None
-        error = exc
-    except Exception as exc:  # noqa: BLE001 - truncated or not a torch.save file
-        error = exc
-    raise CheckpointError(f"{key}: {path} is not a readable checkpoint file ({_detail(error)})")
+        raise CheckpointError(f"{key}: {path} is not a readable safetensors file: {exc}") from None
 
 
 def assert_finite(tensors: dict, source: str, *, key: str = "checkpoint") -> None:
@@ -375,9 +329,20 @@ def assert_finite(tensors: dict, source: str, *, key: str = "checkpoint") -> Non
         )
 
 
+def verify_weights(folder, *, key: str = "checkpoint") -> None:
+    """Read the weights saved in `folder` without running code from them, and check they are finite.
+
+    Raises CheckpointError with one line; call it before `from_pretrained(folder)`.
+    """
+    weights = weights_file(folder)
+    if weights is None:
+        raise CheckpointError(f"{key}: {folder} has no {' or '.join(WEIGHT_FILES)}")
+    assert_finite(read_checkpoint(weights, key=key), str(weights), key=key)
+
+
 def load_checkpoint_file(source: str, *, key: str = "checkpoint") -> object:
     """Fetch `source` (http(s) URL, local path, or Hub repo id) and read it safely."""
-    return read_checkpoint(resolve_checkpoint(source, key=key).path)
+    return read_checkpoint(resolve_checkpoint(source, key=key).path, key=key, foreign_classes=True)
 
 
 # --------------------------------------------------------------------------- layouts
@@ -593,10 +558,7 @@ def load_pretrained(
     if scope not in ("backbone", "model"):
         raise ValueError(f"scope must be 'backbone' or 'model', got {scope!r}")
     resolved = resolve_checkpoint(source, key=key)
-    try:
-        checkpoint = read_checkpoint(resolved.path)
-    except CheckpointError as exc:
-        raise CheckpointError(f"{key}: {exc}") from None
+    checkpoint = read_checkpoint(resolved.path, key=key, foreign_classes=True)
     try:
         state_dict, container_hint = extract_state_dict(checkpoint)
         full_layout = None
@@ -684,21 +646,23 @@ def load_pretrained(
 
 
 __all__ = [
+    "WEIGHT_FILES",
     "CheckpointFile",
     "LoadReport",
     "UnloadedObject",
     "assert_finite",
     "detect_layout",
-    "download_checkpoint",
     "download_from_hub",
     "extract_state_dict",
+    "is_hub_id",
     "load_checkpoint_file",
     "load_pretrained",
     "read_checkpoint",
     "remap_state_dict",
     "resolve_checkpoint",
-    "safe_torch_load",
     "select_prefix",
     "to_transformers_state_dict",
     "top_level_prefixes",
+    "verify_weights",
+    "weights_file",
 ]
