@@ -194,7 +194,9 @@ def _report(error):
     """One line on stderr; a recipe error is identical on every rank, so rank 0 says it."""
     from accelerate.utils import get_int_from_env
 
-    rank = get_int_from_env(["RANK", "LOCAL_RANK"], 0)
+    from hf_finetune.data.runtime import process_rank
+
+    rank = process_rank()
     world = get_int_from_env(["WORLD_SIZE"], 1)
     if isinstance(error, RecipeError) and rank != 0:
         return

@@ -14,6 +14,7 @@ import hashlib
 import os
 
 import torch
+from accelerate.utils import get_int_from_env
 
 from ..errors import DataError
 
@@ -48,13 +49,11 @@ def _strip_worker_traceback(message: str, cls: type) -> str:
 
 
 def process_rank() -> int:
-    """Global rank of this process: torch.distributed if initialised, else $RANK, else 0."""
+    """Global rank of this process: torch.distributed's once initialised, else the launcher's
+    $RANK / $LOCAL_RANK, else 0. The one place the package reads it."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank()
-    try:
-        return int(os.environ.get("RANK", "0"))
-    except ValueError:
-        return 0
+    return get_int_from_env(["RANK", "LOCAL_RANK"], 0)
 
 
 def mix_seed(*parts: int) -> int:

@@ -258,11 +258,6 @@ def _load_save_to_disk(path: Path):
 
 # ---------------------------------------------------------------- the Hub
 
-def _env_offline() -> bool:
-    return any(os.environ.get(v, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
-               for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"))
-
-
 def _hub_endpoint() -> str:
     from huggingface_hub import constants
 
@@ -315,7 +310,7 @@ def load_hub_dataset(hub_id: str, config_name, revision, no_copy_hint: str) -> d
     datasets cache is tried, and a miss is a DataError carrying no_copy_hint.
     """
     offline_reason = None
-    if _env_offline():
+    if datasets.config.HF_HUB_OFFLINE:  # HF_DATASETS_OFFLINE, else huggingface_hub's HF_HUB_OFFLINE
         offline_reason = "offline mode is on (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE)"
     elif not hub_reachable():
         offline_reason = f"the Hub ({_hub_endpoint()}) cannot be reached"

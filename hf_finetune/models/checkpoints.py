@@ -46,7 +46,9 @@ LAYOUT_HF_MODEL = "transformers ResNetModel"
 
 
 def _is_main_process() -> bool:
-    return os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) in ("0", "")
+    from hf_finetune.data.runtime import process_rank
+
+    return process_rank() == 0
 
 
 def _listing(items, limit=_MAX_LISTED) -> str:
