@@ -102,15 +102,16 @@ def _refuse_token_in_files(files: dict[str, str], token: str | None, retry: str)
                 )
 
 
+# huggingface_hub.utils re-exports the HTTP client huggingface_hub is built on (httpx from 1.31,
+# httpx2 from 2.0): the timeout and the transport errors below come from there.
 @contextlib.contextmanager
 def bounded_timeouts(seconds: float):
     """Give huggingface_hub's shared HTTP client a connect timeout and a read / write timeout."""
-    import httpx2
-    from huggingface_hub import get_session
+    from huggingface_hub.utils import get_session, httpx
 
     client = get_session()
     previous = client.timeout
-    client.timeout = httpx2.Timeout(seconds, connect=CONNECT_TIMEOUT_S, pool=CONNECT_TIMEOUT_S)
+    client.timeout = httpx.Timeout(seconds, connect=CONNECT_TIMEOUT_S, pool=CONNECT_TIMEOUT_S)
     try:
         yield
     finally:
@@ -127,8 +128,8 @@ def _exception_chain(exc: BaseException):
 
 def describe_failure(exc: BaseException, *, endpoint: str, repo_id: str, token: str | None) -> str:
     """One sentence saying why a Hub call failed."""
-    import httpx2
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+    from huggingface_hub.utils import httpx
 
     for error in _exception_chain(exc):
         if isinstance(error, OfflineModeIsEnabled):
@@ -151,11 +152,11 @@ def describe_failure(exc: BaseException, *, endpoint: str, repo_id: str, token: 
                 return f"the Hub had a server error ({status} {error.response.reason_phrase}); try again later"
             detail = error.server_message or error.response.reason_phrase
             return f"the Hub refused the request ({status}: {detail})"
-        if isinstance(error, httpx2.ConnectTimeout):
+        if isinstance(error, httpx.ConnectTimeout):
             return f"no connection to {endpoint} within {CONNECT_TIMEOUT_S:.0f} s (network down or host unreachable)"
-        if isinstance(error, httpx2.TimeoutException):
+        if isinstance(error, httpx.TimeoutException):
             return f"{endpoint} stopped answering ({error.__class__.__name__})"
-        if isinstance(error, (httpx2.TransportError, ConnectionError)):
+        if isinstance(error, (httpx.TransportError, ConnectionError)):
             return f"cannot reach {endpoint} ({error.__class__.__name__}: {error})"
         if isinstance(error, ValueError) and "metadata in README.md" in str(error):
             return str(error).replace("\n", " ")
