@@ -10,7 +10,6 @@ retry; the token never appears in a message, a log line or an uploaded file.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import shlex
@@ -19,7 +18,7 @@ import tempfile
 from hf_finetune.errors import UserError
 from hf_finetune.hub.card import CARD_FILE, NATIVE_SUBFOLDER, is_generated_card, write_model_card
 from hf_finetune.hub.export import check_work_dir, export_transformers
-from hf_finetune.hub.processor import PROCESSOR_FILE, saved_config, write_image_processor_config
+from hf_finetune.hub.processor import PROCESSOR_FILE, read_json, saved_config, write_image_processor_config
 
 logger = logging.getLogger("hf_finetune.hub")
 
@@ -282,13 +281,9 @@ def push_checkpoint(
     retry = retry_command(work_dir, repo_id, private=private, endpoint=endpoint)
     name = os.path.basename(os.path.normpath(checkpoint_dir))
     with tempfile.TemporaryDirectory(prefix="hf_finetune_push_") as tmp:
-        config = _read_json(files["config.json"]) if "config.json" in files else {}
+        config = read_json(files["config.json"]) if "config.json" in files else {}
         files[PROCESSOR_FILE] = write_image_processor_config(tmp, config, saved_config(work_dir))
         return upload_files(repo_id, files, token=token, private=private, endpoint=endpoint,
                             commit_message=commit_message or f"Training in progress: {name}",
                             retry=retry, source=checkpoint_dir)
 
-
-def _read_json(path: str) -> dict:
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
