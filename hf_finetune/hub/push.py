@@ -248,6 +248,10 @@ def push_work_dir(
                             commit_message=commit_message, retry=retry, source=work_dir)
 
 
+# hub_strategy -> the folder in the repo that receives the whole checkpoint (as the Trainer names it).
+CHECKPOINT_FOLDERS = {"checkpoint": "last-checkpoint", "all_checkpoints": None}  # None: its own name
+
+
 def push_checkpoint(
     checkpoint_dir: str,
     repo_id: str,
@@ -259,31 +263,32 @@ def push_checkpoint(
     strategy: str = "every_save",
     commit_message: str | None = None,
 ) -> str:
-    """Push a Trainer checkpoint's model (+ the work dir's recipe) to the repo root.
+    """Push a Trainer checkpoint's model (+ the work dir's recipe) to the repo root, in one commit.
 
     strategy "checkpoint" also uploads the whole checkpoint under last-checkpoint/ (for
-    resuming elsewhere), minus training_args.bin.
+    resuming elsewhere), "all_checkpoints" under its own name (checkpoint-N/); both leave
+    out training_args.bin.
     """
     token = resolve_token(token)
+    name = os.path.basename(os.path.normpath(checkpoint_dir))
     files = {
-        name: os.path.join(checkpoint_dir, name)
-        for name in sorted(os.listdir(checkpoint_dir))
-        if name.endswith((".safetensors", ".py")) or name in ("config.json", "trainer_state.json")
+        file: os.path.join(checkpoint_dir, file)
+        for file in sorted(os.listdir(checkpoint_dir))
+        if file.endswith((".safetensors", ".py")) or file in ("config.json", "trainer_state.json")
     }
     recipe = os.path.join(work_dir, "recipe.json")
     if os.path.exists(recipe):
         files["recipe.json"] = recipe
-    if strategy == "checkpoint":
-        for name in sorted(os.listdir(checkpoint_dir)):
-            path = os.path.join(checkpoint_dir, name)
-            if os.path.isfile(path) and name != "training_args.bin":
-                files[f"last-checkpoint/{name}"] = path
+    if strategy in CHECKPOINT_FOLDERS:
+        folder = CHECKPOINT_FOLDERS[strategy] or name
+        for file in sorted(os.listdir(checkpoint_dir)):
+            path = os.path.join(checkpoint_dir, file)
+            if os.path.isfile(path) and file != "training_args.bin":
+                files[f"{folder}/{file}"] = path
     retry = retry_command(work_dir, repo_id, private=private, endpoint=endpoint)
-    name = os.path.basename(os.path.normpath(checkpoint_dir))
     with tempfile.TemporaryDirectory(prefix="hf_finetune_push_") as tmp:
         config = read_json(files["config.json"]) if "config.json" in files else {}
         files[PROCESSOR_FILE] = write_image_processor_config(tmp, config, saved_config(work_dir))
         return upload_files(repo_id, files, token=token, private=private, endpoint=endpoint,
                             commit_message=commit_message or f"Training in progress: {name}",
                             retry=retry, source=checkpoint_dir)
-
