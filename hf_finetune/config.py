@@ -465,8 +465,12 @@ class HubCfg:
     push: bool = knob(False, "push the result when training ends")
     model_id: Optional[str] = knob(None, "repo id (default: the work dir's name)")
     private: bool = knob(False, "create the repo private")
-    strategy: str = knob("end", "push at the end, or also every checkpoint",
+    strategy: str = knob("end", "push at the end only; or also each saved model in the background "
+                         "(every_save), with the checkpoint under last-checkpoint/ (checkpoint) "
+                         "or under checkpoint-N/ (all_checkpoints)",
                          choices=("end", "every_save", "checkpoint", "all_checkpoints"))
+    always_push: bool = knob(False, "queue a checkpoint push while the previous one runs "
+                             "(default: that save is not pushed)")
     token: Optional[str] = dataclasses.field(default=None, repr=False, compare=False,
                                              metadata={"help": "in memory only", "secret": True})
 
@@ -519,9 +523,10 @@ OWNED_FIELDS = {
     "log_level": "log_level",
     "gradient_checkpointing": "model.backbone.with_cp",
 }
-# TrainingArguments' Hub fields -> HubCfg fields: the push happens after training, by us.
+# TrainingArguments' Hub fields -> HubCfg fields: hf_finetune.hub pushes (its allow-list and
+# token scan), never the Trainer.
 HUB_FIELDS = {"push_to_hub": "push", "hub_model_id": "model_id", "hub_private_repo": "private",
-              "hub_strategy": "strategy", "hub_token": "token"}
+              "hub_strategy": "strategy", "hub_always_push": "always_push", "hub_token": "token"}
 
 
 def _check_training_args(value):
@@ -877,6 +882,10 @@ def _move_hub_fields(recipe, origins):
     """training_args.push_to_hub & co. (the names Hugging Face users know) -> the hub section.
     Returns the token, which stays in memory only."""
     args = recipe.get("training_args")
+    if isinstance(args, dict) and "hub_revision" in args:
+        where = show_path(origins.get(("training_args", "hub_revision"), "recipe"))
+        raise RecipeError(f"{where}: training_args.hub_revision: not supported; pushes go to the repo's "
+                          "main branch: remove it")
     if not isinstance(args, dict) or not set(args) & set(HUB_FIELDS):
         return None
     args, hub = dict(args), dict(recipe.get("hub") or {})

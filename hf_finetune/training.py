@@ -292,7 +292,7 @@ def build_trainer(cfg, datasets=None, model=None, callbacks=None):
         from . import hub
 
         trainer.add_callback(hub.PushOnSaveCallback(hub_repo_id(cfg), cfg.hub.token, cfg.hub.private,
-                                                    strategy=cfg.hub.strategy))
+                                                    strategy=cfg.hub.strategy, always_push=cfg.hub.always_push))
     if "train" in datasets:
         log_plan(plan, args, steps, len(datasets["train"]))
     return trainer

@@ -6,6 +6,7 @@ runs the CLI with HF_ENDPOINT in a subprocess and then loads the repo in a fresh
 subprocess where hf_finetune cannot be imported.
 """
 
+import dataclasses
 import hashlib
 import importlib.util
 import json
@@ -540,47 +541,123 @@ def test_cli_push_failure_prints_error_and_retry_command(work_dir, online, capsy
 
 
 # ---------------------------------------------------------------------- push during training
-def test_push_on_save_callback(work_dir, hub, online, caplog):
-    from transformers import TrainerControl, TrainerState
-
-    checkpoint = os.path.join(work_dir, "checkpoint-4")
+def checkpoint_in(work_dir, step=4):
+    """checkpoint-STEP as the Trainer saves it: the model, its state, optimizer and training_args.bin."""
+    checkpoint = os.path.join(work_dir, f"checkpoint-{step}")
     for name in (*MODEL_FILES, "trainer_state.json", "training_args.bin"):
         shutil.copy(os.path.join(work_dir, name), checkpoint)
-    args = SimpleNamespace(output_dir=work_dir)
-    repo_id = "test-user/during-training"
-    callback = PushOnSaveCallback(repo_id, TOKEN, private=True, strategy="checkpoint", endpoint=hub.url)
+    return SimpleNamespace(output_dir=work_dir)
+
+
+def save_event(callback, args, step=4, main_process=True):
+    from transformers import TrainerControl, TrainerState
+
+    state = TrainerState(global_step=step, is_world_process_zero=main_process)
+    callback.on_save(args, state, TrainerControl())
+    return state
+
+
+@pytest.mark.parametrize("strategy, folder", [("every_save", None), ("checkpoint", "last-checkpoint"),
+                                              ("all_checkpoints", "checkpoint-4")])
+def test_push_on_save_callback(strategy, folder, work_dir, hub, online, caplog):
+    """Each strategy the config accepts lands the model at the root and, for the checkpoint
+    strategies, the whole checkpoint (less training_args.bin) in its folder."""
+    from transformers import TrainerControl
+
+    args = checkpoint_in(work_dir)
+    repo_id = f"test-user/during-{strategy}"
+    callback = PushOnSaveCallback(repo_id, TOKEN, private=True, strategy=strategy, endpoint=hub.url)
     assert TOKEN not in repr(callback)
 
     requests_before = len(hub.requests)
-    callback.on_save(args, TrainerState(global_step=4, is_world_process_zero=False), TrainerControl())
+    save_event(callback, args, main_process=False)
     assert len(hub.requests) == requests_before  # only the main process pushes
 
-    callback.on_save(args, TrainerState(global_step=4, is_world_process_zero=True), TrainerControl())
+    state = save_event(callback, args)
+    callback.on_train_end(args, state, TrainerControl())  # waits for the background push
     stored = hub.repos[repo_id]
     assert stored.private
-    assert {*MODEL_FILES, "preprocessor_config.json", "recipe.json", "trainer_state.json",
-            "last-checkpoint/optimizer.pt"} <= set(stored.files)
-    assert not any(path.endswith("training_args.bin") for path in stored.files)
+    root = {path for path in stored.files if "/" not in path}
+    assert root == {*MODEL_FILES, "preprocessor_config.json", "recipe.json", "trainer_state.json"}
+    in_folder = {path.split("/", 1)[1] for path in stored.files if "/" in path}
+    assert {path.split("/")[0] for path in stored.files if "/" in path} == ({folder} if folder else set())
+    assert in_folder == (set(os.listdir(os.path.join(work_dir, "checkpoint-4"))) - {"training_args.bin"}
+                         if folder else set())
+    assert stored.commits[-1]["summary"] == "Training in progress: checkpoint-4"
 
     hub.fail_status = 503
     try:
         with caplog.at_level("WARNING", logger="hf_finetune.hub"):
-            callback.on_save(args, TrainerState(global_step=4, is_world_process_zero=True), TrainerControl())
+            save_event(callback, args)
+            callback.on_train_end(args, state, TrainerControl())
     finally:
         hub.fail_status = None
-    assert "training continues" in caplog.text and "503" in caplog.text
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "\n" not in warnings[0]
+    assert "training continues" in warnings[0] and "503" in warnings[0]
     assert_token_absent(texts=[caplog.text], blobs=hub.stored_bytes())
+
+
+@pytest.mark.parametrize("always_push", [False, True])
+def test_push_on_save_does_not_block_training(always_push, work_dir, online, monkeypatch, caplog):
+    """A Hub that never answers: on_save returns at once; a save made while the push runs is
+    skipped (the Trainer's default) or queued (always_push); the end of training waits."""
+    from transformers import TrainerControl
+
+    import hf_finetune.hub.push as push_module
+
+    monkeypatch.setattr(push_module, "FIRST_CONTACT_TIMEOUT_S", 1.0)
+    args = checkpoint_in(work_dir)
+    with socket.socket() as silent:  # accepts connections (kernel backlog) but never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        endpoint = "http://127.0.0.1:%d" % silent.getsockname()[1]
+        callback = PushOnSaveCallback("test-user/hung", TOKEN, strategy="checkpoint", endpoint=endpoint,
+                                      always_push=always_push)
+        with caplog.at_level("INFO", logger="hf_finetune.hub"):
+            start = time.monotonic()
+            save_event(callback, args)
+            state = save_event(callback, args)
+            assert time.monotonic() - start < 0.5
+            callback.on_train_end(args, state, TrainerControl())
+    failures = [r.getMessage() for r in caplog.records if "training continues" in r.getMessage()]
+    assert len(failures) == (2 if always_push else 1)
+    assert all("stopped answering" in failure for failure in failures)
+    assert ("previous push is still running" in caplog.text) is not always_push
+    assert "waiting for the checkpoint push" in caplog.text
+    assert_token_absent(texts=[caplog.text])
+
+
+def test_hub_strategies_in_the_recipe():
+    """Every hub_strategy the recipe accepts is one the push supports; hub_revision (which
+    the push would ignore) is refused in one line."""
+    from hf_finetune.config import HubCfg
+    from hf_finetune.errors import RecipeError
+    from hf_finetune.hub.callback import STRATEGIES
+
+    choices = {f.name: f.metadata.get("choices") for f in dataclasses.fields(HubCfg)}["strategy"]
+    assert set(choices) == {"end", *STRATEGIES}
+    recipe = tiny_recipe()
+    recipe["training_args"].update(hub_strategy="all_checkpoints", hub_always_push=True, hub_token=TOKEN)
+    cfg = config_from_dict(recipe)
+    assert (cfg.hub.strategy, cfg.hub.always_push, cfg.hub.token) == ("all_checkpoints", True, TOKEN)
+    assert not set(cfg.training_args) & {"hub_strategy", "hub_always_push", "hub_token", "push_to_hub"}
+    recipe["training_args"]["hub_revision"] = "dev"
+    with pytest.raises(RecipeError) as raised:
+        config_from_dict(recipe)
+    assert "\n" not in str(raised.value) and "training_args.hub_revision" in str(raised.value)
 
 
 # ---------------------------------------------------------------------- from the entry point
 def test_train_and_push_from_the_entry_point(hub, tmp_path):
-    """`hf-finetune RECIPE --push-to-hub REPO` trains, then pushes; the token goes nowhere."""
+    """`hf-finetune RECIPE --push-to-hub REPO` with hub_strategy all_checkpoints pushes each
+    checkpoint during training, then the final model over it; the token goes nowhere."""
     from test_training import tiny_recipe
 
     work_dir = str(tmp_path / "trained")
     command = [sys.executable, "-m", "hf_finetune.run", tiny_recipe(tmp_path), "--work-dir", work_dir,
                "--push-to-hub", "test-user/trained", "--cfg-options", "train_cfg.max_epochs=1",
-               f"training_args.hub_token={TOKEN}"]
+               "training_args.hub_strategy=all_checkpoints", f"training_args.hub_token={TOKEN}"]
     run = subprocess.run(command, env=subprocess_env(hub, tmp_path), capture_output=True, text=True,
                          timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -588,6 +665,14 @@ def test_train_and_push_from_the_entry_point(hub, tmp_path):
     for name in (*MODEL_FILES, "recipe.json", "all_results.json", "README.md", "native/model.safetensors"):
         assert name in stored.files, name
     assert json.loads(stored.files["all_results.json"])["test_num_samples"] == 37
+    pushed_checkpoints = {path.split("/")[0] for path in stored.files if path.startswith("checkpoint-")}
+    assert pushed_checkpoints == {name for name in os.listdir(work_dir) if name.startswith("checkpoint-")}
+    for checkpoint in pushed_checkpoints:
+        assert f"{checkpoint}/model.safetensors" in stored.files and f"{checkpoint}/optimizer.pt" in stored.files
+    assert not any(path.endswith("training_args.bin") for path in stored.files)
+    with open(os.path.join(work_dir, "model.safetensors"), "rb") as handle:  # the final push came last
+        assert stored.files["model.safetensors"] == handle.read()
+    assert [c["summary"] for c in stored.commits][-1] == "Upload model fine-tuned with hf_finetune"
     assert_token_absent(folders=[work_dir], texts=[run.stdout, run.stderr], blobs=hub.stored_bytes())
 
     # The Hub gone: training results stay, the error says how to push again.
@@ -596,5 +681,6 @@ def test_train_and_push_from_the_entry_point(hub, tmp_path):
                            capture_output=True, text=True, timeout=300)
     assert again.returncode == 1
     assert "hf-finetune push" in again.stderr and "Traceback" not in again.stderr
+    assert "failed; training continues: could not push" in again.stderr  # the checkpoint push
     assert os.path.isfile(str(tmp_path / "again" / "model.safetensors"))
     assert_token_absent(folders=[str(tmp_path / "again")], texts=[again.stdout, again.stderr])

@@ -5,7 +5,8 @@
     export_transformers(work_dir, out_dir) -> out_dir
     push_work_dir(work_dir, repo_id, *, token=None, private=False, endpoint=None,
                   include_native=True, commit_message=...) -> commit URL
-    PushOnSaveCallback(repo_id, token=None, private=False, *, strategy="every_save", endpoint=None)
+    PushOnSaveCallback(repo_id, token=None, private=False, *, strategy="every_save", endpoint=None,
+                       always_push=False)   (a TrainerCallback: pushes each save in the background)
     main(argv) -> exit code      (`hf-finetune push ...` / `hf-finetune export ...`)
 
 Importing this package is cheap: torch / transformers / matplotlib load on first use.

@@ -17,7 +17,7 @@ import platform
 import re
 from importlib import metadata
 
-from hf_finetune.hub.processor import PROCESSOR_FILE, input_size, processor_dict, saved_config
+from hf_finetune.hub.processor import PROCESSOR_FILE, input_size, processor_dict, read_json, saved_config
 from hf_finetune.models.checkpoints import is_hub_id
 
 logger = logging.getLogger("hf_finetune.hub")
@@ -40,11 +40,9 @@ RESULT_KEY_RE = re.compile(r"^(?P<prefix>[a-z]+)_(?:accuracy_top(?P<k>\d+)|multi
 
 
 def _load_json(path: str):
-    if not os.path.exists(path):
-        return None
+    """read_json, with an unreadable file left out of the card (every input is optional)."""
     try:
-        with open(path, encoding="utf-8") as handle:
-            return json.load(handle)
+        return read_json(path)
     except (OSError, ValueError) as exc:
         logger.warning("model card: cannot read %s (%s); leaving it out", path, exc)
         return None

@@ -51,7 +51,9 @@ def main(argv=None) -> int:
         return int(exit_.code or 0)
     if not logging.getLogger().handlers:
         logging.basicConfig(format="[hf_finetune] %(message)s", level=logging.INFO)
-    logging.getLogger("httpx2").setLevel(logging.WARNING)  # one line per HTTP request is noise here
+    from huggingface_hub.utils import httpx  # the HTTP client huggingface_hub uses (httpx2 in 2.x)
+
+    logging.getLogger(httpx.__name__).setLevel(logging.WARNING)  # one line per HTTP request is noise here
     try:
         if args.command == "push":
             from hf_finetune.hub.push import push_work_dir

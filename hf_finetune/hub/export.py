@@ -9,24 +9,16 @@ and no remote code.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 
 from hf_finetune.errors import CheckpointError
-from hf_finetune.hub.processor import PROCESSOR_FILE, processor_dict, save_image_processor, saved_config
+from hf_finetune.hub.processor import PROCESSOR_FILE, processor_dict, read_json, save_image_processor, saved_config
 
 logger = logging.getLogger("hf_finetune.hub")
 
 FIRST_CONV = "resnet.embedder.embedder.convolution.weight"
 KEY_MAP = (("backbone.", "resnet."), ("head.fc.", "classifier.1."))
-
-
-def _read_json(path: str):
-    if not os.path.exists(path):
-        return None
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
 
 
 def check_work_dir(work_dir: str) -> None:
@@ -129,7 +121,7 @@ def export_transformers(work_dir: str, out_dir: str) -> str:
 
     # The same image processor as the work dir's (remote-code) model, so both give the same
     # predictions; generated from the config and recipe when the work dir has none.
-    processor = _read_json(os.path.join(work_dir, PROCESSOR_FILE))
+    processor = read_json(os.path.join(work_dir, PROCESSOR_FILE))
     if processor is None:
         processor = processor_dict(ours.config, saved_config(work_dir))
     _check_same_outputs(ours, native, processor)

@@ -58,7 +58,10 @@ def pipeline_geometry(steps) -> dict | None:
     return {"resize": resize, "shortest_edge": edge, "crop": crop, "resample": resample}
 
 
-def _read_json(path: str):
+def read_json(path: str):
+    """A JSON file's content, None when there is no such file (the hub package's one reader)."""
+    if not os.path.exists(path):
+        return None
     with open(path, encoding="utf-8") as handle:
         return json.load(handle)
 
@@ -144,8 +147,7 @@ def write_image_processor_config(work_dir_or_out_dir: str, config=None, cfg=None
     """
     directory = str(work_dir_or_out_dir)
     if config is None:
-        config_path = os.path.join(directory, "config.json")
-        config = _read_json(config_path) if os.path.exists(config_path) else {}
+        config = read_json(os.path.join(directory, "config.json")) or {}
     if cfg is None:
         cfg = saved_config(directory)
     return save_image_processor(processor_dict(config, cfg), directory)

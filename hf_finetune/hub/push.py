@@ -10,7 +10,6 @@ retry; the token never appears in a message, a log line or an uploaded file.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import shlex
@@ -19,7 +18,7 @@ import tempfile
 from hf_finetune.errors import UserError
 from hf_finetune.hub.card import CARD_FILE, NATIVE_SUBFOLDER, is_generated_card, write_model_card
 from hf_finetune.hub.export import check_work_dir, export_transformers
-from hf_finetune.hub.processor import PROCESSOR_FILE, saved_config, write_image_processor_config
+from hf_finetune.hub.processor import PROCESSOR_FILE, read_json, saved_config, write_image_processor_config
 
 logger = logging.getLogger("hf_finetune.hub")
 
@@ -102,15 +101,16 @@ def _refuse_token_in_files(files: dict[str, str], token: str | None, retry: str)
                 )
 
 
+# huggingface_hub.utils re-exports the HTTP client huggingface_hub is built on (httpx from 1.31,
+# httpx2 from 2.0): the timeout and the transport errors below come from there.
 @contextlib.contextmanager
 def bounded_timeouts(seconds: float):
     """Give huggingface_hub's shared HTTP client a connect timeout and a read / write timeout."""
-    import httpx2
-    from huggingface_hub import get_session
+    from huggingface_hub.utils import get_session, httpx
 
     client = get_session()
     previous = client.timeout
-    client.timeout = httpx2.Timeout(seconds, connect=CONNECT_TIMEOUT_S, pool=CONNECT_TIMEOUT_S)
+    client.timeout = httpx.Timeout(seconds, connect=CONNECT_TIMEOUT_S, pool=CONNECT_TIMEOUT_S)
     try:
         yield
     finally:
@@ -127,8 +127,8 @@ def _exception_chain(exc: BaseException):
 
 def describe_failure(exc: BaseException, *, endpoint: str, repo_id: str, token: str | None) -> str:
     """One sentence saying why a Hub call failed."""
-    import httpx2
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+    from huggingface_hub.utils import httpx
 
     for error in _exception_chain(exc):
         if isinstance(error, OfflineModeIsEnabled):
@@ -151,11 +151,11 @@ def describe_failure(exc: BaseException, *, endpoint: str, repo_id: str, token: 
                 return f"the Hub had a server error ({status} {error.response.reason_phrase}); try again later"
             detail = error.server_message or error.response.reason_phrase
             return f"the Hub refused the request ({status}: {detail})"
-        if isinstance(error, httpx2.ConnectTimeout):
+        if isinstance(error, httpx.ConnectTimeout):
             return f"no connection to {endpoint} within {CONNECT_TIMEOUT_S:.0f} s (network down or host unreachable)"
-        if isinstance(error, httpx2.TimeoutException):
+        if isinstance(error, httpx.TimeoutException):
             return f"{endpoint} stopped answering ({error.__class__.__name__})"
-        if isinstance(error, (httpx2.TransportError, ConnectionError)):
+        if isinstance(error, (httpx.TransportError, ConnectionError)):
             return f"cannot reach {endpoint} ({error.__class__.__name__}: {error})"
         if isinstance(error, ValueError) and "metadata in README.md" in str(error):
             return str(error).replace("\n", " ")
@@ -248,6 +248,10 @@ def push_work_dir(
                             commit_message=commit_message, retry=retry, source=work_dir)
 
 
+# hub_strategy -> the folder in the repo that receives the whole checkpoint (as the Trainer names it).
+CHECKPOINT_FOLDERS = {"checkpoint": "last-checkpoint", "all_checkpoints": None}  # None: its own name
+
+
 def push_checkpoint(
     checkpoint_dir: str,
     repo_id: str,
@@ -259,35 +263,32 @@ def push_checkpoint(
     strategy: str = "every_save",
     commit_message: str | None = None,
 ) -> str:
-    """Push a Trainer checkpoint's model (+ the work dir's recipe) to the repo root.
+    """Push a Trainer checkpoint's model (+ the work dir's recipe) to the repo root, in one commit.
 
     strategy "checkpoint" also uploads the whole checkpoint under last-checkpoint/ (for
-    resuming elsewhere), minus training_args.bin.
+    resuming elsewhere), "all_checkpoints" under its own name (checkpoint-N/); both leave
+    out training_args.bin.
     """
     token = resolve_token(token)
+    name = os.path.basename(os.path.normpath(checkpoint_dir))
     files = {
-        name: os.path.join(checkpoint_dir, name)
-        for name in sorted(os.listdir(checkpoint_dir))
-        if name.endswith((".safetensors", ".py")) or name in ("config.json", "trainer_state.json")
+        file: os.path.join(checkpoint_dir, file)
+        for file in sorted(os.listdir(checkpoint_dir))
+        if file.endswith((".safetensors", ".py")) or file in ("config.json", "trainer_state.json")
     }
     recipe = os.path.join(work_dir, "recipe.json")
     if os.path.exists(recipe):
         files["recipe.json"] = recipe
-    if strategy == "checkpoint":
-        for name in sorted(os.listdir(checkpoint_dir)):
-            path = os.path.join(checkpoint_dir, name)
-            if os.path.isfile(path) and name != "training_args.bin":
-                files[f"last-checkpoint/{name}"] = path
+    if strategy in CHECKPOINT_FOLDERS:
+        folder = CHECKPOINT_FOLDERS[strategy] or name
+        for file in sorted(os.listdir(checkpoint_dir)):
+            path = os.path.join(checkpoint_dir, file)
+            if os.path.isfile(path) and file != "training_args.bin":
+                files[f"{folder}/{file}"] = path
     retry = retry_command(work_dir, repo_id, private=private, endpoint=endpoint)
-    name = os.path.basename(os.path.normpath(checkpoint_dir))
     with tempfile.TemporaryDirectory(prefix="hf_finetune_push_") as tmp:
-        config = _read_json(files["config.json"]) if "config.json" in files else {}
+        config = read_json(files["config.json"]) if "config.json" in files else {}
         files[PROCESSOR_FILE] = write_image_processor_config(tmp, config, saved_config(work_dir))
         return upload_files(repo_id, files, token=token, private=private, endpoint=endpoint,
                             commit_message=commit_message or f"Training in progress: {name}",
                             retry=retry, source=checkpoint_dir)
-
-
-def _read_json(path: str) -> dict:
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
