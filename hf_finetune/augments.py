@@ -15,6 +15,8 @@ uint8 batches stay uint8 (the model normalises uint8 on the device): CutMix copi
 Mixup rounds the mixed values, as timm's uint8 collate mixup does. Float batches are mixed
 as they are.
 
+The recipe's values arrive checked (hf_finetune.config: MixupCfg, CutMixCfg, probs).
+
 Randomness: each batch draws from a numpy Generator seeded with (seed, rank, batch index),
 so a run is reproducible per seed and ranks differ. Registered as a Trainer callback, the
 batch index restarts where a resumed run left off, so it draws what the uninterrupted run
@@ -22,34 +24,18 @@ would have drawn.
 """
 
 import math
-import numbers
 
 import numpy as np
 import torch
 from torch.nn import functional as F
 from transformers import TrainerCallback
 
-from .config import check_flags, typed_entry
-from .errors import RecipeError
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def _positive(value, key: str) -> float:
-    if not _is_number(value) or not value > 0:
-        raise RecipeError(f"{key}: expected a number > 0, got {value!r}")
-    return float(value)
-
 
 class Mixup:
     """Blend each image with another of the batch: lam * x + (1 - lam) * x[perm]."""
 
-    ARGS = ("alpha",)
-
-    def __init__(self, alpha, *, key="Mixup"):
-        self.alpha = _positive(alpha, f"{key}.alpha")
+    def __init__(self, cfg):
+        self.alpha = cfg.alpha
 
     def mix(self, images, scores, rng):
         lam = rng.beta(self.alpha, self.alpha)
@@ -71,20 +57,10 @@ class CutMix:
     (alpha then does not matter) and lam is always the area share.
     """
 
-    ARGS = ("alpha", "cutmix_minmax", "correct_lam")
-
-    def __init__(self, alpha, cutmix_minmax=None, correct_lam=True, *, key="CutMix"):
-        self.alpha = _positive(alpha, f"{key}.alpha")
-        if cutmix_minmax is not None:
-            if not (isinstance(cutmix_minmax, (list, tuple)) and len(cutmix_minmax) == 2
-                    and all(_is_number(v) for v in cutmix_minmax)
-                    and 0 < cutmix_minmax[0] < cutmix_minmax[1] < 1):
-                raise RecipeError(f"{key}.cutmix_minmax: expected [min, max] with "
-                                  f"0 < min < max < 1, got {cutmix_minmax!r}")
-            cutmix_minmax = (float(cutmix_minmax[0]), float(cutmix_minmax[1]))
-        check_flags(key, correct_lam=correct_lam)
-        self.cutmix_minmax = cutmix_minmax
-        self.correct_lam = correct_lam
+    def __init__(self, cfg):
+        self.alpha = cfg.alpha
+        self.cutmix_minmax = cfg.cutmix_minmax
+        self.correct_lam = cfg.correct_lam
 
     def _side(self, size, rng):
         # Uniform in [min, max) of the side (at least one value on tiny images); max < 1
@@ -120,47 +96,20 @@ class CutMix:
 BATCH_AUGMENTS = {"Mixup": Mixup, "CutMix": CutMix}
 
 
-def _build_augment(config, key):
-    cls, args = typed_entry(config, BATCH_AUGMENTS, key, "batch augment")
-    name = config["type"]
-    if "alpha" not in args:
-        raise RecipeError(f"{key}.alpha: {name} requires 'alpha' (the Beta distribution's "
-                          f"parameter, e.g. 0.8 for Mixup, 1.0 for CutMix)")
-    return cls(**args, key=key)
-
-
-def _check_probs(probs, count, key):
-    """mmpretrain's probs: one per augment, summing to at most 1; the rest is no augment."""
-    if probs is None:
-        return None
-    if _is_number(probs):
-        probs = [probs]
-    if not (isinstance(probs, (list, tuple)) and len(probs) == count
-            and all(_is_number(p) and 0 <= p <= 1 for p in probs)):
-        raise RecipeError(f"{key}: expected {count} probabilities in [0, 1], one per augment, "
-                          f"got {probs!r}")
-    total = sum(probs)
-    if total > 1 + 1e-6:
-        raise RecipeError(f"{key}: the probabilities sum to {total:g}; at most 1 is allowed")
-    return [float(p) for p in probs] + [max(0.0, 1.0 - total)]
-
-
 class BatchAugments(TrainerCallback):
-    """The recipe's `model.train_cfg.augments` (and `probs`) as one callable.
+    """The recipe's `model.train_cfg` (`augments`, `probs`) as one callable.
 
     `__call__(pixel_values [N, C, H, W] uint8 or float, labels [N] int)` returns
     (mixed pixel values, same dtype and device; soft targets [N, num_classes] float32).
     Call it once per training batch (micro-batch with gradient accumulation).
     """
 
-    def __init__(self, augments, num_classes, probs=None, seed=0, rank=0, *, key="model.train_cfg"):
-        if isinstance(augments, dict):
-            augments = [augments]
-        if not isinstance(augments, (list, tuple)) or not augments:
-            raise RecipeError(f"{key}.augments: expected a list of augments such as "
-                              f"[{{\"type\": \"Mixup\", \"alpha\": 0.8}}], got {augments!r}")
-        self.augments = [_build_augment(c, f"{key}.augments.{i}") for i, c in enumerate(augments)]
-        self.probs = _check_probs(probs, len(self.augments), f"{key}.probs")
+    def __init__(self, train_cfg, num_classes, seed=0, rank=0):
+        self.augments = [BATCH_AUGMENTS[entry.type](entry) for entry in train_cfg.augments]
+        self.probs = None  # uniform
+        if train_cfg.probs is not None:  # mmpretrain's: one per augment; the rest is no augment
+            probs = train_cfg.probs if isinstance(train_cfg.probs, list) else [train_cfg.probs]
+            self.probs = probs + [max(0.0, 1.0 - sum(probs))]
         self.num_classes = int(num_classes)
         self.seed = int(seed)
         self.rank = int(rank)

@@ -15,7 +15,6 @@ A field's metadata holds its help line and its constraints:
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import os
 import typing
@@ -23,7 +22,8 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 from .errors import RecipeError
-from .recipe import check_size, excerpt, json_type, load_recipe, show_path
+from .metrics import metric_key
+from .recipe import check_size, did_you_mean, excerpt, json_type, load_recipe, show_path
 
 REQUIRED = object()  # default of a key the recipe must set
 
@@ -124,10 +124,36 @@ class NeckCfg:
 
 
 @dataclass
+class MixupCfg:
+    type: str = "Mixup"
+    alpha: float = knob(REQUIRED, "the mixing ratio is drawn from Beta(alpha, alpha), e.g. 0.8", gt=0)
+
+
+def _box_sides(value):
+    if value is None or len(value) == 2 and 0 < value[0] < value[1] < 1:
+        return None
+    return f"expected [min, max] with 0 < min < max < 1, got {excerpt(value)}"
+
+
+@dataclass
+class CutMixCfg:
+    type: str = "CutMix"
+    alpha: float = knob(REQUIRED, "the share of the image kept is drawn from Beta(alpha, alpha), "
+                        "e.g. 1.0", gt=0)
+    cutmix_minmax: Optional[list[float]] = knob(None, "box sides uniform in [min, max] of the image's "
+                                                "(alpha then has no effect)", check=_box_sides)
+    correct_lam: bool = knob(True, "mix the labels by the box area left after clipping at the border")
+
+
+BATCH_AUGMENT_TYPES = {"Mixup": MixupCfg, "CutMix": CutMixCfg}
+
+
+@dataclass
 class ModelTrainCfg:
-    augments: list[dict] = knob([], "batch augments, one per batch: Mixup {alpha}, CutMix {alpha}",
-                                listify=True)
-    probs: Union[None, float, list[float]] = knob(None, "chance of each augment; the rest is none",
+    augments: list[Any] = knob([], "batch augments, one per batch: Mixup, CutMix",
+                               types=BATCH_AUGMENT_TYPES, listify=True)
+    probs: Union[None, float, list[float]] = knob(None, "chance of each augment, at most 1 in all; "
+                                                  "the rest is no augment (default: one, uniformly)",
                                                   min=0, max=1)
 
 
@@ -167,10 +193,9 @@ class Step:
 
 
 def _check_pipeline(steps):
-    if not steps or steps[-1].type != "PackClsInputs":
-        return 'the pipeline must end with {"type": "PackClsInputs"}'
-    packs = [i for i, step in enumerate(steps[:-1]) if step.type == "PackClsInputs"]
-    return f"step {packs[0]} is PackClsInputs, which must be the last step" if packs else None
+    from .data.transforms import pipeline_order_problem
+
+    return pipeline_order_problem([step.type for step in steps])
 
 
 @dataclass
@@ -249,6 +274,12 @@ class DataloaderCfg:
 
 
 MULTI_LABEL_METRICS = ("MultiLabelMetric", "AveragePrecision")
+MULTI_LABEL_THR = 0.5  # mmpretrain's: a class scoring at least this is predicted
+
+
+def topk_list(topk):
+    """A recipe's topk (k, [k, ...] or null) as a list: null is top-1, mmpretrain's default."""
+    return topk if isinstance(topk, list) else [1] if topk is None else [topk]
 
 
 @dataclass
@@ -259,7 +290,8 @@ class AccuracyCfg:
     topk: Union[None, int, list[int]] = knob(None, "Accuracy: k of top-k (default 1); "
                                              "MultiLabelMetric: the k best classes count as predicted",
                                              min=1)
-    thr: Optional[float] = knob(None, "MultiLabelMetric: score threshold (default 0.5)", min=0, max=1)
+    thr: Optional[float] = knob(None, f"MultiLabelMetric: score threshold (default {MULTI_LABEL_THR})",
+                                min=0, max=1)
 
 
 # --- schedule ----------------------------------------------------------------------------------
@@ -384,11 +416,16 @@ SCHEDULER_TYPES = {"MultiStepLR": MultiStepLRCfg, "StepLR": StepLRCfg,
 class TrainCfg:
     type: Optional[str] = knob(None, "the loop (sets by_epoch)",
                                choices=(None, "EpochBasedTrainLoop", "IterBasedTrainLoop"))
-    by_epoch: bool = knob(True, "length in epochs (else max_iters updates)")
+    by_epoch: Optional[bool] = knob(None, "length in epochs, else max_iters updates (default: false "
+                                    "for IterBasedTrainLoop, else true)")
     max_epochs: int = knob(1, "epochs to train", min=1)
     max_iters: Optional[int] = knob(None, "updates to train when by_epoch is false", min=1)
     val_interval: int = knob(1, "validate every N epochs (updates when by_epoch is false)", min=1)
     total_batch_size: Optional[int] = knob(None, "images per update over all processes", min=1)
+
+    def __post_init__(self):
+        if self.by_epoch is None:  # mmengine: the loop type says it
+            self.by_epoch = self.type != "IterBasedTrainLoop"
 
 
 @dataclass
@@ -478,6 +515,73 @@ class HubCfg:
 @dataclass
 class ModelCardCfg:
     license: Optional[str] = knob(None, "Hub license id of the weights (e.g. apache-2.0, mit)")
+
+
+# mmengine's hook priorities: accepted so configs translate; callbacks run in list order.
+PRIORITIES = ("HIGHEST", "VERY_HIGH", "HIGH", "ABOVE_NORMAL", "NORMAL", "BELOW_NORMAL", "LOW",
+              "VERY_LOW", "LOWEST")
+
+
+def _priority(value):
+    if value in PRIORITIES or isinstance(value, int) and 0 <= value <= 100:
+        return None
+    return f"expected one of {', '.join(PRIORITIES)} or an integer 0..100, got {excerpt(value)}"
+
+
+@dataclass
+class EMAHookCfg:
+    type: str = "EMAHook"
+    momentum: float = knob(0.0002, "average = (1 - momentum) * average + momentum * weights", gt=0, lt=1)
+    interval: int = knob(1, "update the average every N optimizer updates", min=1)
+    begin_iter: int = knob(0, "the average follows the weights until this update", min=0)
+    begin_epoch: int = knob(0, "the average follows the weights until this epoch (1-based)", min=0)
+    update_buffers: bool = knob(False, "average the buffers (BatchNorm statistics) too")
+    ema_type: str = knob("ExponentialMovingAverage", "the average", choices=("ExponentialMovingAverage",))
+    strict_load: bool = knob(False, "--resume only from an ema.safetensors that matches the model")
+    priority: Union[str, int] = knob("NORMAL", "mmengine key; callbacks run in list order (EMAHook "
+                                     "swaps its weights in before any evaluation or save)",
+                                     check=_priority)
+
+
+@dataclass
+class EarlyStoppingHookCfg:
+    """transformers' EarlyStoppingCallback under mmengine's names. It watches the metric that
+    picks the best checkpoint (metric_for_best_model), so `monitor` must be save_best's."""
+
+    type: str = "EarlyStoppingHook"
+    monitor: str = knob(REQUIRED, "the metric watched, default_hooks.checkpoint.save_best's "
+                        "(e.g. 'accuracy/top1')")
+    rule: Optional[str] = knob(None, "is larger better (default: from the metric's name)",
+                               choices=(None, "greater", "less"))
+    min_delta: float = knob(0.1, "an evaluation improves when it beats the best so far by more "
+                            "than this (accuracies in percent)", min=0)
+    strict: bool = knob(True, "stop with an error when an evaluation lacks the monitor",
+                        check=lambda v: None if v else "only true: the best-checkpoint metric must "
+                        "be in every evaluation")
+    check_finite: bool = knob(True, "stop at once when the monitor is NaN or infinite")
+    patience: int = knob(5, "evaluations in a row without improvement before training stops", min=1)
+    stopping_threshold: Optional[float] = knob(None, "stop at once when the monitor beats this "
+                                               "(accuracies in percent)")
+    priority: Union[str, int] = knob("NORMAL", "mmengine key; callbacks run in list order",
+                                     check=_priority)
+
+
+HOOK_TYPES = {"EMAHook": EMAHookCfg, "EarlyStoppingHook": EarlyStoppingHookCfg}
+# mmengine's rule of a metric from its name (CheckpointHook, EarlyStoppingHook).
+GREATER_KEYS = ("acc", "top", "AR@", "auc", "precision", "mAP", "mDice", "mIoU", "mAcc", "aAcc")
+LESS_KEYS = ("loss",)
+
+
+def infer_rule(metric):
+    """mmengine's rule ("greater" or "less") of a metric name: exact key, then substring;
+    None when the name says neither."""
+    name = metric.lower()
+    keys = [([k.lower() for k in GREATER_KEYS], "greater"), ([k.lower() for k in LESS_KEYS], "less")]
+    for match in (lambda k: name == k, lambda k: k in name):
+        for names, rule in keys:
+            if any(match(k) for k in names):
+                return rule
+    return None
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -571,8 +675,8 @@ class Config:
     training_args: dict = knob({}, "other transformers.TrainingArguments fields",
                                check=_check_training_args)
     hub: HubCfg = knob(HubCfg, "pushing the result to a Hub")
-    custom_hooks: list[dict] = knob([], "mmengine hooks: EMAHook, EarlyStoppingHook", listify=True,
-                                    builder=lambda v, key: _build_custom_hooks(v, key))
+    custom_hooks: list[Any] = knob([], "mmengine hooks: EMAHook, EarlyStoppingHook", types=HOOK_TYPES,
+                                   listify=True)
     model_card: ModelCardCfg = knob(ModelCardCfg, "what the model card states")
     name: Optional[str] = knob(None, "the recipe's name (its file name)")
 
@@ -586,6 +690,34 @@ class Config:
         return {split: section for split, section in (
             ("train", self.train_dataloader), ("val", self.val_dataloader),
             ("test", self.test_dataloader)) if section is not None}
+
+    def best_metric(self):
+        """(metric name, rule) that picks the best checkpoint (save_best "auto": the head's
+        main metric), or None without save_best; the rule is None when not inferable."""
+        checkpoint = self.default_hooks.checkpoint
+        name = checkpoint.save_best
+        if name is None:
+            return None
+        if name == "auto":
+            name = "multilabel/mAP" if self.model.head.multi_label else "accuracy/top1"
+        return name, checkpoint.rule or infer_rule(name)
+
+    def topk(self):
+        """The k of the top-k accuracies reported: the head's (mmcls' heads declare theirs)
+        and the evaluators', sorted."""
+        ks = set()
+        for topk in [self.model.head.topk] + [e.topk for e in self.val_evaluator + self.test_evaluator]:
+            ks.update(topk_list(topk))
+        return sorted(ks)
+
+    def multi_label_decision(self):
+        """(thr, topk) that turn multi-label scores into predicted classes: the validation
+        MultiLabelMetric's, else the head's thr; MULTI_LABEL_THR when neither is set."""
+        evaluator = next((e for e in self.val_evaluator if e.type == "MultiLabelMetric"), None)
+        thr = evaluator.thr if evaluator and evaluator.thr is not None else self.model.head.thr
+        topk = evaluator.topk if evaluator else None
+        topk = topk[0] if isinstance(topk, list) else topk
+        return (MULTI_LABEL_THR if thr is None and topk is None else thr), topk
 
 
 VIS_BACKENDS = {"LocalVisBackend": None, "TensorboardVisBackend": "tensorboard",
@@ -609,21 +741,17 @@ def report_to(cfg):
     return sorted({VIS_BACKENDS[n] for n in names if VIS_BACKENDS.get(n)}) or "none"
 
 
-def _build_custom_hooks(hooks, key):
-    from .hooks import build_custom_hooks
-
-    return build_custom_hooks(hooks, key=key)
-
-
 # --- cross-section rules ------------------------------------------------------------------------
 
 
-def _check_config(cfg, error, set_keys):
+def _check_config(cfg, error):
     head, pre = cfg.model.head, cfg.data_preprocessor
     if None not in (pre.num_classes, head.num_classes) and pre.num_classes != head.num_classes:
         raise error(("data_preprocessor", "num_classes"),
                     f"{pre.num_classes} differs from model.head.num_classes={head.num_classes}")
-    channels = 2048 if cfg.model.backbone.depth >= 50 else 512
+    from .models.configuration_finetune_resnet import RESNET_ARCH, stage_widths
+
+    channels = stage_widths(RESNET_ARCH[cfg.model.backbone.depth][0])[-1]  # the last stage's
     if head.in_channels not in (None, channels):
         raise error(("model", "head", "in_channels"),
                     f"{head.in_channels} does not match the backbone's output ({channels} "
@@ -637,30 +765,22 @@ def _check_config(cfg, error, set_keys):
     for where, ks in [(("model", "head", "topk"), head.topk)] + [
             ((name, i, "topk"), e.topk) for name in ("val_evaluator", "test_evaluator")
             for i, e in enumerate(getattr(cfg, name))]:
-        ks = ks if isinstance(ks, list) else [1] if ks is None else [ks]
+        ks = topk_list(ks)
         if head.num_classes is not None and max(ks) > head.num_classes and not head.multi_label:
             raise error(where, f"{ks} needs at least {max(ks)} classes but model.head.num_classes "
                                f"is {head.num_classes}; use [1]")
     loss = head.loss
     if loss.type == "LabelSmoothLoss" and loss.label_smooth_val is None:
         raise error(("model", "head", "loss", "label_smooth_val"), "required for LabelSmoothLoss")
-    model_train = cfg.model.train_cfg
-    if model_train.augments:
-        from .augments import BatchAugments
-
-        try:
-            BatchAugments(model_train.augments, head.num_classes or 1, model_train.probs,
-                          key="model.train_cfg")
-        except RecipeError as e:
-            raise error(("model", "train_cfg"), str(e).removeprefix("model.train_cfg.")) from None
-        if head.multi_label:
-            raise error(("model", "train_cfg", "augments"), "Mixup / CutMix need a single-label head")
+    _check_batch_augments(cfg.model.train_cfg, head, error)
+    best = cfg.best_metric()
+    if best and best[1] is None:
+        raise error(("default_hooks", "checkpoint", "rule"), f"cannot infer it from save_best "
+                                                             f"{best[0]!r}; set 'greater' or 'less'")
+    _check_custom_hooks(cfg, best, error)
     train = cfg.train_cfg
-    if train.type is not None:
-        by_epoch = train.type == "EpochBasedTrainLoop"
-        if by_epoch != train.by_epoch and ("train_cfg", "by_epoch") in set_keys:
-            raise error(("train_cfg", "by_epoch"), f"{train.by_epoch} contradicts type {train.type}")
-        train.by_epoch = by_epoch
+    if train.type is not None and train.by_epoch != (train.type == "EpochBasedTrainLoop"):
+        raise error(("train_cfg", "by_epoch"), f"{train.by_epoch} contradicts type {train.type}")
     if not train.by_epoch and train.max_iters is None:
         raise error(("train_cfg", "max_iters"), "required when train_cfg.by_epoch is false")
     if cfg.train_dataloader is not None:
@@ -693,6 +813,55 @@ def _check_config(cfg, error, set_keys):
                         'HFImageDataset needs a hub_id (e.g. "uoft-cs/cifar100") or a data_root')
 
 
+def _check_batch_augments(train, head, error):
+    where = ("model", "train_cfg")
+    if train.augments and head.multi_label:
+        raise error(where + ("augments",), "Mixup / CutMix need a single-label head")
+    if train.probs is None:
+        return
+    probs = train.probs if isinstance(train.probs, list) else [train.probs]
+    if not train.augments:
+        raise error(where + ("probs",), "set without augments; remove it or add augments")
+    if len(probs) != len(train.augments):  # mmpretrain's RandomBatchAugment: one per augment
+        raise error(where + ("probs",), f"expected {len(train.augments)} probabilities, one per "
+                                        f"augment, got {len(probs)}")
+    if sum(probs) > 1 + 1e-6:
+        raise error(where + ("probs",), f"the probabilities sum to {sum(probs):g}; at most 1 is allowed")
+
+
+def _check_custom_hooks(cfg, best, error):
+    """best: (metric, rule) of the best checkpoint, or None."""
+    for i, hook in enumerate(cfg.custom_hooks):
+        where = ("custom_hooks", i)
+        if hook.type == "EMAHook":
+            if any(h.type == "EMAHook" for h in cfg.custom_hooks[:i]):
+                raise error(where + ("type",), "only one EMAHook is allowed")
+            if hook.begin_iter and hook.begin_epoch:
+                raise error(where + ("begin_epoch",), "set begin_iter or begin_epoch, not both")
+            continue
+        # EarlyStoppingHook: transformers' EarlyStoppingCallback, which compares each
+        # evaluation with the Trainer's best value of metric_for_best_model.
+        rule = hook.rule or infer_rule(hook.monitor)
+        if rule is None:
+            raise error(where + ("rule",), f"cannot infer it from monitor {hook.monitor!r}; "
+                                           f"set 'greater' or 'less'")
+        if cfg.val_dataloader is None:
+            raise error(where + ("type",), "EarlyStoppingHook watches the validations during "
+                                           "training; set val_dataloader")
+        if best is None:
+            raise error(("default_hooks", "checkpoint", "save_best"),
+                        f"null, but EarlyStoppingHook (custom_hooks.{i}) watches the best-checkpoint "
+                        f"metric; set it to {hook.monitor!r}")
+        if metric_key(hook.monitor) != metric_key(best[0]):
+            raise error(where + ("monitor",),
+                        f"{hook.monitor!r} differs from default_hooks.checkpoint.save_best "
+                        f"({best[0]!r}); early stopping watches the best-checkpoint metric: set "
+                        f"both to the same metric")
+        if rule != best[1]:
+            raise error(where + ("rule",), f"{rule!r} differs from the best checkpoint's rule "
+                                           f"{best[1]!r} (default_hooks.checkpoint.rule)")
+
+
 # --- parsing --------------------------------------------------------------------------------
 
 
@@ -700,7 +869,6 @@ def _check_config(cfg, error, set_keys):
 class _Parser:
     def __init__(self, origins):
         self.origins = origins
-        self.set_keys = set()
 
     def error(self, path, message):
         source = "recipe"
@@ -719,7 +887,9 @@ class _Parser:
         for key in value:
             if key not in names:
                 hint = ""
-                if "type" in names and value.get("type") is not None:
+                if "type" in names and value.get("type") is not None and \
+                        not (path and isinstance(path[-1], int)):
+                    # A base's section of another type merged into this one (list items never merge).
                     hint = (' (if a base file sets it for another type, write "_delete_": true '
                             'in your section to replace the base section)')
                 raise self.error(path + (key,), unknown_message(
@@ -727,7 +897,6 @@ class _Parser:
         kwargs = {}
         for name, f in names.items():
             if name in value:
-                self.set_keys.add(path + (name,))
                 kwargs[name] = self.value(value[name], hints[name], f.metadata, path + (name,))
             elif f.metadata.get("required"):
                 raise self.error(path + (name,), f"required ({f.metadata.get('help')})")
@@ -765,7 +934,7 @@ class _Parser:
         if origin is list:
             if not isinstance(value, list):
                 raise self.error(path, f"expected a list, got {describe(value)}")
-            item_meta = {k: v for k, v in meta.items() if k not in ("check", "listify", "builder")}
+            item_meta = {k: v for k, v in meta.items() if k not in ("check", "listify")}
             result = [self.value(v, args[0], item_meta, path + (i,)) for i, v in enumerate(value)]
         elif origin is dict:
             if not isinstance(value, dict):
@@ -784,8 +953,6 @@ class _Parser:
         message = check(result) if check else None
         if message:
             raise self.error(path, message)
-        if meta.get("builder"):  # an object that checks its own arguments: build it once
-            self.built(meta["builder"], result, path)
         return result
 
     def built(self, builder, value, path):
@@ -873,7 +1040,7 @@ def parse_config(recipe, origins=None, name=None):
     token = _move_hub_fields(recipe, origins)
     parser = _Parser(origins)
     cfg = parser.section(Config, recipe, ())
-    _check_config(cfg, parser.error, parser.set_keys)
+    _check_config(cfg, parser.error)
     cfg.hub.token = token
     return cfg
 
@@ -976,36 +1143,6 @@ def compat_keys():
 
 
 # --- messages ------------------------------------------------------------------------------
-
-
-def typed_entry(entry, registry, key, what, ignore=()):
-    """(class, arguments) of a {"type": NAME, ...} list entry (an augment, a hook), its type
-    looked up in `registry` and its arguments checked against the class's ARGS."""
-    if not isinstance(entry, dict) or "type" not in entry:
-        raise RecipeError(f"{key}: each {what} is an object with a 'type' (one of {', '.join(registry)})")
-    name = entry["type"]
-    if name not in registry:
-        raise RecipeError(f"{key}.type: " + unknown_message(what, name, registry))
-    cls = registry[name]
-    args = {k: v for k, v in entry.items() if k != "type" and k not in ignore}
-    for arg in args:
-        if arg not in cls.ARGS:
-            raise RecipeError(f"{key}.{arg}: " + unknown_message(f"argument for {name}", arg, cls.ARGS))
-    return cls, args
-
-
-def check_flags(key, **flags):
-    """The true/false arguments of a typed_entry class: each must be a bool."""
-    for name, value in flags.items():
-        if not isinstance(value, bool):
-            raise RecipeError(f"{key}.{name}: expected true or false, got {value!r}")
-
-
-def did_you_mean(name, options):
-    if len(str(name)) > 200:  # no key is that long, and difflib takes minutes on megabytes
-        return ""
-    close = difflib.get_close_matches(str(name), [str(o) for o in options], n=1, cutoff=0.6)
-    return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 def shorten(text, limit=200):

@@ -1,4 +1,6 @@
-"""mmengine's `custom_hooks` as transformers TrainerCallbacks: EMAHook and EarlyStoppingHook.
+"""mmengine's `custom_hooks` as transformers TrainerCallbacks: EMAHook and EarlyStoppingHook
+(transformers' EarlyStoppingCallback). The recipe's values arrive checked (hf_finetune.config:
+EMAHookCfg, EarlyStoppingHookCfg).
 
 How EMAHook meets the Trainer. After each optimizer update the Trainer calls `on_step_end`
 (DefaultFlowCallback, which runs first, has already set `should_evaluate` / `should_save`),
@@ -26,30 +28,16 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from transformers import TrainerCallback
-from transformers.trainer_callback import ExportableState
+from transformers import EarlyStoppingCallback, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .config import check_flags, typed_entry
 from .errors import CheckpointError, RecipeError
+from .metrics import in_percent
 from .workdir import atomic_write
 
 logger = logging.getLogger("hf_finetune")
 
 EMA_STATE_NAME = "ema.safetensors"
-# mmengine's hook priorities: accepted so configs translate; callbacks run in list order.
-PRIORITIES = ("HIGHEST", "VERY_HIGH", "HIGH", "ABOVE_NORMAL", "NORMAL", "BELOW_NORMAL", "LOW",
-              "VERY_LOW", "LOWEST")
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _non_negative_int(value, key):
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise RecipeError(f"{key}: expected an integer >= 0, got {value!r}")
-    return value
 
 
 class EMAHook(TrainerCallback):
@@ -61,30 +49,14 @@ class EMAHook(TrainerCallback):
     simply follows the weights.
     """
 
-    ARGS = ("momentum", "interval", "begin_iter", "begin_epoch", "update_buffers", "ema_type",
-            "strict_load")
-
-    def __init__(self, momentum=0.0002, interval=1, begin_iter=0, begin_epoch=0,
-                 update_buffers=False, ema_type="ExponentialMovingAverage", strict_load=False,
-                 *, key="EMAHook"):
-        if not _is_number(momentum) or not 0 < momentum < 1:
-            raise RecipeError(f"{key}.momentum: expected a number in (0, 1), got {momentum!r}")
-        if not isinstance(interval, int) or isinstance(interval, bool) or interval < 1:
-            raise RecipeError(f"{key}.interval: expected an integer >= 1, got {interval!r}")
-        _non_negative_int(begin_iter, f"{key}.begin_iter")
-        _non_negative_int(begin_epoch, f"{key}.begin_epoch")
-        if begin_iter and begin_epoch:
-            raise RecipeError(f"{key}.begin_epoch: set begin_iter or begin_epoch, not both")
-        if ema_type != "ExponentialMovingAverage":
-            raise RecipeError(f"{key}.ema_type: only 'ExponentialMovingAverage' is supported, "
-                              f"got {ema_type!r}")
-        check_flags(key, update_buffers=update_buffers, strict_load=strict_load)
-        self.momentum = float(momentum)
-        self.interval = interval
-        self.begin_iter = begin_iter
-        self.begin_epoch = begin_epoch
-        self.update_buffers = update_buffers
-        self.strict_load = strict_load
+    def __init__(self, cfg, key="EMAHook"):
+        """cfg: the recipe's EMAHook entry; key: where it is, for messages."""
+        self.momentum = cfg.momentum
+        self.interval = cfg.interval
+        self.begin_iter = cfg.begin_iter
+        self.begin_epoch = cfg.begin_epoch
+        self.update_buffers = cfg.update_buffers
+        self.strict_load = cfg.strict_load
         self.key = key
         self.averaged = None  # torch AveragedModel: a copy of the model holding the average
         self.steps = 0  # updates seen since the average started (mmengine's `steps`)
@@ -213,154 +185,77 @@ class EMAHook(TrainerCallback):
         self.averaged = None  # a later train() starts a fresh average
 
 
-class EarlyStoppingHook(TrainerCallback, ExportableState):
-    """mmengine EarlyStoppingHook on the Trainer's evaluations during training.
-
-    An evaluation improves when the monitored value beats the best so far by at least
-    `min_delta` (in the `rule`'s direction); training stops after `patience` evaluations in
-    a row without improvement, at once when the value reaches `stopping_threshold`, or, with
-    `check_finite`, when it is NaN/inf. `monitor` uses mmpretrain's names
-    ("accuracy/top1"); accuracies are compared in percent, as mmpretrain reports them, so
-    min_delta and stopping_threshold mean what they mean in its configs. The counters are
-    saved in checkpoints (trainer_state.json) and restored on resume when the Trainer's
-    `restore_callback_states_from_checkpoint` is on.
+class EarlyStoppingHook(EarlyStoppingCallback):
+    """mmengine's EarlyStoppingHook as transformers' EarlyStoppingCallback, which stops after
+    `early_stopping_patience` evaluations in a row that do not beat the Trainer's best value of
+    metric_for_best_model (greater_is_better) by more than `early_stopping_threshold`. Its
+    counter is saved in checkpoints and restored on resume. Added here, from mmengine: stop at
+    once when the value is not finite (`check_finite`) or beats `stopping_threshold`, and a
+    missing metric is an error. Evaluations outside training (the test split) do not count.
     """
 
-    ARGS = ("monitor", "rule", "min_delta", "strict", "check_finite", "patience",
-            "stopping_threshold")
-    GREATER_KEYS = ("acc", "top", "AR@", "auc", "precision", "mAP", "mDice", "mIoU", "mAcc", "aAcc")
-    LESS_KEYS = ("loss",)
-
-    def __init__(self, monitor, rule=None, min_delta=0.1, strict=False, check_finite=True,
-                 patience=5, stopping_threshold=None, *, key="EarlyStoppingHook"):
-        if not isinstance(monitor, str) or not monitor:
-            raise RecipeError(f"{key}.monitor: expected a metric name such as 'accuracy/top1', "
-                              f"got {monitor!r}")
-        if rule is None:
-            rule = self._infer_rule(monitor, key)
-        if rule not in ("greater", "less"):
-            raise RecipeError(f"{key}.rule: expected 'greater' or 'less', got {rule!r}")
-        if not _is_number(min_delta) or min_delta < 0:
-            raise RecipeError(f"{key}.min_delta: expected a number >= 0, got {min_delta!r}")
-        _non_negative_int(patience, f"{key}.patience")
-        if stopping_threshold is not None and not _is_number(stopping_threshold):
-            raise RecipeError(f"{key}.stopping_threshold: expected a number or null, "
-                              f"got {stopping_threshold!r}")
-        check_flags(key, strict=strict, check_finite=check_finite)
-        self.monitor = monitor
-        self.rule = rule
-        self.min_delta = min_delta
-        self.strict = strict
+    def __init__(self, early_stopping_patience=1, early_stopping_threshold=0.0, check_finite=False,
+                 stopping_threshold=None, key="EarlyStoppingHook"):
+        super().__init__(early_stopping_patience, early_stopping_threshold)
         self.check_finite = check_finite
-        self.patience = patience
         self.stopping_threshold = stopping_threshold
         self.key = key
-        self.wait_count = 0
-        self.best_score = -math.inf if rule == "greater" else math.inf
-        self.active = False  # only evaluations during training count
-
-    @classmethod
-    def _infer_rule(cls, monitor, key):
-        """mmengine's rule from the metric name: exact key, then substring."""
-        name = monitor.lower()
-        greater = [k.lower() for k in cls.GREATER_KEYS]
-        less = [k.lower() for k in cls.LESS_KEYS]
-        for keys, rule in ((greater, "greater"), (less, "less")):
-            if name in keys:
-                return rule
-        for keys, rule in ((greater, "greater"), (less, "less")):
-            if any(k in name for k in keys):
-                return rule
-        raise RecipeError(f"{key}.rule: cannot infer it from monitor {monitor!r}; set "
-                          f"'greater' or 'less'")
-
-    def better(self, value, reference):
-        return value > reference if self.rule == "greater" else value < reference
-
-    def check(self, value):
-        """Record one evaluation; (stop, reason)."""
-        if self.check_finite and not math.isfinite(value):
-            return True, (f"{self.monitor} = {value} is not finite; the best value was "
-                          f"{self.best_score:.4g}")
-        if self.stopping_threshold is not None and self.better(value, self.stopping_threshold):
-            self.best_score = value
-            return True, (f"{self.monitor} = {value:.4g} reached the stopping threshold "
-                          f"{self.stopping_threshold}")
-        delta = self.min_delta if self.rule == "greater" else -self.min_delta
-        if self.better(self.best_score + delta, value):  # not improved by min_delta
-            self.wait_count += 1
-            if self.wait_count >= self.patience:
-                return True, (f"{self.monitor} did not improve in the last {self.wait_count} "
-                              f"evaluations; best {self.best_score:.4g}")
-            return False, ""
-        self.best_score = value
-        self.wait_count = 0
-        return False, ""
-
-    def monitored_value(self, metrics):
-        """The monitored metric from the Trainer's metrics ("accuracy/top1" ->
-        eval_accuracy_top1, in percent), or None when absent."""
-        name = self.monitor.replace("/", "_")
-        for candidate in (f"eval_{name}", name):
-            if candidate in metrics:
-                value = float(metrics[candidate])
-                return value * 100 if name.startswith("accuracy") else value
-        return None
+        self.training = False
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.active = True
+        # Not the parent's: the config has checked what it asserts, and its advice to load the
+        # best model at the end is not mmengine's.
+        self.training = True
 
     def on_train_end(self, args, state, control, **kwargs):
-        self.active = False
+        self.training = False
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        if not self.active:
+        if not self.training:
             return
-        value = self.monitored_value(metrics or {})
+        key = args.metric_for_best_model
+        key = key if key.startswith("eval_") else f"eval_{key}"
+        value = (metrics or {}).get(key)
         if value is None:
-            message = (f"{self.key}.monitor: {self.monitor!r} is not among the evaluation "
-                       f"metrics ({', '.join(sorted(metrics or {}))})")
-            if self.strict:
-                raise RecipeError(message)
-            logger.warning("%s; early stopping skipped this evaluation", message)
-            return
-        stop, reason = self.check(value)
-        if stop:
-            logger.info("early stopping at update %d: %s", state.global_step, reason)
-            control.should_training_stop = True
+            raise RecipeError(f"{self.key}.monitor: {key!r} is not among the evaluation metrics "
+                              f"({', '.join(sorted(metrics or {}))})")
+        threshold = self.stopping_threshold
+        reached = threshold is not None and (value > threshold if args.greater_is_better else value < threshold)
+        if self.check_finite and not math.isfinite(value):
+            reason = f"{key} = {value} is not finite"
+        elif reached:
+            reason = f"{key} = {value:.4g} reached the stopping threshold {self.stopping_threshold:.4g}"
+        else:
+            super().on_evaluate(args, state, control, metrics, **kwargs)
+            if not control.should_training_stop:
+                return
+            reason = (f"{key} did not improve on {state.best_metric:.4g} by more than "
+                      f"{self.early_stopping_threshold:.4g} in {self.early_stopping_patience_counter} "
+                      f"evaluations")
+        logger.info("early stopping at update %d: %s", state.global_step, reason)
+        control.should_training_stop = True
 
     def state(self):
-        return {
-            "args": {"monitor": self.monitor, "rule": self.rule, "min_delta": self.min_delta,
-                     "strict": self.strict, "check_finite": self.check_finite,
-                     "patience": self.patience, "stopping_threshold": self.stopping_threshold,
-                     "key": self.key},
-            "attributes": {"wait_count": self.wait_count, "best_score": self.best_score},
-        }
+        saved = super().state()
+        saved["args"].update(check_finite=self.check_finite, stopping_threshold=self.stopping_threshold,
+                             key=self.key)
+        return saved
 
 
-CUSTOM_HOOKS = {"EMAHook": EMAHook, "EarlyStoppingHook": EarlyStoppingHook}
-
-
-def build_custom_hooks(config, key="custom_hooks"):
-    """The recipe's `custom_hooks` list as TrainerCallbacks (`priority` accepted, unused:
-    EMAHook already swaps its weights in before any evaluation or save)."""
-    if config is None:
-        return []
-    if not isinstance(config, (list, tuple)):
-        raise RecipeError(f"{key}: expected a list of hooks, got {type(config).__name__}")
-    hooks = []
-    for i, hook_config in enumerate(config):
-        where = f"{key}.{i}"
-        cls, args = typed_entry(hook_config, CUSTOM_HOOKS, where, "hook", ignore=("priority",))
-        priority = hook_config.get("priority", "NORMAL")
-        if priority not in PRIORITIES and not (isinstance(priority, int) and 0 <= priority <= 100):
-            raise RecipeError(f"{where}.priority: expected one of {', '.join(PRIORITIES)} or "
-                              f"an integer 0..100, got {priority!r}")
-        if cls is EarlyStoppingHook and "monitor" not in args:
-            raise RecipeError(f"{where}.monitor: EarlyStoppingHook requires 'monitor' "
-                              f"(e.g. 'accuracy/top1')")
-        if cls is EMAHook and any(isinstance(h, EMAHook) for h in hooks):
-            raise RecipeError(f"{where}.type: only one EMAHook is allowed")
-        hooks.append(cls(**args, key=where))
-    return hooks
+def build_custom_hooks(hooks):
+    """The recipe's `custom_hooks` as TrainerCallbacks. `priority` has no effect: EMAHook
+    swaps its weights in before any evaluation or save whatever the order."""
+    callbacks = []
+    for i, hook in enumerate(hooks):
+        key = f"custom_hooks.{i}"
+        if hook.type == "EMAHook":
+            callbacks.append(EMAHook(hook, key))
+            continue
+        # mmpretrain gives min_delta and stopping_threshold in its units: percent for all
+        # but the loss; our metrics are fractions.
+        scale = 100 if in_percent(hook.monitor) else 1
+        callbacks.append(EarlyStoppingHook(
+            hook.patience, hook.min_delta / scale, check_finite=hook.check_finite,
+            stopping_threshold=None if hook.stopping_threshold is None else hook.stopping_threshold / scale,
+            key=key))
+    return callbacks

@@ -24,7 +24,6 @@ import json
 import logging
 import math
 import os
-import re
 import sys
 import time
 
@@ -32,9 +31,10 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PrinterCallback, ProgressCallback, TrainerCallback
 
+from .metrics import TOPK_KEY, mmpretrain_name
+
 LOG_FORMAT = "%(asctime)s - hf_finetune - %(levelname)s - %(message)s"
 DATE_FORMAT = "%Y/%m/%d %H:%M:%S"
-ACCURACY_KEY = re.compile(r"^accuracy_top(\d+)$")
 # Trainer log keys shown elsewhere in the line, or not per-iteration values.
 TRAIN_SKIPPED = {"loss", "learning_rate", "epoch", "total_flos"}
 EVAL_SKIPPED = {"runtime", "samples_per_second", "steps_per_second", "epoch"}
@@ -174,9 +174,8 @@ class MMEngineLogger(TrainerCallback):
             name = key[len(prefix) + 1:] if key.startswith(prefix + "_") else key
             if name in EVAL_SKIPPED or not isinstance(value, (int, float)):
                 continue
-            match = ACCURACY_KEY.match(name)
-            if match:
-                name, value = f"accuracy/top{match[1]}", 100 * value
+            if TOPK_KEY.match(name):
+                name, value = mmpretrain_name(name), 100 * value
                 accuracies.append(f"{name}: {value:.2f}")
             else:
                 others.append(f"{name}: {_number(value)}")

@@ -2,7 +2,9 @@
 
 * `build_optimizer`: `optim_wrapper.optimizer` (SGD, AdamW, Adam) over the trainable
   parameters only, with `paramwise_cfg` (custom_keys lr_mult/decay_mult, norm_decay_mult,
-  bias_decay_mult) as mmengine's DefaultOptimWrapperConstructor applies them.
+  bias_decay_mult) as mmengine's DefaultOptimWrapperConstructor applies them, and
+  `layer_decay_rate` as mmpretrain's LearningRateDecayOptimWrapperConstructor (see
+  `resnet_layer_depth`).
 * `build_lr_scheduler`: `param_scheduler` (one or a list) as one per-update LambdaLR. Each
   scheduler acts on [begin, end) and holds its last value after `end`; several multiply.
   `by_epoch: true` schedulers change the LR at epoch boundaries only, exactly where mmengine
@@ -24,8 +26,52 @@ NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm,
                nn.modules.instancenorm._InstanceNorm)
 
 
+# mmpretrain's table: (blocks of stage 2, blocks of stage 3) -> blocks per layer in them.
+# ResNet-18 (2, 2) is not in mmpretrain's table; one block per layer gives it the same
+# 8 layers as ResNet-50.
+BLOCKS_PER_LAYER = {(4, 6): (2, 3), (4, 23): (2, 3), (8, 36): (4, 4), (24, 36): (4, 4),
+                    (30, 48): (5, 6), (2, 2): (1, 1)}
+STAGES_PREFIX = "backbone.encoder.stages."
+
+
+def resnet_layer_depth(model):
+    """(layer_id(parameter name), number of layers) of the ResNet classifier: mmpretrain's
+    ResNet.get_layer_depth (no library has it for transformers' ResNet).
+
+    Layers, from the input: the stem is layer 0, stage 1 is layer 1, stages 2 and 3 are split
+    into groups of blocks (ResNet-50: 2 blocks of stage 2 per layer, 3 of stage 3), stage 4 is
+    one layer and the head comes last: ResNet-50 has 8 layers. With layer decay a parameter of
+    layer i trains at base_lr * layer_decay_rate ** (num_layers - 1 - i), the head at base_lr.
+    """
+    blocks = [len(stage.layers) for stage in model.backbone.encoder.stages]
+    per_layer2, per_layer3 = BLOCKS_PER_LAYER[blocks[1], blocks[2]]  # the config allows these depths
+    layers2, layers3 = math.ceil(blocks[1] / per_layer2), math.ceil(blocks[2] / per_layer3)
+    stage4 = 2 + layers2 + layers3
+
+    def layer_id(name):
+        if not name.startswith("backbone."):
+            return stage4 + 1  # head (and anything after the backbone)
+        if not name.startswith(STAGES_PREFIX):
+            return 0  # stem
+        stage, _, block = name[len(STAGES_PREFIX):].split(".")[:3]
+        stage, block = int(stage) + 1, int(block)
+        if stage == 1:
+            return 1
+        if stage == 2:
+            return 2 + block // per_layer2
+        if stage == 3:
+            return 2 + layers2 + block // per_layer3
+        return stage4
+
+    return layer_id, stage4 + 2
+
+
 def param_groups(model, base_lr, weight_decay, paramwise_cfg):
-    """Trainable parameters grouped by their (lr, weight decay) after paramwise rules."""
+    """Trainable parameters grouped by their (layer, lr, weight decay) after paramwise rules.
+
+    Weight decay: custom_keys first (the longest key that is a substring of the name), then
+    norm layers (norm_decay_mult), then biases (bias_decay_mult). With layer_decay_rate (the
+    config refuses lr_mult then) each group also has its "layer_id"."""
     custom_keys = paramwise_cfg.custom_keys
     # mmengine tries the longest key first (alphabetical among equal lengths).
     ordered_keys = sorted(sorted(custom_keys), key=len, reverse=True)
@@ -37,6 +83,9 @@ def param_groups(model, base_lr, weight_decay, paramwise_cfg):
         for param_name, param in module.named_parameters(recurse=False):
             full = f"{module_name}.{param_name}" if module_name else param_name
             module_of[full] = (module, param_name)
+
+    decay_rate = paramwise_cfg.layer_decay_rate
+    layer_of, num_layers = resnet_layer_depth(model) if decay_rate is not None else (None, None)
 
     groups = {}
     for name, param in model.named_parameters():
@@ -53,25 +102,21 @@ def param_groups(model, base_lr, weight_decay, paramwise_cfg):
                 decay_mult = norm_mult
             elif short_name == "bias" and bias_mult is not None:
                 decay_mult = bias_mult
-        key = (base_lr * lr_mult, weight_decay * decay_mult)
-        groups.setdefault(key, []).append(param)
-    return [{"params": params, "lr": lr, "weight_decay": wd} for (lr, wd), params in groups.items()]
+        group = {"lr": base_lr * lr_mult, "weight_decay": weight_decay * decay_mult}
+        if layer_of is not None:
+            group["layer_id"] = layer_of(name)
+            group["lr"] *= decay_rate ** (num_layers - 1 - group["layer_id"])
+        groups.setdefault(tuple(group.values()), dict(group, params=[]))["params"].append(param)
+    return list(groups.values())
 
 
 def build_optimizer(model, wrapper_cfg, lr=None):
     """optim_wrapper.optimizer over `model`'s trainable parameters; `lr` overrides the base
     LR (the batch-size-scaled one)."""
-    cfg, paramwise = wrapper_cfg.optimizer, wrapper_cfg.paramwise_cfg
+    cfg = wrapper_cfg.optimizer
     lr = cfg.lr if lr is None else lr
-    if wrapper_cfg.constructor == "LearningRateDecayOptimWrapperConstructor":
-        from .layer_decay import layer_decay_param_groups
-
-        groups = layer_decay_param_groups(
-            model, lr, cfg.weight_decay, paramwise.layer_decay_rate,
-            custom_keys={k: {"decay_mult": v.decay_mult} for k, v in paramwise.custom_keys.items()},
-            norm_decay_mult=paramwise.norm_decay_mult, bias_decay_mult=paramwise.bias_decay_mult)
-    else:
-        groups = param_groups(model, lr, cfg.weight_decay, paramwise)
+    # The config sets layer_decay_rate exactly with LearningRateDecayOptimWrapperConstructor.
+    groups = param_groups(model, lr, cfg.weight_decay, wrapper_cfg.paramwise_cfg)
     if not groups:
         raise RecipeError("model.backbone.frozen_stages: every parameter is frozen, nothing to train")
     kwargs = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)

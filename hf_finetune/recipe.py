@@ -14,7 +14,9 @@ Config. Every error names the file (or `--cfg-options`) and the dotted key.
 """
 
 import copy
+import difflib
 import json
+import numbers
 import os
 
 from .errors import RecipeError
@@ -224,6 +226,27 @@ def show_path(path):
     rel = os.path.relpath(path)
     return rel if not rel.startswith("../..") else path
 
+
+
+def did_you_mean(name, options):
+    """' (did you mean 'X'?)' naming the option closest to a misspelt name, or ''."""
+    name, options = str(name), [str(o) for o in options]
+    if len(name) > 200:  # no key is that long, and difflib takes minutes on megabytes
+        return ""
+    close = difflib.get_close_matches(name, options, n=1)
+    if not close:  # "probability" -> "prob": a shared prefix is a good hint too
+        close = [o for o in options if len(o) >= 3 and (name.startswith(o) or o.startswith(name))][:1]
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def is_number(value):
+    """A JSON number (true/false are not)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def is_int(value):
+    """A JSON integer (true/false are not)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def excerpt(value, limit=60):

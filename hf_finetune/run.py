@@ -99,6 +99,7 @@ def train(cfg, resume=None, overwrite=False):
     work_dir = resolved_work_dir(cfg)
     resume = resume or cfg.resume
     state = process_state()
+    cfg = resolve_seed(cfg, state)  # one seed for every rank, recorded in recipe.json
     with WorkDirLock(work_dir, is_main=state.is_main_process):  # one run per work dir
         with state.main_process_first():  # the main process cleans, downloads and converts first
             if state.is_main_process:
@@ -112,7 +113,7 @@ def train(cfg, resume=None, overwrite=False):
 
             # The model: backbone weights from init_cfg, then whole-model weights from load_from;
             # the recipe's seed makes its initialisation repeatable.
-            set_seed(resolve_seed(cfg))
+            set_seed(cfg.randomness.seed)
             model = build_model(cfg.model, cfg.data_preprocessor, id2label, load_from=cfg.load_from)
 
         # TrainingArguments and the Trainer.

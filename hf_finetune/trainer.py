@@ -191,8 +191,5 @@ class EvalMetrics:
 def topk_of(cfg, num_classes):
     """The k values to report: the evaluators' and the head's (mmcls' head declares top-1 and
     top-5), and how many ranked classes that needs (never more than there are classes)."""
-    ks = set()
-    for topk in [cfg.model.head.topk] + [e.topk for e in cfg.val_evaluator + cfg.test_evaluator]:
-        ks.update(topk if isinstance(topk, list) else [1] if topk is None else [topk])
-    ks = sorted(ks)
+    ks = cfg.topk()
     return ks, min(max(ks), num_classes)

@@ -4,6 +4,7 @@ Which key wins: the mmcls sections own their settings; `training_args` fields th
 them sets are refused by the config (config.OWNED_FIELDS), every other field passes through.
 """
 
+import dataclasses
 import logging
 import math
 import os
@@ -12,12 +13,13 @@ from dataclasses import dataclass
 
 import torch
 from accelerate import PartialState
-from accelerate.utils import get_int_from_env
+from accelerate.utils import broadcast_object_list, get_int_from_env
 from transformers import TrainingArguments, set_seed
 
 from . import logs
 from .config import report_to, resolved_work_dir, to_data
 from .errors import RecipeError, TrainingError
+from .metrics import metric_key
 from .trainer import EvalMetrics, FinetuneTrainer, topk_of
 
 logger = logging.getLogger("hf_finetune")
@@ -108,11 +110,14 @@ def check_integrations(report_to):
                               f"pip install {package}")
 
 
-def resolve_seed(cfg):
-    if cfg.randomness.seed is None:
-        # mmengine draws a seed when none is set; record it so the run can be repeated.
-        cfg.randomness.seed = random.SystemRandom().randrange(2**31)
-    return cfg.randomness.seed
+def resolve_seed(cfg, state):
+    """cfg with a seed: the recipe's, or, as mmengine does when none is set, one drawn by the
+    main process and sent to the others (its sync_random_seed), so every rank trains with it
+    and the saved recipe records it. Call it once per run, on every process."""
+    if cfg.randomness.seed is not None:
+        return cfg
+    seed = broadcast_object_list([random.SystemRandom().randrange(2**31)])[0]
+    return dataclasses.replace(cfg, randomness=dataclasses.replace(cfg.randomness, seed=seed))
 
 
 def transformers_log_level(cfg):
@@ -139,7 +144,7 @@ def build_training_args(cfg, plan, steps_per_epoch=1, validate=True):
         gradient_accumulation_steps=plan.accumulation,
         learning_rate=plan.lr,
         weight_decay=wrapper.optimizer.weight_decay,
-        seed=resolve_seed(cfg),
+        seed=cfg.randomness.seed,
         full_determinism=cfg.randomness.deterministic,
         remove_unused_columns=False,
         logging_steps=hooks.logger.interval,
@@ -167,13 +172,9 @@ def build_training_args(cfg, plan, steps_per_epoch=1, validate=True):
         args["num_train_epochs"] = train.max_epochs
     else:
         args["max_steps"] = train.max_iters
-    if checkpoint.save_best and evaluate:
-        best = checkpoint.save_best
-        if best == "auto":
-            best = "multilabel/mAP" if cfg.model.head.multi_label else "accuracy/top1"
-        # Our accuracy keys are accuracy_top1 ...; mmcls writes accuracy/top1.
-        args["metric_for_best_model"] = best.replace("accuracy/", "accuracy_")
-        args["greater_is_better"] = checkpoint.rule != "less"
+    best = cfg.best_metric() if evaluate else None
+    if best:
+        args["metric_for_best_model"], args["greater_is_better"] = metric_key(best[0]), best[1] == "greater"
     if wrapper.type == "AmpOptimWrapper":
         if wrapper.dtype in ("bfloat16", "bf16"):
             args["bf16"] = True
@@ -216,11 +217,8 @@ def evaluation_metrics(cfg, num_classes):
     if cfg.model.head.multi_label:
         from .metrics import MultiLabelMetrics, multilabel_scores
 
-        evaluator = next((e for e in cfg.val_evaluator if e.type == "MultiLabelMetric"), None)
-        thr = evaluator.thr if evaluator and evaluator.thr is not None else cfg.model.head.thr
-        topk = evaluator.topk if evaluator else None
-        topk = topk[0] if isinstance(topk, list) else topk
-        return MultiLabelMetrics(thr=0.5 if thr is None and topk is None else thr, topk=topk), multilabel_scores
+        thr, topk = cfg.multi_label_decision()
+        return MultiLabelMetrics(thr=thr, topk=topk), multilabel_scores
 
     topk, rank_k = topk_of(cfg, num_classes)
 
@@ -239,8 +237,9 @@ def build_trainer(cfg, datasets=None, model=None, callbacks=None):
     from .models import build_model
 
     state = process_state()
+    cfg = resolve_seed(cfg, state)
     plan = plan_batches(cfg, state.num_processes)
-    set_seed(resolve_seed(cfg))  # model initialisation and data order repeat per seed
+    set_seed(cfg.randomness.seed)  # model initialisation and data order repeat per seed
     # One process downloads and converts first; the others then read its cache.
     with state.main_process_first():
         if datasets is None:
@@ -271,8 +270,8 @@ def build_trainer(cfg, datasets=None, model=None, callbacks=None):
     if cfg.model.train_cfg.augments:
         from .augments import BatchAugments
 
-        batch_augments = BatchAugments(cfg.model.train_cfg.augments, model.config.num_labels,
-                                       cfg.model.train_cfg.probs, seed=args.seed, rank=args.process_index)
+        batch_augments = BatchAugments(cfg.model.train_cfg, model.config.num_labels, seed=args.seed,
+                                       rank=args.process_index)
         callbacks.append(batch_augments)
     trainer = FinetuneTrainer(
         model=model,

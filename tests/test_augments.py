@@ -11,6 +11,7 @@ from torch.nn import functional as F
 from transformers import TrainerControl, TrainerState
 
 from hf_finetune.augments import BatchAugments
+from hf_finetune.config import config_from_dict
 from hf_finetune.errors import RecipeError
 from hf_finetune.models import FinetuneResNetConfig
 from hf_finetune.models.modeling_finetune_resnet import classification_loss
@@ -19,6 +20,16 @@ N, K = 8, 10
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def recipe(augments, probs=None, head=None):
+    return {"model": {"head": head or {"num_classes": K}, "train_cfg": {"augments": augments, "probs": probs}}}
+
+
+def batch_augments(augments, probs=None, seed=0, rank=0):
+    """BatchAugments from the recipe's model.train_cfg, checked by the config as in a run."""
+    train_cfg = config_from_dict(recipe(augments, probs)).model.train_cfg
+    return BatchAugments(train_cfg, K, seed=seed, rank=rank)
 
 
 def batch(dtype=torch.float32, size=16, seed=0):
@@ -51,7 +62,7 @@ def beta_cdf(x, alpha):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.uint8])
 def test_mixup_blends_each_image_with_its_partner_by_the_target_weights(dtype):
-    augments = BatchAugments([{"type": "Mixup", "alpha": 0.8}], K, seed=1)
+    augments = batch_augments([{"type": "Mixup", "alpha": 0.8}], seed=1)
     images, labels = batch(dtype)
     mixed, targets = augments(images, labels)
     assert mixed.dtype == dtype and mixed.shape == images.shape
@@ -67,7 +78,7 @@ def test_mixup_blends_each_image_with_its_partner_by_the_target_weights(dtype):
 
 def test_mixup_lambda_follows_beta_alpha_alpha():
     alpha = 0.8
-    augments = BatchAugments([{"type": "Mixup", "alpha": alpha}], K, seed=3)
+    augments = batch_augments([{"type": "Mixup", "alpha": alpha}], seed=3)
     images, labels = batch(size=2)
     lams = []
     for _ in range(3000):
@@ -81,7 +92,7 @@ def test_mixup_lambda_follows_beta_alpha_alpha():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.uint8])
 def test_cutmix_pastes_one_box_whose_area_is_the_partner_weight(dtype):
-    augments = BatchAugments([{"type": "CutMix", "alpha": 1.0}], K, seed=5)
+    augments = batch_augments([{"type": "CutMix", "alpha": 1.0}], seed=5)
     images, labels = batch(dtype, size=32)
     for _ in range(20):
         mixed, targets = augments(images, labels)
@@ -101,8 +112,7 @@ def test_cutmix_pastes_one_box_whose_area_is_the_partner_weight(dtype):
 
 
 def test_cutmix_minmax_draws_box_sides_in_range():
-    augments = BatchAugments([{"type": "CutMix", "alpha": 1.0, "cutmix_minmax": [0.25, 0.5]}], K,
-                             seed=2)
+    augments = batch_augments([{"type": "CutMix", "alpha": 1.0, "cutmix_minmax": [0.25, 0.5]}], seed=2)
     images, labels = batch(size=40)
     sides = set()
     for _ in range(200):
@@ -116,8 +126,8 @@ def test_cutmix_minmax_draws_box_sides_in_range():
 
 
 def test_one_augment_per_batch_by_probs_and_none_for_the_rest():
-    augments = BatchAugments([{"type": "Mixup", "alpha": 1.0}, {"type": "CutMix", "alpha": 1.0}],
-                             K, probs=[0.3, 0.0], seed=0)
+    augments = batch_augments([{"type": "Mixup", "alpha": 1.0}, {"type": "CutMix", "alpha": 1.0}],
+                             probs=[0.3, 0.0], seed=0)
     images, labels = batch()
     mixup = plain = 0
     for _ in range(1000):
@@ -134,17 +144,17 @@ def test_one_augment_per_batch_by_probs_and_none_for_the_rest():
 def test_same_seed_same_batches_and_resume_by_batch_count():
     config = [{"type": "Mixup", "alpha": 0.8}, {"type": "CutMix", "alpha": 1.0}]
     images, labels = batch()
-    first, second = BatchAugments(config, K, seed=7), BatchAugments(config, K, seed=7)
+    first, second = batch_augments(config, seed=7), batch_augments(config, seed=7)
     runs = [[first(images, labels) for _ in range(5)], [second(images, labels) for _ in range(5)]]
     for (a, ta), (b, tb) in zip(*runs):
         assert torch.equal(a, b) and torch.equal(ta, tb)
     # Resumed at update 1 with 3 batches per update: the next batch is the fourth.
-    resumed = BatchAugments(config, K, seed=7)
+    resumed = batch_augments(config, seed=7)
     resumed.on_train_begin(SimpleNamespace(gradient_accumulation_steps=3), TrainerState(global_step=1),
                            TrainerControl())
     assert torch.equal(resumed(images, labels)[1], runs[0][3][1])
-    other_seed = BatchAugments(config, K, seed=8)
-    other_rank = BatchAugments(config, K, seed=7, rank=1)
+    other_seed = batch_augments(config, seed=8)
+    other_rank = batch_augments(config, seed=7, rank=1)
     for augments in (other_seed, other_rank):
         draws = [augments(images, labels)[1] for _ in range(5)]
         assert any(not torch.equal(d, t) for d, (_, t) in zip(draws, runs[0]))
@@ -178,10 +188,19 @@ def test_model_loss_on_mixed_targets_smooths_the_one_hots_before_mixing():
     ([{"type": "Mixup", "alpha": 1.0}, {"type": "CutMix", "alpha": 1.0}], [0.7, 0.5],
      "model.train_cfg.probs"),
     ([{"type": "Mixup", "alpha": 1.0}], [0.5, 0.5], "model.train_cfg.probs"),
-    ([], None, "model.train_cfg.augments"),
+    ([], 0.5, "model.train_cfg.probs"),
+    ([5], None, "model.train_cfg.augments.0"),
 ])
 def test_invalid_augments_name_the_key(augments, probs, key):
     with pytest.raises(RecipeError) as error:
-        BatchAugments(augments, K, probs=probs)
+        config_from_dict(recipe(augments, probs))
     message = str(error.value)
-    assert message.startswith(f"{key}:") and "\n" not in message
+    assert message.startswith(f"recipe: {key}:") and "\n" not in message
+
+
+def test_batch_augments_need_a_single_label_head():
+    with pytest.raises(RecipeError, match=r"^recipe: model\.train_cfg\.augments: Mixup / CutMix need a single"):
+        config_from_dict({**recipe([{"type": "Mixup", "alpha": 1.0}],
+                                   head={"type": "MultiLabelLinearClsHead", "num_classes": K}),
+                          "val_evaluator": {"type": "MultiLabelMetric"},
+                          "test_evaluator": {"type": "MultiLabelMetric"}})

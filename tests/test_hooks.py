@@ -1,9 +1,10 @@
 """EMAHook and EarlyStoppingHook: update rule and stop decisions against hand computations,
-and both inside a real Trainer (evaluation and checkpoints on the averaged weights, exact
-resume). Also layer-wise LR decay, the optimizer side of the same fine-tune configs."""
+both inside a real Trainer (evaluation and checkpoints on the averaged weights, exact
+resume), and the recipe's custom_hooks checked by the config."""
 
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,13 +14,29 @@ from torch import nn
 from torch.nn import functional as F
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from hf_finetune.config import EMAHookCfg, config_from_dict
 from hf_finetune.errors import RecipeError
 from hf_finetune.hooks import EMA_STATE_NAME, EarlyStoppingHook, EMAHook, build_custom_hooks
-from hf_finetune.layer_decay import layer_decay_param_groups
-from hf_finetune.models import FinetuneResNetConfig, FinetuneResNetForImageClassification
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+VAL = {"batch_size": 4, "dataset": {"type": "SyntheticCIFAR10", "num_samples": 8,
+                                    "pipeline": [{"type": "PackClsInputs"}]}}
+
+
+def recipe(custom_hooks, **sections):
+    return {"model": {"head": {"num_classes": 10}}, "val_dataloader": VAL, "custom_hooks": custom_hooks,
+            **sections}
+
+
+def hooks(custom_hooks, **sections):
+    """The recipe's custom_hooks as the run builds them: checked by the config, then built."""
+    return build_custom_hooks(config_from_dict(recipe(custom_hooks, **sections)).custom_hooks)
+
+
+def ema(**args):
+    return EMAHook(EMAHookCfg(**args))
 
 
 class Tiny(nn.Module):
@@ -63,7 +80,7 @@ def set_weights(model, value):
 
 
 def test_ema_follows_mmengine_update_rule_with_interval():
-    model, hook = Tiny(), EMAHook(momentum=0.1, interval=2)
+    model, hook = Tiny(), ema(momentum=0.1, interval=2)
     hook.on_train_begin(None, TrainerState(), TrainerControl(), model=model)
     expected = None
     for t, value in enumerate([1.0, 2.0, 4.0, 8.0, 16.0, 32.0], start=1):
@@ -80,7 +97,7 @@ def test_ema_follows_mmengine_update_rule_with_interval():
 
 
 def test_ema_update_buffers_averages_float_buffers_too():
-    model, hook = Tiny(), EMAHook(momentum=0.5, update_buffers=True)
+    model, hook = Tiny(), ema(momentum=0.5, update_buffers=True)
     hook.on_train_begin(None, TrainerState(), TrainerControl(), model=model)
     for t, value in enumerate([2.0, 4.0], start=1):
         set_weights(model, value)
@@ -89,7 +106,7 @@ def test_ema_update_buffers_averages_float_buffers_too():
 
 
 def test_ema_follows_the_weights_until_begin_iter():
-    model, hook = Tiny(), EMAHook(momentum=0.5, begin_iter=3)
+    model, hook = Tiny(), ema(momentum=0.5, begin_iter=3)
     hook.on_train_begin(None, TrainerState(), TrainerControl(), model=model)
     for t, value in enumerate([1.0, 2.0, 4.0, 8.0], start=1):
         set_weights(model, value)
@@ -101,7 +118,7 @@ def test_ema_follows_the_weights_until_begin_iter():
 
 
 def test_ema_begin_epoch_counts_epochs_from_one():
-    model, hook = Tiny(), EMAHook(momentum=0.5, begin_epoch=2)
+    model, hook = Tiny(), ema(momentum=0.5, begin_epoch=2)
     hook.on_train_begin(None, TrainerState(), TrainerControl(), model=model)
     for t, (epoch, value) in enumerate([(0.5, 1.0), (1.0, 2.0), (1.5, 4.0), (2.0, 8.0)], start=1):
         set_weights(model, value)
@@ -111,7 +128,7 @@ def test_ema_begin_epoch_counts_epochs_from_one():
 
 
 def test_swap_in_for_evaluation_and_back_before_the_next_step():
-    model, hook = Tiny(), EMAHook(momentum=0.5)
+    model, hook = Tiny(), ema(momentum=0.5)
     hook.on_train_begin(None, TrainerState(), TrainerControl(), model=model)
     set_weights(model, 2.0)
     step(hook, model, 1)
@@ -124,7 +141,7 @@ def test_swap_in_for_evaluation_and_back_before_the_next_step():
 
 
 def test_resume_without_ema_file_starts_from_checkpoint_weights(tmp_path, caplog):
-    model, hook = Tiny(), EMAHook()
+    model, hook = Tiny(), ema()
     set_weights(model, 5.0)
     hook.load_checkpoint(str(tmp_path), model)
     assert "no ema.safetensors" in caplog.text
@@ -182,8 +199,8 @@ def train(output_dir, callbacks, resume=None, max_steps=6):
 
 
 def test_trainer_evaluates_checkpoints_and_ends_on_ema_weights_and_resumes_exactly(tmp_path):
-    hand, ema = HandEMA(0.25), EMAHook(momentum=0.25)
-    trainer = train(tmp_path / "full", [hand, ema])
+    hand, averaged = HandEMA(0.25), ema(momentum=0.25)
+    trainer = train(tmp_path / "full", [hand, averaged])
     assert hand.evaluations == 3
     for step_ in (2, 4, 6):
         checkpoint = tmp_path / "full" / f"checkpoint-{step_}"
@@ -201,7 +218,7 @@ def test_trainer_evaluates_checkpoints_and_ends_on_ema_weights_and_resumes_exact
     trained = load_file(tmp_path / "full" / "checkpoint-6" / EMA_STATE_NAME)
     assert trained.keys() == final.keys()
 
-    resumed = train(tmp_path / "full", [EMAHook(momentum=0.25)],
+    resumed = train(tmp_path / "full", [ema(momentum=0.25)],
                     resume=str(tmp_path / "full" / "checkpoint-4"))
     for name, p in resumed.model.named_parameters():
         assert torch.equal(p, final[name]), name
@@ -210,157 +227,126 @@ def test_trainer_evaluates_checkpoints_and_ends_on_ema_weights_and_resumes_exact
         assert torch.equal(trained_again[name], tensor), name
 
 
+LOSS_STOPPER = [{"type": "EarlyStoppingHook", "monitor": "loss", "min_delta": 10.0, "patience": 2}]
+BEST_LOSS = {"default_hooks": {"checkpoint": {"save_best": "loss"}}}  # as train() sets it
+
+
 def test_early_stopping_stops_the_trainer_and_resumes_its_counters(tmp_path):
-    stopper = EarlyStoppingHook(monitor="loss", min_delta=10.0, patience=2)
-    trainer = train(tmp_path / "stop", [stopper], max_steps=12)
+    trainer = train(tmp_path / "stop", hooks(LOSS_STOPPER, **BEST_LOSS), max_steps=12)
     # Evaluations at 2 (the best), 4 and 6 (no 10-point improvement: patience reached).
     assert trainer.state.global_step == 6
-    # The counters were saved with the checkpoint and come back on resume.
-    saved = json.loads((tmp_path / "stop" / "checkpoint-2" / "trainer_state.json").read_text())
-    attributes = saved["stateful_callbacks"]["EarlyStoppingHook"]["attributes"]
-    assert attributes["wait_count"] == 0 and math.isfinite(attributes["best_score"])
-    resumed_hook = EarlyStoppingHook(monitor="loss", min_delta=10.0, patience=2)
-    resumed = train(tmp_path / "stop", [resumed_hook], resume=str(tmp_path / "stop" / "checkpoint-2"),
-                    max_steps=12)
+    # The counter was saved with the checkpoint and comes back on resume.
+    saved = json.loads((tmp_path / "stop" / "checkpoint-4" / "trainer_state.json").read_text())
+    state = saved["stateful_callbacks"]["EarlyStoppingHook"]
+    assert state["attributes"]["early_stopping_patience_counter"] == 1
+    assert state["args"]["early_stopping_threshold"] == 10.0 and state["args"]["key"] == "custom_hooks.0"
+    resumed = train(tmp_path / "stop", hooks(LOSS_STOPPER, **BEST_LOSS),
+                    resume=str(tmp_path / "stop" / "checkpoint-4"), max_steps=12)
     assert resumed.state.global_step == 6  # a fresh counter would have stopped at 8
 
 
 # --- early stopping decisions --------------------------------------------------------------
 
 
-def evaluate(hook, metrics):
-    control = TrainerControl()
-    hook.on_evaluate(None, TrainerState(global_step=1), control, metrics=metrics)
-    return control.should_training_stop
+def evaluations(hook, values, metric="accuracy_top1", greater=True):
+    """Stop decisions for a series of evaluations during training, the Trainer's best value of
+    metric_for_best_model updated after each as the Trainer does."""
+    args = SimpleNamespace(metric_for_best_model=metric, greater_is_better=greater)
+    state = TrainerState(global_step=1)
+    hook.on_train_begin(args, state, TrainerControl())
+    stops = []
+    for value in values:
+        control = TrainerControl()
+        hook.on_evaluate(args, state, control, metrics={f"eval_{metric}": value})
+        stops.append(control.should_training_stop)
+        if state.best_metric is None or (value > state.best_metric if greater else value < state.best_metric):
+            state.best_metric = value
+    return stops
 
 
-def test_early_stopping_decision_sequence_greater():
-    hook = EarlyStoppingHook(monitor="accuracy/top1", min_delta=0.5, patience=2)
-    hook.on_train_begin(None, None, None)
+def stopper(**args):
+    (hook,) = hooks([{"type": "EarlyStoppingHook", **args}],
+                    default_hooks={"checkpoint": {"save_best": args["monitor"]}})
+    return hook
+
+
+def test_early_stopping_decision_sequence_greater_min_delta_in_percent():
+    hook = stopper(monitor="accuracy/top1", min_delta=0.5, patience=2)
     accuracies = [0.70, 0.703, 0.71, 0.712, 0.714]  # percent: 70, 70.3, 71, 71.2, 71.4
-    stops = [evaluate(hook, {"eval_accuracy_top1": a}) for a in accuracies]
-    # 70 best; 70.3 < 70.5 waits; 71 best; 71.2 waits; 71.4 < 71.5 waits twice -> stop
-    assert stops == [False, False, False, False, True]
-    assert hook.best_score == pytest.approx(71.0)
+    # 70 best; 70.3 waits; 71 beats 70.3 by 0.7; 71.2 waits; 71.4 beats 71.2 by 0.2 only: stop
+    assert evaluations(hook, accuracies) == [False, False, False, False, True]
+    # Each evaluation is compared with the best so far (transformers' rule): small steps wait.
+    creeping = stopper(monitor="accuracy/top1", min_delta=0.5, patience=3)
+    assert evaluations(creeping, [0.70, 0.704, 0.708, 0.712]) == [False, False, False, True]
 
 
 def test_early_stopping_less_threshold_and_non_finite():
-    hook = EarlyStoppingHook(monitor="loss", min_delta=0.0, patience=3, stopping_threshold=0.2)
-    hook.on_train_begin(None, None, None)
-    assert [evaluate(hook, {"eval_loss": v}) for v in (1.0, 0.5, 0.5, 0.19)] == [False] * 3 + [True]
-    nan_hook = EarlyStoppingHook(monitor="loss", patience=3)
-    nan_hook.on_train_begin(None, None, None)
-    assert evaluate(nan_hook, {"eval_loss": float("nan")})
-    nan_hook.check_finite = False
-    assert not evaluate(nan_hook, {"eval_loss": float("nan")})
+    hook = stopper(monitor="loss", rule="less", min_delta=0.0, patience=3, stopping_threshold=0.2)
+    assert evaluations(hook, [1.0, 0.5, 0.5, 0.19], "loss", greater=False) == [False] * 3 + [True]
+    nan_hook = stopper(monitor="loss", patience=3)
+    assert evaluations(nan_hook, [1.0, float("nan")], "loss", greater=False) == [False, True]
+    lenient = stopper(monitor="loss", patience=3, check_finite=False)
+    assert evaluations(lenient, [1.0, float("nan")], "loss", greater=False) == [False, False]
 
 
-def test_early_stopping_ignores_evaluations_outside_training_and_missing_metrics():
-    hook = EarlyStoppingHook(monitor="accuracy/top1", patience=1)
-    assert not evaluate(hook, {"eval_accuracy_top1": 0.5})  # before training
-    hook.on_train_begin(None, None, None)
-    assert not evaluate(hook, {"test_accuracy_top1": 0.5}) and hook.wait_count == 0
-    strict = EarlyStoppingHook(monitor="accuracy/top1", strict=True, key="custom_hooks.1")
-    strict.on_train_begin(None, None, None)
-    with pytest.raises(RecipeError, match=r"^custom_hooks\.1\.monitor: 'accuracy/top1' is not"):
-        evaluate(strict, {"eval_loss": 1.0})
+def test_early_stopping_ignores_evaluations_outside_training_and_names_a_missing_metric():
+    hook = stopper(monitor="accuracy/top1", patience=1)
+    args = SimpleNamespace(metric_for_best_model="accuracy_top1", greater_is_better=True)
+    control = TrainerControl()
+    hook.on_evaluate(args, TrainerState(), control, metrics={"test_accuracy_top1": 0.5})  # before training
+    hook.on_train_begin(args, TrainerState(), control)
+    with pytest.raises(RecipeError, match=r"^custom_hooks\.0\.monitor: 'eval_accuracy_top1' is not"):
+        hook.on_evaluate(args, TrainerState(), control, metrics={"eval_loss": 1.0})
+    hook.on_train_end(args, TrainerState(), control)
+    hook.on_evaluate(args, TrainerState(), control, metrics={"test_accuracy_top1": 0.5})  # the test split
+    assert not control.should_training_stop and hook.early_stopping_patience_counter == 0
 
 
 # --- recipe validation ---------------------------------------------------------------------
 
 
-def test_build_custom_hooks_accepts_mmpretrain_configs():
-    hooks = build_custom_hooks([
+def test_custom_hooks_take_mmpretrain_configs():
+    ema_hook, early = hooks([
         {"type": "EMAHook", "momentum": 1e-4, "priority": "ABOVE_NORMAL"},
         {"type": "EarlyStoppingHook", "monitor": "accuracy/top1", "patience": 3},
     ])
-    assert isinstance(hooks[0], EMAHook) and hooks[0].momentum == 1e-4
-    assert isinstance(hooks[1], EarlyStoppingHook) and hooks[1].rule == "greater"
-    assert build_custom_hooks(None) == []
+    assert isinstance(ema_hook, EMAHook) and ema_hook.momentum == 1e-4
+    assert isinstance(early, EarlyStoppingHook) and early.early_stopping_patience == 3
+    assert early.early_stopping_threshold == pytest.approx(0.001)  # mmengine's 0.1, in percent
+    assert early.check_finite and hooks([]) == []
 
 
-@pytest.mark.parametrize("config, key", [
-    ([{"type": "EMAHok"}], "custom_hooks.0.type"),
-    ([{"type": "EMAHook", "momentum": 1.5}], "custom_hooks.0.momentum"),
-    ([{"type": "EMAHook", "interval": 0}], "custom_hooks.0.interval"),
-    ([{"type": "EMAHook", "momentun": 0.1}], "custom_hooks.0.momentun"),
-    ([{"type": "EMAHook", "priority": "ABOVE"}], "custom_hooks.0.priority"),
-    ([{"type": "EMAHook"}, {"type": "EMAHook"}], "custom_hooks.1.type"),
-    ([{"type": "EarlyStoppingHook"}], "custom_hooks.0.monitor"),
-    ([{"type": "EarlyStoppingHook", "monitor": "f1_macro"}], "custom_hooks.0.rule"),
-    ([{"type": "EarlyStoppingHook", "monitor": "loss", "patience": -1}], "custom_hooks.0.patience"),
-    ([{"type": "EMAHook", "update_buffers": 1}], "custom_hooks.0.update_buffers"),
-    ([{"type": "EarlyStoppingHook", "monitor": "loss", "check_finite": "yes"}], "custom_hooks.0.check_finite"),
-    ({"type": "EMAHook"}, "custom_hooks"),
+@pytest.mark.parametrize("custom_hooks, key, sections", [
+    ([{"type": "EMAHok"}], "custom_hooks.0.type", {}),
+    ([{"type": "EMAHook", "momentum": 1.5}], "custom_hooks.0.momentum", {}),
+    ([{"type": "EMAHook", "interval": 0}], "custom_hooks.0.interval", {}),
+    ([{"type": "EMAHook", "momentun": 0.1}], "custom_hooks.0.momentun", {}),
+    ([{"type": "EMAHook", "priority": "ABOVE"}], "custom_hooks.0.priority", {}),
+    ([{"type": "EMAHook"}, {"type": "EMAHook"}], "custom_hooks.1.type", {}),
+    ([{"type": "EMAHook", "begin_iter": 5, "begin_epoch": 1}], "custom_hooks.0.begin_epoch", {}),
+    ([{"type": "EMAHook", "ema_type": "StochasticWeightAverage"}], "custom_hooks.0.ema_type", {}),
+    ([{"type": "EMAHook", "update_buffers": 1}], "custom_hooks.0.update_buffers", {}),
+    ([{"type": "EarlyStoppingHook"}], "custom_hooks.0.monitor", {}),
+    ([{"type": "EarlyStoppingHook", "monitor": "f1_macro"}], "custom_hooks.0.rule", {}),
+    ([{"type": "EarlyStoppingHook", "monitor": "accuracy/top1", "patience": 0}], "custom_hooks.0.patience", {}),
+    ([{"type": "EarlyStoppingHook", "monitor": "accuracy/top1", "check_finite": "yes"}],
+     "custom_hooks.0.check_finite", {}),
+    ([{"type": "EarlyStoppingHook", "monitor": "accuracy/top1", "strict": False}], "custom_hooks.0.strict", {}),
+    # transformers' EarlyStoppingCallback watches the best-checkpoint metric, in its direction.
+    ([{"type": "EarlyStoppingHook", "monitor": "loss"}], "custom_hooks.0.monitor", {}),
+    ([{"type": "EarlyStoppingHook", "monitor": "accuracy/top1", "rule": "less"}], "custom_hooks.0.rule", {}),
+    ([{"type": "EarlyStoppingHook", "monitor": "loss"}], "default_hooks.checkpoint.save_best",
+     {"default_hooks": {"checkpoint": {"save_best": None}}}),
+    ([{"type": "EarlyStoppingHook", "monitor": "loss"}], "custom_hooks.0.type", {"val_dataloader": None}),
+    ([], "default_hooks.checkpoint.rule", {"default_hooks": {"checkpoint": {"save_best": "f1_macro"}}}),
 ])
-def test_invalid_hooks_name_the_key(config, key):
+def test_invalid_hooks_name_the_key(custom_hooks, key, sections):
     with pytest.raises(RecipeError) as error:
-        build_custom_hooks(config)
-    assert str(error.value).startswith(f"{key}:") and "\n" not in str(error.value)
+        config_from_dict(recipe(custom_hooks, **sections))
+    assert str(error.value).startswith(f"recipe: {key}:") and "\n" not in str(error.value)
 
 
-# --- layer-wise LR decay (the optimizer side of mmpretrain's fine-tune configs) -------------
-
-
-def resnet(depth, frozen_stages=-1):
-    return FinetuneResNetForImageClassification(
-        FinetuneResNetConfig(depth=depth, num_labels=10, frozen_stages=frozen_stages))
-
-
-def mmpretrain_layer(name, blocks_per_layer):
-    """mmpretrain ResNet.get_layer_depth, written out: stem 0, stage 1 -> 1, stages 2 and 3
-    in groups of blocks, stage 4 -> 6, head -> 7 (ResNet-50 and the ResNet-18 extension)."""
-    if name.startswith("head."):
-        return 7
-    if not name.startswith("backbone.encoder.stages."):
-        return 0
-    stage, block = (int(v) for v in name.split(".")[3:6:2])
-    per2, per3 = blocks_per_layer
-    return {0: 1, 1: 2 + block // per2, 2: 4 + block // per3, 3: 6}[stage]
-
-
-@pytest.mark.parametrize("depth, blocks_per_layer", [(50, (2, 3)), (18, (1, 1))])
-def test_layer_decay_lr_per_parameter_follows_the_formula(depth, blocks_per_layer):
-    model = resnet(depth)
-    groups = layer_decay_param_groups(model, base_lr=0.1, weight_decay=0.05, layer_decay_rate=0.5)
-    group_of = {id(p): g for g in groups for p in g["params"]}
-    names = dict(model.named_parameters())
-    assert len(group_of) == len(names)
-    layers = set()
-    for name, param in names.items():
-        layer = mmpretrain_layer(name, blocks_per_layer)
-        layers.add(layer)
-        assert group_of[id(param)]["layer_id"] == layer, name
-        assert group_of[id(param)]["lr"] == pytest.approx(0.1 * 0.5 ** (8 - 1 - layer)), name
-        assert group_of[id(param)]["weight_decay"] == 0.05
-    assert layers == set(range(8))
-
-
-def test_layer_decay_skips_frozen_stages_and_applies_decay_mults():
-    model = resnet(18, frozen_stages=2)
-    groups = layer_decay_param_groups(
-        model, base_lr=1.0, weight_decay=0.1, layer_decay_rate=0.9, norm_decay_mult=0.0,
-        bias_decay_mult=0.0, custom_keys={"head.fc": {"decay_mult": 0.5}})
-    in_groups = {id(p) for g in groups for p in g["params"]}
-    for name, param in model.named_parameters():
-        assert (id(param) in in_groups) == param.requires_grad, name
-    assert min(g["layer_id"] for g in groups) == 4  # stem and stages 1, 2 frozen
-    decay = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
-    params = dict(model.named_parameters())
-    assert decay[id(params["head.fc.bias"])] == pytest.approx(0.05)  # custom key first
-    assert decay[id(params["head.fc.weight"])] == pytest.approx(0.05)
-    stage4 = "backbone.encoder.stages.3.layers.0.layer.0."
-    assert decay[id(params[stage4 + "normalization.weight"])] == 0.0
-    assert decay[id(params[stage4 + "convolution.weight"])] == pytest.approx(0.1)
-
-
-@pytest.mark.parametrize("kwargs, key", [
-    ({"layer_decay_rate": 0}, "optim_wrapper.paramwise_cfg.layer_decay_rate"),
-    ({"layer_decay_rate": 0.7, "custom_keys": {"head": {"lr_mult": 10}}},
-     "optim_wrapper.paramwise_cfg.custom_keys.head"),
-    ({"layer_decay_rate": 0.7, "norm_decay_mult": -1}, "optim_wrapper.paramwise_cfg.norm_decay_mult"),
-])
-def test_layer_decay_errors_name_the_key(kwargs, key):
-    with pytest.raises(RecipeError) as error:
-        layer_decay_param_groups(Tiny(), base_lr=0.1, weight_decay=0.0, **kwargs)
-    assert str(error.value).startswith(f"{key}:")
+def test_best_checkpoint_rule_follows_the_metric_name():
+    cfg = config_from_dict(recipe([], default_hooks={"checkpoint": {"save_best": "loss"}}))
+    assert cfg.best_metric() == ("loss", "less")
+    assert config_from_dict(recipe([])).best_metric() == ("accuracy/top1", "greater")

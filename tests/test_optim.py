@@ -8,6 +8,7 @@ from torch import nn
 
 from hf_finetune.config import config_from_dict
 from hf_finetune.errors import RecipeError
+from hf_finetune.models import FinetuneResNetConfig, FinetuneResNetForImageClassification
 from hf_finetune.optim import build_lr_scheduler, build_optimizer
 from hf_finetune.training import BatchPlan, plan_batches, updates_per_epoch
 
@@ -181,3 +182,82 @@ def test_updates_per_epoch_matches_sharded_batches():
     assert updates_per_epoch(37, plan, drop_last=True) == 5  # 9 batches -> 5 on rank 0
     plan.accumulation = 2
     assert updates_per_epoch(37, plan) == 3
+
+
+# --- layer-wise LR decay (mmpretrain's fine-tune configs) -------------------------------------
+
+
+def resnet(depth, frozen_stages=-1):
+    return FinetuneResNetForImageClassification(
+        FinetuneResNetConfig(depth=depth, num_labels=10, frozen_stages=frozen_stages))
+
+
+def mmpretrain_layer(name, blocks_per_layer):
+    """mmpretrain ResNet.get_layer_depth, written out: stem 0, stage 1 -> 1, stages 2 and 3
+    in groups of blocks, stage 4 -> 6, head -> 7 (ResNet-50 and the ResNet-18 extension)."""
+    if name.startswith("head."):
+        return 7
+    if not name.startswith("backbone.encoder.stages."):
+        return 0
+    stage, block = (int(v) for v in name.split(".")[3:6:2])
+    per2, per3 = blocks_per_layer
+    return {0: 1, 1: 2 + block // per2, 2: 4 + block // per3, 3: 6}[stage]
+
+
+def layer_decay_recipe(rate, weight_decay, lr=0.1, **paramwise):
+    return {"optim_wrapper": {
+        "optimizer": {"type": "AdamW", "lr": lr, "weight_decay": weight_decay},
+        "constructor": "LearningRateDecayOptimWrapperConstructor",
+        "paramwise_cfg": {"layer_decay_rate": rate, **paramwise}}}
+
+
+def layer_decay_groups(model, *args, **kwargs):
+    return build_optimizer(model, config(layer_decay_recipe(*args, **kwargs)).optim_wrapper).param_groups
+
+
+@pytest.mark.parametrize("depth, blocks_per_layer", [(50, (2, 3)), (18, (1, 1))])
+def test_layer_decay_lr_per_parameter_follows_the_formula(depth, blocks_per_layer):
+    model = resnet(depth)
+    groups = layer_decay_groups(model, 0.5, 0.05)
+    group_of = {id(p): g for g in groups for p in g["params"]}
+    names = dict(model.named_parameters())
+    assert len(group_of) == len(names)
+    layers = set()
+    for name, param in names.items():
+        layer = mmpretrain_layer(name, blocks_per_layer)
+        layers.add(layer)
+        assert group_of[id(param)]["layer_id"] == layer, name
+        assert group_of[id(param)]["lr"] == pytest.approx(0.1 * 0.5 ** (8 - 1 - layer)), name
+        assert group_of[id(param)]["weight_decay"] == 0.05
+    assert layers == set(range(8)) and len(groups) == 8  # one group per layer
+
+
+def test_layer_decay_skips_frozen_stages_and_applies_decay_mults():
+    model = resnet(18, frozen_stages=2)
+    groups = layer_decay_groups(model, 0.9, 0.1, lr=1.0, norm_decay_mult=0.0, bias_decay_mult=0.0,
+                                custom_keys={"head.fc": {"decay_mult": 0.5}})
+    in_groups = {id(p) for g in groups for p in g["params"]}
+    for name, param in model.named_parameters():
+        assert (id(param) in in_groups) == param.requires_grad, name
+    assert min(g["layer_id"] for g in groups) == 4  # stem and stages 1, 2 frozen
+    decay = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    params = dict(model.named_parameters())
+    assert decay[id(params["head.fc.bias"])] == pytest.approx(0.05)  # custom key first
+    assert decay[id(params["head.fc.weight"])] == pytest.approx(0.05)
+    stage4 = "backbone.encoder.stages.3.layers.0.layer.0."
+    assert decay[id(params[stage4 + "normalization.weight"])] == 0.0
+    assert decay[id(params[stage4 + "convolution.weight"])] == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("recipe, key", [
+    (layer_decay_recipe(0, 0.0), "optim_wrapper.paramwise_cfg.layer_decay_rate"),
+    (layer_decay_recipe(0.7, 0.0, custom_keys={"head": {"lr_mult": 10}}),
+     "optim_wrapper.paramwise_cfg.custom_keys.head.lr_mult"),
+    (layer_decay_recipe(0.7, 0.0, norm_decay_mult=-1), "optim_wrapper.paramwise_cfg.norm_decay_mult"),
+    ({"optim_wrapper": {"optimizer": SGD, "paramwise_cfg": {"layer_decay_rate": 0.7}}},
+     "optim_wrapper.paramwise_cfg.layer_decay_rate"),
+])
+def test_layer_decay_errors_name_the_key(recipe, key):
+    with pytest.raises(RecipeError) as error:
+        config(recipe)
+    assert str(error.value).startswith(f"recipe: {key}:")

@@ -485,3 +485,104 @@ def test_run_py_works_as_a_script(tmp_path):
                           cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["model"]["head"]["num_classes"] == 10
+
+
+# --- values derived once, while parsing or once per run ---------------------------------------
+
+
+def test_the_loop_type_sets_by_epoch_while_parsing():
+    cfg = config_from_dict({**MODEL_BASE, "train_cfg": {"type": "IterBasedTrainLoop", "max_iters": 10}})
+    assert cfg.train_cfg.by_epoch is False and cfg.to_dict()["train_cfg"]["by_epoch"] is False
+    assert config_from_dict(MODEL_BASE).train_cfg.by_epoch is True
+    with pytest.raises(RecipeError, match=r"^recipe: train_cfg\.by_epoch: True contradicts type IterBased"):
+        config_from_dict({**MODEL_BASE, "train_cfg": {"type": "IterBasedTrainLoop", "by_epoch": True,
+                                                      "max_iters": 10}})
+
+
+@pytest.mark.parametrize("depth, width", [(18, 512), (34, 512), (50, 2048), (101, 2048)])
+def test_head_in_channels_is_the_backbones_width(depth, width):
+    from hf_finetune.models import FinetuneResNetConfig
+
+    assert FinetuneResNetConfig(depth=depth).feature_channels == width  # the model's, the one owner
+    head = {"num_classes": 10, "in_channels": width}
+    assert config_from_dict({"model": {"backbone": {"depth": depth}, "head": head}}).model.head.in_channels == width
+    wrong = 2560 - width
+    with pytest.raises(RecipeError, match=rf"model\.head\.in_channels: {wrong} does not match the backbone's "
+                                          rf"output \({width} channels\)"):
+        config_from_dict({"model": {"backbone": {"depth": depth}, "head": dict(head, in_channels=wrong)}})
+
+
+def test_pipeline_order_is_one_rule_for_recipes_and_build_pipeline():
+    from hf_finetune.data.transforms import build_pipeline
+
+    steps = [{"type": "PackClsInputs"}, {"type": "PackClsInputs"}]
+    rule = "step 0 is PackClsInputs, which must be the last step"
+    dataset = {"type": "SyntheticCIFAR10", "pipeline": steps}
+    with pytest.raises(RecipeError, match=f"^recipe: val_dataloader.dataset.pipeline: {rule}$"):
+        config_from_dict({**MODEL_BASE, "val_dataloader": {"batch_size": 2, "dataset": dataset}})
+    with pytest.raises(RecipeError, match=f"^pipeline: {rule}$"):
+        build_pipeline(steps)
+
+
+def test_topk_and_threshold_defaults_have_one_owner():
+    from hf_finetune.trainer import topk_of
+
+    cfg = config_from_dict({**MODEL_BASE, "val_evaluator": {"type": "Accuracy"},
+                            "test_evaluator": {"type": "Accuracy", "topk": 3}})
+    assert cfg.topk() == [1, 3, 5] and topk_of(cfg, 4) == ([1, 3, 5], 4)
+    multi = {"model": {"head": {"type": "MultiLabelLinearClsHead", "num_classes": 5}},
+             "val_evaluator": {"type": "MultiLabelMetric"}, "test_evaluator": {"type": "MultiLabelMetric"}}
+    assert config_from_dict(multi).multi_label_decision() == (0.5, None)
+    multi["val_evaluator"]["topk"] = 2
+    assert config_from_dict(multi).multi_label_decision() == (None, 2)
+
+
+def test_a_null_seed_is_drawn_once_and_handed_on_with_the_config():
+    from hf_finetune.training import process_state, resolve_seed
+
+    cfg = config_from_dict(MODEL_BASE)
+    resolved = resolve_seed(cfg, process_state())
+    assert cfg.randomness.seed is None  # the parsed config is not written into
+    assert isinstance(resolved.randomness.seed, int) and resolved.model is cfg.model
+    assert resolve_seed(resolved, process_state()) is resolved
+    assert resolved.to_dict()["randomness"]["seed"] == resolved.randomness.seed  # what recipe.json records
+
+
+SEED_PROBE = """
+from hf_finetune.config import config_from_dict
+from hf_finetune.training import process_state, resolve_seed
+print("seed", resolve_seed(config_from_dict({"model": {"head": {"num_classes": 10}}}), process_state()).randomness.seed)
+"""
+
+
+def test_a_drawn_seed_is_the_same_on_every_rank():
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, "-c", SEED_PROBE], env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    outputs = [proc.communicate(timeout=240) for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], outputs[0][1][-2000:]
+    seeds = [[line for line in out.splitlines() if line.startswith("seed ")] for out, _ in outputs]
+    assert len(seeds[0]) == 1 and seeds[0] == seeds[1]
+
+
+def test_a_run_without_seed_records_the_seed_it_drew(tmp_path, capsys, caplog):
+    data = {"type": "SyntheticCIFAR10", "num_samples": 8, "pipeline": [{"type": "PackClsInputs"}]}
+    recipe = write(tmp_path / "r.json", {
+        "_base_": [os.path.relpath(SMOKE, tmp_path)], "model": {"backbone": {"depth": 18}, "head": {"in_channels": 512}},
+        "train_dataloader": {"dataset": data}, "val_dataloader": None, "test_dataloader": None,
+        "train_cfg": {"max_epochs": 1, "total_batch_size": 8}, "randomness": {"seed": None}})
+    assert json.loads(_printed(recipe, capsys))["randomness"]["seed"] is None  # --print-recipe: as merged
+    work_dir = tmp_path / "w"
+    assert main([recipe, "--work-dir", str(work_dir)]) == 0
+    seed = json.loads((work_dir / "recipe.json").read_text())["randomness"]["seed"]
+    assert isinstance(seed, int) and f"seed {seed}" in caplog.text  # the seed the Trainer used
+
+
+def _printed(recipe, capsys):
+    assert main([recipe, "--print-recipe"]) == 0
+    return capsys.readouterr().out

@@ -9,11 +9,12 @@ import datasets
 import numpy as np
 
 from ..errors import DataError, RecipeError
+from ..recipe import did_you_mean, is_int
 from .decode import decode_image
 from .labels import label_layout, num_label_classes
 from .labels import label_names as feature_label_names
 from .sources import ACCEPTED_FORMATS, SourceLoader
-from .transforms import ROW_COLUMN, BatchTransform, _did_you_mean, _is_int
+from .transforms import ROW_COLUMN, BatchTransform
 
 DEFAULT_SPLITS = {"train": "train", "val": "test", "test": "test"}
 # Columns after building: every split names its images and labels alike, whatever the source.
@@ -125,7 +126,7 @@ def _check_columns(ds: datasets.Dataset, image_column: str, label_column: str, s
     found = ", ".join(f"{name} ({_describe_feature(f)})" for name, f in features.items())
     for column, what, key_name in ((image_column, "image", "image_column"), (label_column, "label", "label_column")):
         if column not in features:
-            raise DataError(f"{source} has no {what} column {column!r}{_did_you_mean(column, features)}; "
+            raise DataError(f"{source} has no {what} column {column!r}{did_you_mean(column, features)}; "
                             f"columns found: {found}. Set {key}.{key_name}")
     if not isinstance(features[image_column], datasets.Image):
         raise DataError(f"column {image_column!r} of {source} is {_describe_feature(features[image_column])}, "
@@ -190,14 +191,14 @@ def _subset(ds: datasets.Dataset, indices, key: str, source: str) -> datasets.Da
     if indices is None:
         return ds
     n = len(ds)
-    if _is_int(indices):
+    if is_int(indices):
         if not 1 <= indices <= n:
             raise RecipeError(f"{key}: expected 1..{n} (the first N of {n} images in {source}), got {indices}")
         return ds.select(range(indices))
     if isinstance(indices, (list, tuple)):
         if not indices:
             raise RecipeError(f"{key}: the index list is empty")
-        bad = [i for i in indices if not _is_int(i) or not 0 <= i < n]
+        bad = [i for i in indices if not is_int(i) or not 0 <= i < n]
         if bad:
             raise RecipeError(f"{key}: index {bad[0]!r} is not an int in 0..{n - 1} ({source} has {n} images)")
         return ds.select(list(indices))

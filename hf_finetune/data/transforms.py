@@ -24,32 +24,21 @@ Resize writes there directly, PackClsInputs copies whatever else the last step m
 
 from __future__ import annotations
 
-import difflib
 import math
-import numbers
 import warnings
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import RecipeError
+from ..recipe import did_you_mean as _did_you_mean
+from ..recipe import is_int as _is_int
+from ..recipe import is_number as _is_number
 from .decode import LazyImage
 from .labels import class_lists_to_multi_hot
 from .runtime import BatchDataError, output_buffer, pipeline_generator, undecodable_message
 
 ROW_COLUMN = "__row__"  # original row index within the split, for error messages
-
-
-def _did_you_mean(name, options) -> str:
-    name, options = str(name), [str(o) for o in options]
-    close = difflib.get_close_matches(name, options, n=1)
-    if not close:  # "probability" -> "prob": a shared prefix is a good hint too
-        close = [o for o in options if len(o) >= 3 and (name.startswith(o) or o.startswith(name))][:1]
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _size_pair(value, key: str) -> tuple[int, int]:
@@ -59,10 +48,6 @@ def _size_pair(value, key: str) -> tuple[int, int]:
     if isinstance(value, (list, tuple)) and len(value) == 2 and all(_is_int(v) and v >= 1 for v in value):
         return int(value[0]), int(value[1])
     raise RecipeError(f"{key}: expected a positive int or [height, width] of positive ints, got {value!r}")
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _choice(value, options, key: str) -> str:
@@ -1112,12 +1097,19 @@ def build_pipeline(config, key: str = "pipeline") -> list[PipelineStep]:
             raise RecipeError(f"{step_key}.type: unknown pipeline step {name!r}{_did_you_mean(name, PIPELINE_STEPS)}; "
                               f"known steps: {known}")
         steps.append(PIPELINE_STEPS[name].from_config(step_config, step_key))
-    if not steps or not isinstance(steps[-1], PackClsInputs):
-        raise RecipeError(f"{key}: the pipeline must end with {{\"type\": \"PackClsInputs\"}}")
-    for i, step in enumerate(steps[:-1]):
-        if isinstance(step, PackClsInputs):
-            raise RecipeError(f"{key}.{i}.type: PackClsInputs must be the last step")
+    problem = pipeline_order_problem([step_config["type"] for step_config in config])
+    if problem:
+        raise RecipeError(f"{key}: {problem}")
     return steps
+
+
+def pipeline_order_problem(step_types) -> str | None:
+    """What is wrong with the order of a pipeline's steps (their type names), or None:
+    PackClsInputs hands the batch to the model, so it comes last, once."""
+    if not step_types or step_types[-1] != "PackClsInputs":
+        return 'the pipeline must end with {"type": "PackClsInputs"}'
+    packs = [i for i, name in enumerate(step_types[:-1]) if name == "PackClsInputs"]
+    return f"step {packs[0]} is PackClsInputs, which must be the last step" if packs else None
 
 
 class BatchTransform:

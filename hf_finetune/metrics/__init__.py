@@ -1,6 +1,30 @@
 """Metrics shipped with the package, loadable offline as `evaluate` modules."""
 
 import os
+import re
+
+# Top-k accuracy is reported as accuracy_top{k} (the accuracy module writes these keys); mmpretrain,
+# and so recipes (save_best, EarlyStoppingHook.monitor) and mmengine-style logs, name it accuracy/top{k}.
+TOPK_PATTERN = r"accuracy_top(?P<k>\d+)"
+TOPK_KEY = re.compile(rf"^{TOPK_PATTERN}$")
+
+
+def metric_key(name: str) -> str:
+    """A recipe's (mmpretrain's) metric name -> the key our evaluation reports: accuracy/top1 ->
+    accuracy_top1; other names are the same."""
+    return name.replace("accuracy/top", "accuracy_top")
+
+
+def mmpretrain_name(key: str) -> str:
+    """Our metric key -> mmpretrain's name of it (accuracy_top1 -> accuracy/top1)."""
+    match = TOPK_KEY.match(key)
+    return f"accuracy/top{match['k']}" if match else key
+
+
+def in_percent(name: str) -> bool:
+    """Whether mmpretrain reports the metric in percent (ours are fractions): all but the loss."""
+    return metric_key(name) != "loss"
+
 
 ACCURACY_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "accuracy")
 MULTILABEL_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multilabel")

@@ -85,9 +85,8 @@ def load_saved_model(folder, key):
 
 
 def _plain(section):
-    from hf_finetune.config import to_data
-
-    return to_data(section) if dataclasses.is_dataclass(section) else section
+    # asdict, not config.to_data: the config imports this package (the backbone's width).
+    return dataclasses.asdict(section) if dataclasses.is_dataclass(section) else section
 
 
 __all__ = [
