@@ -261,6 +261,8 @@ class DataloaderCfg:
                                               "(default: when num_workers > 0)")
     pin_memory: Optional[bool] = knob(None, "page-locked batches (default: on CUDA)")
     prefetch_factor: Optional[int] = knob(None, "batches each worker loads ahead", min=1)
+    shared_slots: bool = knob(True, "workers hand batches over in reused shared-memory slots "
+                                    "(false: torch's usual transfer)")
     drop_last: bool = knob(False, "drop the last incomplete batch")
     sampler: SamplerCfg = knob(SamplerCfg, "order of the images")
     dataset: DatasetCfg = knob(REQUIRED, "the images", types=DATASET_TYPES)

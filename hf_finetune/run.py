@@ -124,8 +124,7 @@ def train(cfg, resume=None, overwrite=False):
             check_resume_compatible(checkpoint, trainer.model)
             logger.info("resuming from %s", checkpoint)
         with disk_full_guard(work_dir):
-            train_result = trainer.train(resume_from_checkpoint=checkpoint)
-        trainer.loss_guard.check()
+            train_result = trainer.train(resume_from_checkpoint=checkpoint)  # raises on a NaN loss
 
         # Evaluate each distinct split once, then save.
         results = {**train_result.metrics, **evaluate_splits(trainer, cfg, datasets)}

@@ -1,18 +1,20 @@
 """The Trainer subclass: whole-batch data loading, the recipe's optimizer and LR schedule,
 a NaN guard, throughput in the logs, and the evaluation metrics."""
 
-import math
 import time
 
 import torch
-from transformers import Trainer
+from torch.utils.data import DataLoader
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
 
 from .errors import TrainingError
 from .optim import build_lr_scheduler, build_optimizer
 
 
-class LossGuard:
-    """Remembers the first update whose loss was NaN/inf without a device sync per step."""
+class LossGuard(TrainerCallback):
+    """Remembers the first update whose loss was NaN/inf without a device sync per step, and
+    stops training before anything is logged, evaluated or checkpointed after it, and at its end."""
 
     def __init__(self):
         self.first_bad = None
@@ -34,35 +36,74 @@ class LossGuard:
                 f"optim_wrapper.clip_grad, or check the data."
             )
 
+    def on_step_end(self, args, state, control, **kwargs):
+        # DefaultFlowCallback, which runs first, has set what follows this update.
+        if control.should_log or control.should_evaluate or control.should_save or control.should_training_stop:
+            self.check()  # never a log line, metric or checkpoint of NaN weights
+
+    on_epoch_end = on_step_end
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.check()
+
+
+class ResumeCallbackFiles(TrainerCallback):
+    """Resuming: the callbacks that keep files beside a checkpoint's weights (EMAHook's
+    ema.safetensors: `load_checkpoint`) load them at on_train_begin, the first event after the
+    Trainer has loaded the weights and restored the callbacks' own state."""
+
+    def __init__(self, checkpoint, handler):
+        self.checkpoint = checkpoint
+        self.handler = handler  # the Trainer's CallbackHandler
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        for callback in self.handler.callbacks:
+            if hasattr(callback, "load_checkpoint"):
+                callback.load_checkpoint(self.checkpoint, model)
+
 
 class FinetuneTrainer(Trainer):
     """Trainer with whole-batch data loading, the recipe's optimizer and LR schedule.
 
-    cfg: the Config; plan: the BatchPlan; datasets: the DatasetDict, whose splits are loaded
-    as their dataloader sections say."""
+    cfg: the Config; plan: the BatchPlan; loaders: {split: DataloaderCfg}, how each split is
+    loaded ("train"; "test" for evaluate(metric_key_prefix="test"), "val" for other evaluations);
+    updates_per_epoch: optimizer updates per epoch, the LR schedule's epoch; batch_augments:
+    Mixup / CutMix (augments.BatchAugments), applied to training batches."""
 
-    def __init__(self, *args, cfg, plan, datasets, batch_augments=None, **kwargs):
+    def __init__(self, *args, cfg, plan, loaders, updates_per_epoch, batch_augments=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.cfg = cfg
         self.plan = plan
-        self.datasets = datasets
-        self.batch_augments = batch_augments  # Mixup / CutMix, applied to training batches
+        self.loaders = loaders
+        self.updates_per_epoch = updates_per_epoch
+        self.batch_augments = batch_augments
+        if batch_augments is not None:
+            self.add_callback(batch_augments)  # it counts batches from the update training starts at
         self.loss_guard = LossGuard()
+        self.add_callback(self.loss_guard)
+        # FLOPs per input value, counted once: the Trainer would count the parameters on every step.
+        self.flops_per_value = 6 * self.model.num_parameters(exclude_embeddings=True)
         self._window = None  # (time, samples) at the last log, for images/s
         self._eval_loaders = {}
 
-    def _section(self, dataset):
-        splits = self.cfg.dataloaders()
-        for split, ds in self.datasets.items():
-            if ds is dataset:
-                return splits[split]
-        return splits.get("val") or splits["test"]
+    def train(self, resume_from_checkpoint=None, **kwargs):
+        if resume_from_checkpoint is True:  # the Trainer's "latest checkpoint of output_dir"
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir) or True
+        restore = None
+        if isinstance(resume_from_checkpoint, str):
+            restore = ResumeCallbackFiles(resume_from_checkpoint, self.callback_handler)
+            self.add_callback(restore)
+        try:
+            return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        finally:
+            if restore is not None:
+                self.remove_callback(restore)
 
     # Data: the pipeline builds each batch tensor itself; the DataLoader only fetches it.
-    def _loader(self, dataset, batch_size, shuffle, drop_last, train=False):
+    def _loader(self, dataset, split, batch_size, shuffle, drop_last, train=False):
         from .data import build_dataloader  # datasets is imported only when data is needed
 
-        section = self._section(dataset)
+        section = self._section(split)
         loader = build_dataloader(
             dataset,
             batch_size,
@@ -74,27 +115,41 @@ class FinetuneTrainer(Trainer):
             prefetch_factor=section.prefetch_factor,
             seed=self.args.seed,
             drop_single=train,
+            shared_slots=section.shared_slots,
         )
         return self.accelerator.prepare(loader)
 
+    def _section(self, split):
+        return self.loaders.get(split) or self.loaders.get("val") or self.loaders["test"]
+
     def get_train_dataloader(self):
-        loader = self._loader(self.train_dataset, self.args.per_device_train_batch_size,
-                              self.cfg.train_dataloader.sampler.shuffle, self.args.dataloader_drop_last,
-                              train=True)
-        self.batches_per_epoch = len(loader)
-        return loader
+        return self._loader(self.train_dataset, "train", self.args.per_device_train_batch_size,
+                            self.cfg.train_dataloader.sampler.shuffle, self.args.dataloader_drop_last,
+                            train=True)
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+        # metric_key_prefix names the split ("test", or "eval": validation), so the loader follows
+        # that split's section; the Trainer evaluates the loader handed over (get_eval_dataloader).
+        split = "test" if metric_key_prefix == "test" else "val"
+        loader = self._eval_loader(self.eval_dataset if eval_dataset is None else eval_dataset, split)
+        return super().evaluate(loader, ignore_keys, metric_key_prefix)
 
     def get_eval_dataloader(self, eval_dataset=None):
-        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
-        if id(dataset) in self._eval_loaders:
-            return self._eval_loaders[id(dataset)]
-        loader = self._loader(dataset, self.args.per_device_eval_batch_size, False, False)
-        if self._section(dataset).keep_workers():
-            self._eval_loaders[id(dataset)] = loader
-        return loader
+        if isinstance(eval_dataset, DataLoader):
+            return eval_dataset
+        return self._eval_loader(self.eval_dataset if eval_dataset is None else eval_dataset, "val")
 
     def get_test_dataloader(self, test_dataset):
-        return self.get_eval_dataloader(test_dataset)
+        return self._eval_loader(test_dataset, "test")
+
+    def _eval_loader(self, dataset, split):
+        """One loader per split, kept while its workers are (each split evaluates one dataset)."""
+        if split in self._eval_loaders:
+            return self._eval_loaders[split]
+        loader = self._loader(dataset, split, self.args.per_device_eval_batch_size, False, False)
+        if self._section(split).keep_workers():
+            self._eval_loaders[split] = loader
+        return loader
 
     # Optimisation as the recipe says.
     def create_optimizer(self, model=None):
@@ -108,18 +163,10 @@ class FinetuneTrainer(Trainer):
             inputs = {**inputs, "pixel_values": pixel_values, "labels": targets}
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-        for callback in self.callback_handler.callbacks:
-            if hasattr(callback, "load_checkpoint"):  # EMAHook: the average and trained weights
-                callback.load_checkpoint(resume_from_checkpoint, model or self.model)
-
     def create_scheduler(self, num_training_steps, optimizer=None):
         if self.lr_scheduler is None:
-            batches = getattr(self, "batches_per_epoch", None) or len(self.get_train_dataloader())
-            per_epoch = max(math.ceil(batches / self.args.gradient_accumulation_steps), 1)
             self.lr_scheduler = build_lr_scheduler(
-                optimizer or self.optimizer, self.cfg.param_scheduler, per_epoch, num_training_steps
+                optimizer or self.optimizer, self.cfg.param_scheduler, self.updates_per_epoch, num_training_steps
             )
         return self.lr_scheduler
 
@@ -128,9 +175,11 @@ class FinetuneTrainer(Trainer):
         self.loss_guard.update(loss, self.state.global_step)
         return loss
 
+    # The one private Trainer method overridden: no public hook lets the Trainer skip the
+    # gradient norm it computes on every update only to log it. Checked on transformers 5.18
+    # and 5.24; tests/test_training.py fails when its signature or call changes.
     def _get_grad_norm(self, model, grad_norm=None):
-        # The Trainer computes the norm every update only to log it; without clipping, skip
-        # that pass over every gradient on the updates that do not log.
+        # Without clipping, skip that pass over every gradient on the updates that do not log.
         if grad_norm is None and not self._logs_next_update():
             return None
         return super()._get_grad_norm(model, grad_norm=grad_norm)
@@ -142,13 +191,9 @@ class FinetuneTrainer(Trainer):
             every and step % every == 0)
 
     def floating_point_ops(self, inputs):
-        # The Trainer would count the model's parameters again on every step.
-        if not hasattr(self, "_params_for_flops"):
-            self._params_for_flops = self.model.num_parameters(exclude_embeddings=True)
-        return 6 * inputs["pixel_values"].numel() * self._params_for_flops
+        return self.flops_per_value * inputs["pixel_values"].numel()
 
     def log(self, logs, start_time=None):
-        self.loss_guard.check()
         if "loss" in logs:
             now = time.perf_counter()
             seen = self.state.global_step * self.plan.total
@@ -156,10 +201,6 @@ class FinetuneTrainer(Trainer):
                 logs["images_per_sec"] = round((seen - self._window[1]) / (now - self._window[0]), 1)
             self._window = (now, seen)
         super().log(logs, start_time)
-
-    def _save_checkpoint(self, model, trial):
-        self.loss_guard.check()  # never write a checkpoint of NaN weights
-        super()._save_checkpoint(model, trial)
 
 
 class EvalMetrics:

@@ -262,7 +262,7 @@ def build_trainer(cfg, datasets=None, model=None, callbacks=None):
 
     metrics, scores = evaluation_metrics(cfg, model.config.num_labels)
 
-    # mmengine's custom_hooks and the batch augments run as Trainer callbacks.
+    # mmengine's custom_hooks run as Trainer callbacks.
     from .hooks import build_custom_hooks
 
     callbacks = list(callbacks or []) + build_custom_hooks(cfg.custom_hooks)
@@ -272,7 +272,6 @@ def build_trainer(cfg, datasets=None, model=None, callbacks=None):
 
         batch_augments = BatchAugments(cfg.model.train_cfg, model.config.num_labels, seed=args.seed,
                                        rank=args.process_index)
-        callbacks.append(batch_augments)
     trainer = FinetuneTrainer(
         model=model,
         args=args,
@@ -283,7 +282,8 @@ def build_trainer(cfg, datasets=None, model=None, callbacks=None):
         callbacks=callbacks,
         cfg=cfg,
         plan=plan,
-        datasets=datasets,
+        loaders=cfg.dataloaders(),
+        updates_per_epoch=steps,
         batch_augments=batch_augments,
     )
     logs.install(trainer, resolved_work_dir(cfg), dict_lines=cfg.log_level.lower() == "debug")

@@ -10,16 +10,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest
 
 
-@pytest.fixture(autouse=True)
-def fresh_pipeline_generator():
-    """Each test starts with the pipeline drawing from torch's global RNG: a DataLoader iterated
-    in-process by an earlier test leaves its epoch generator installed."""
-    from hf_finetune.data.runtime import set_pipeline_generator
-
-    set_pipeline_generator(None)
-    yield
-
-
 @pytest.fixture
 def one_thread():
     """Tiny tensors: thread start-up dominates and is slow on a busy machine."""

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from hf_finetune.data import build_dataloader, build_datasets
-from hf_finetune.data.ring import FREE, RECEIVED, BatchRing, _receive
+from hf_finetune.data.ring import FREE, RECEIVED, BatchRing, RingBatch, _receive
 from hf_finetune.data.transforms import _resize
 from test_data_pipeline import TRAIN_PIPELINE, random_images, synthetic_recipe
 
@@ -141,6 +141,37 @@ def test_resize_into_a_given_tensor_equals_interpolate(mode, backend, size):
     assert torch.equal(out.permute(0, 3, 1, 2), expected)
 
 
+@pytest.mark.parametrize("name", ["upsample_bilinear2d", "_upsample_bilinear2d_aa", "upsample_bicubic2d",
+                                  "_upsample_bicubic2d_aa"])
+def test_torchs_resize_kernels_with_out_keep_their_signature(name):
+    """transforms._resize writes into the slot through torch.ops.aten's `.out` overloads, which
+    are not a documented API: this fails when torch changes them."""
+    schema = getattr(torch.ops.aten, name).out._schema
+    assert [a.name for a in schema.arguments] == ["self", "output_size", "align_corners", "scales_h", "scales_w",
+                                                  "out"]
+    assert schema.arguments[-1].kwarg_only
+
+
+class _LostBatch(torch.utils.data.Dataset):
+    """A worker's batch whose ring the main process does not know."""
+
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, index):
+        return RingBatch("no such ring", 0, 1, (1, 2, 2, 3), torch.zeros(1, dtype=torch.int64).numpy())
+
+
+@pytest.mark.timeout(60)
+def test_a_batch_that_cannot_be_received_is_raised_in_the_training_loop():
+    """ring._receive hands a failure to torch's DataLoader as a torch._utils.ExceptionWrapper,
+    which torch re-raises in the loop (not in its pin-memory thread, which it would kill). Both
+    are torch internals: this fails when torch changes them."""
+    loader = torch.utils.data.DataLoader(_LostBatch(), batch_size=None, num_workers=1)
+    with pytest.raises(KeyError, match="in the main process, receiving a batch from a DataLoader worker"):
+        next(iter(loader))
+
+
 def _rows(*arrays):
     from hf_finetune.data.decode import encode_ppm
 
@@ -154,7 +185,6 @@ def test_every_path_of_the_transform_ends_in_the_lent_slot(first_step, sizes):
     """Photos of one size or several, a Resize that opens the images itself or one after another
     step: the batch a worker builds lies in the lent slot and arrives equal to the batch built
     without one. A slot too small for the batch: it travels as an ordinary batch."""
-    from hf_finetune.data.runtime import lending_output
     from hf_finetune.data.transforms import BatchTransform, build_pipeline
 
     batch = _rows(*(random_images(1, h, w, seed=i)[0] for i, (h, w) in enumerate(sizes)))
@@ -163,8 +193,7 @@ def test_every_path_of_the_transform_ends_in_the_lent_slot(first_step, sizes):
     expected = transform(batch)
     for slot_bytes, fits in ((3 * 24 * 24 * 3, True), (100, False)):
         ring = BatchRing(slots=1, slot_bytes=slot_bytes)
-        with lending_output(ring.lend):
-            built = transform(batch)
+        built = transform(batch, lend=ring.lend)
         sent = ring.send(built)
         ring.give_back()
         assert ring.holds(built["pixel_values"]) == fits

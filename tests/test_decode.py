@@ -174,3 +174,43 @@ def test_truncated_jpeg_in_the_lazy_path_is_one_line(photo):
                                         r"on_corrupt to \"skip\"") as info:
         transform(batch)
     assert "\n" not in str(info.value)
+
+
+# ---------------------------------------------------------------- the RGB PNG path without Image.open
+
+@pytest.mark.parametrize("height, width, smooth", [(1, 1, False), (32, 32, False), (17, 300, True), (200, 200, False)])
+def test_rgb_png_fast_path_equals_image_open(height, width, smooth):
+    """8-bit RGB PNGs (one IDAT chunk or several, each PNG row filter Pillow picks) decode
+    through Image.frombytes's zlib decoder to Image.open's pixels."""
+    from hf_finetune.data.decode import _decode_png_rgb8
+
+    rng = np.random.default_rng(height)
+    if smooth:
+        y, x = np.mgrid[0:height, 0:width]
+        rgb = np.stack([x % 256, (3 * y) % 256, (x + y) % 256], -1).astype(np.uint8)
+    else:
+        rgb = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    data = encoded(Image.fromarray(rgb))["bytes"]
+    if (height, width) == (200, 200):
+        assert data.count(b"IDAT") > 1
+    fast = _decode_png_rgb8(data)
+    assert fast is not None
+    np.testing.assert_array_equal(fast, rgb)
+    with Image.open(io.BytesIO(data)) as im:
+        np.testing.assert_array_equal(fast, np.asarray(im.convert("RGB")))
+
+
+@pytest.mark.parametrize("damage", ["cut", "scrambled"])
+def test_damaged_png_leaves_the_fast_path_for_pillows_error(damage):
+    from hf_finetune.data.decode import _decode_png_rgb8
+
+    rgb = np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8)
+    data = encoded(Image.fromarray(rgb))["bytes"]
+    start = data.index(b"IDAT") + 4
+    if damage == "cut":  # the file ends inside the image data
+        data = data[:len(data) // 2]
+    else:  # the image data's zlib stream is broken, its chunk intact
+        data = data[:start + 2] + bytes(200) + data[start + 202:]
+    assert _decode_png_rgb8(data) is None
+    with pytest.raises((OSError, ValueError, SyntaxError)):
+        decode_image({"bytes": data, "path": None})

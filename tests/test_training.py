@@ -243,7 +243,8 @@ def test_killed_mid_epoch_then_resume(tmp_path):
 
 def test_loader_workers_train_the_same_with_or_without_shared_slots(tmp_path, monkeypatch):
     """Two loader workers, a Resize at the end of the pipeline: batches handed over in shared
-    slots (the default) train exactly as batches sent torch's usual way."""
+    slots (the default) train exactly as batches sent torch's usual way
+    (train_dataloader.shared_slots=false, which makes no slots)."""
     from hf_finetune.data.ring import BatchRing
 
     made = []
@@ -253,17 +254,76 @@ def test_loader_workers_train_the_same_with_or_without_shared_slots(tmp_path, mo
         made.append(for_loader(cls, *args))
         return made[-1]
 
-    losses = {}
+    monkeypatch.setattr(BatchRing, "for_loader", classmethod(recording))
+    losses, rings = {}, {}
     for shared in (True, False):
-        monkeypatch.setattr(BatchRing, "for_loader", classmethod(recording if shared else lambda cls, *args: None))
         work_dir = str(tmp_path / f"shared_{shared}")
         pipeline = json.dumps(PIPE_TRAIN[:-1] + [{"type": "Resize", "scale": 40}, {"type": "PackClsInputs"}])
+        before = len(made)
         assert main([tiny_recipe(tmp_path), "--work-dir", work_dir, "--cfg-options", "train_cfg.max_epochs=1",
-                     "train_dataloader.num_workers=2", f"train_dataloader.dataset.pipeline={pipeline}"]) == 0
+                     "train_dataloader.num_workers=2", f"train_dataloader.shared_slots={str(shared).lower()}",
+                     f"train_dataloader.dataset.pipeline={pipeline}"]) == 0
+        rings[shared] = made[before:]
         history = read_json(os.path.join(work_dir, "trainer_state.json"))["log_history"]
         losses[shared] = [e["loss"] for e in history if "loss" in e]
-    assert made and made[0].memory[:40 * 40 * 3].any()  # the workers wrote the batches into the slots
+    assert rings[True] and rings[True][0].memory[:40 * 40 * 3].any()  # the workers wrote the batches into the slots
+    assert rings[False] == []
     assert len(losses[True]) == 6 and losses[True] == losses[False]
+
+
+def test_each_split_loads_as_its_section_says(tmp_path, monkeypatch):
+    """The train, val and test loaders follow their own dataloader sections: evaluate() with
+    metric_key_prefix "test" loads the test split as test_dataloader says, validation as
+    val_dataloader says."""
+    from hf_finetune import data
+    from hf_finetune.config import apply_overrides, load_config
+    from hf_finetune.training import build_trainer
+
+    built = []
+    real = data.build_dataloader
+
+    def recording(dataset, batch_size, **kwargs):
+        built.append((len(dataset), kwargs["num_workers"], kwargs["shared_slots"]))
+        return real(dataset, batch_size, **kwargs)
+
+    monkeypatch.setattr(data, "build_dataloader", recording)
+    cfg = apply_overrides(load_config(tiny_recipe(tmp_path), [
+        "val_dataloader.num_workers=1", "val_dataloader.shared_slots=false", "val_dataloader.persistent_workers=false",
+        "test_dataloader.dataset.num_samples=21"]), work_dir=str(tmp_path / "work"))
+    datasets = data.build_datasets(cfg)
+    trainer = build_trainer(cfg, datasets)
+    trainer.get_train_dataloader()
+    assert trainer.evaluate()["eval_num_samples"] == 37
+    assert trainer.evaluate(datasets["test"], metric_key_prefix="test")["test_num_samples"] == 21
+    assert built == [(48, 0, True), (37, 1, False), (21, 0, True)]
+
+
+def test_resume_restores_the_ema_average(tmp_path):
+    """EMAHook's average (ema.safetensors) comes back on --resume: the resumed run ends on the
+    same averaged weights as the run that was not interrupted."""
+    hooks = ["custom_hooks=[{\"type\": \"EMAHook\", \"momentum\": 0.1}]", "train_cfg.max_epochs=2",
+             "train_dataloader.dataset.num_samples=24"]
+    full = str(tmp_path / "full")
+    assert main([tiny_recipe(tmp_path), "--work-dir", full, "--cfg-options", *hooks]) == 0
+    resumed = str(tmp_path / "resumed")
+    shutil.copytree(os.path.join(full, "checkpoint-3"), os.path.join(resumed, "checkpoint-3"))
+    assert main([tiny_recipe(tmp_path), "--work-dir", resumed, "--resume", "--cfg-options", *hooks]) == 0
+    expected = load_file(os.path.join(full, "model.safetensors"))
+    again = load_file(os.path.join(resumed, "model.safetensors"))
+    assert all(torch.equal(again[name], tensor) for name, tensor in expected.items())
+
+
+def test_the_private_trainer_method_overridden_is_unchanged():
+    """FinetuneTrainer overrides Trainer._get_grad_norm, which is private (no public hook skips
+    the norm computed only for the logs): this fails when transformers changes it."""
+    import inspect
+
+    import transformers.trainer
+    from transformers import Trainer
+
+    assert list(inspect.signature(Trainer._get_grad_norm).parameters) == ["self", "model", "grad_norm"]
+    source = inspect.getsource(transformers.trainer)
+    assert "grad_norm = None\n" in source and "grad_norm = self._get_grad_norm(model, grad_norm=grad_norm)" in source
 
 
 def test_speed_knobs_bf16_and_channels_last_run_on_cpu(tmp_path):

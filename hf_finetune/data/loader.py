@@ -11,9 +11,11 @@ Randomness of the pipeline:
 - in DataLoader workers it draws from the worker's global torch RNG. torch seeds
   it per worker from a base seed drawn from the loader's generator at every
   epoch; our worker_init_fn mixes in the process rank so DDP ranks differ too.
-- in the main process (num_workers=0) it draws from a generator re-seeded at
-  every epoch from (seed, epoch, rank) when the batch sampler starts.
+- in the main process (num_workers=0) it draws from the loader's generator, which
+  the batch sampler re-seeds at every epoch from (seed, epoch, rank).
 Both are reproducible for a given seed and differ per epoch, worker and rank.
+WholeBatches hands the generator (main process) or the shared slot (workers) to the
+dataset's BatchTransform with each batch.
 """
 
 from __future__ import annotations
@@ -28,22 +30,25 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
 
 from .ring import BatchRing
-from .runtime import lending_output, mix_seed, process_rank, set_pipeline_generator
+from .runtime import mix_seed, process_rank
+from .transforms import BatchTransform
 
 logger = logging.getLogger("hf_finetune")
 
 
 class EpochSeededBatchSampler(BatchSampler):
-    """A BatchSampler that re-seeds the main-process pipeline RNG at each epoch.
+    """A BatchSampler that re-seeds `generator`, the main-process pipeline RNG, at each epoch.
 
     drop_single: drop a final batch of one image. BatchNorm cannot normalise a single
     image whose feature map is 1x1 (small inputs) and would stop training after a whole
     epoch of work; one image less per epoch changes nothing else.
     """
 
-    def __init__(self, sampler, batch_size: int, drop_last: bool, seed: int = 0, drop_single: bool = False):
+    def __init__(self, sampler, batch_size: int, drop_last: bool, seed: int = 0, drop_single: bool = False,
+                 generator: torch.Generator | None = None):
         super().__init__(sampler, batch_size, drop_last)
         self.seed = seed
+        self.generator = generator
         self.drop_single = drop_single and batch_size > 1 and not drop_last
         self._epochs_started = 0
 
@@ -58,7 +63,8 @@ class EpochSeededBatchSampler(BatchSampler):
         epoch = getattr(self.sampler, "epoch", None)
         epoch = self._epochs_started if epoch is None else epoch
         self._epochs_started += 1
-        set_pipeline_generator(torch.Generator().manual_seed(mix_seed(self.seed, epoch, process_rank(), 0x5EED)))
+        if self.generator is not None:
+            self.generator.manual_seed(mix_seed(self.seed, epoch, process_rank(), 0x5EED))
         if self._single_at_end() and self._epochs_started == 1:
             logger.warning("the last training batch of each epoch holds a single image, which "
                            "BatchNorm cannot normalise; it is dropped")
@@ -76,7 +82,6 @@ def seed_worker(worker_id: int) -> None:
     torch.manual_seed(seed)
     random.seed(seed)
     np.random.seed(seed % 2**32)
-    set_pipeline_generator(None)
 
 
 def return_batch(batch):
@@ -85,33 +90,46 @@ def return_batch(batch):
 
 
 class WholeBatches(torch.utils.data.Dataset):
-    """Hands the DataLoader's list of indices to the dataset in one call.
+    """Hands the DataLoader's list of indices to the dataset's transform in one call.
 
     torch's fetcher calls ``__getitems__(indices)`` when a dataset has it; ``datasets``
     would split the batch it built into per-sample dicts there, and collate would stack
-    them again. Here the batch the transform built is returned as it is; in a worker
-    of the process that made `ring`, its pixels are written into the ring.
+    them again. Here the rows are read without the split's transform and the transform is
+    called with what it needs besides them: in the process that made the loader, the
+    epoch's `generator`; in its workers (which draw from their own global RNG), a slot of
+    `ring` to write the batch's pixels into. The batch it builds is returned as it is.
     """
 
-    def __init__(self, dataset, ring: BatchRing | None = None):
-        self.dataset = dataset
+    def __init__(self, dataset, ring: BatchRing | None = None, generator: torch.Generator | None = None):
+        # set_transform is the public way build_datasets attaches the pipeline; Dataset.format reads it back.
+        self.transform = dataset.format["format_kwargs"].get("transform")
+        if not isinstance(self.transform, BatchTransform):
+            raise TypeError("build_dataloader takes a split of build_datasets (its transform is a BatchTransform)")
+        self.rows = dataset.with_format(None, columns=dataset.format["columns"])
         self.ring = ring
+        self.generator = generator
+        self.owner = os.getpid()
+
+    def __getstate__(self):
+        # Workers (and copies) draw from their own global RNG: the generator stays here.
+        return {**self.__dict__, "generator": None}
 
     def __len__(self):
-        return len(self.dataset)
+        return len(self.rows)
 
     def __getitems__(self, indices):
-        if self.ring is None or self.ring.owner == os.getpid():
-            return self.dataset[list(indices)]
+        rows = self.rows[list(indices)]
+        if self.owner == os.getpid():
+            return self.transform(rows, self.generator)
+        if self.ring is None:
+            return self.transform(rows)
         try:
-            with lending_output(self.ring.lend):
-                batch = self.dataset[list(indices)]
-            return self.ring.send(batch)
+            return self.ring.send(self.transform(rows, lend=self.ring.lend))
         finally:
             self.ring.give_back()  # the slot lent for a batch that failed or went another way
 
     def __getitem__(self, index):
-        return self.dataset[[index]]
+        return self.__getitems__([index])
 
 
 def build_dataloader(dataset, batch_size: int, *, shuffle: bool = False, drop_last: bool = False,
@@ -131,14 +149,16 @@ def build_dataloader(dataset, batch_size: int, *, shuffle: bool = False, drop_la
         sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(mix_seed(seed, 0x5A3B1E)))
     else:
         sampler = SequentialSampler(dataset)
-    batches = EpochSeededBatchSampler(sampler, batch_size, drop_last, seed=seed, drop_single=drop_single)
+    generator = torch.Generator()  # the pipeline's, in this process; re-seeded at every epoch
+    batches = EpochSeededBatchSampler(sampler, batch_size, drop_last, seed=seed, drop_single=drop_single,
+                                      generator=generator)
     workers = num_workers > 0
     prefetch_factor = (prefetch_factor or 2) if workers else None
     ring = BatchRing.for_loader(batch_size, num_workers, prefetch_factor) if workers and shared_slots else None
     # A plain batch_sampler (not a BatchSampler passed as `sampler`): accelerate shards it per
     # process and skips into it on resume on every number of processes.
     return DataLoader(
-        WholeBatches(dataset, ring),
+        WholeBatches(dataset, ring, generator),
         batch_sampler=batches,
         collate_fn=return_batch,
         num_workers=num_workers,

@@ -11,8 +11,8 @@ so this is written by hand:
   forked workers inherit and spawned ones (forkserver, Python 3.14's Linux default)
   map from a duplicated file descriptor;
 - in a worker, the pipeline's last step writes the batch's pixels straight into a
-  free slot (runtime.output_buffer) and the worker returns the slot's number and the
-  labels (RingBatch);
+  free slot (BatchRing.lend, which the loader hands to the transform) and the worker
+  returns the slot's number and the labels (RingBatch);
 - the main process views the slot as the batch tensor, without a copy;
 - the slot is free again only when the last tensor viewing it is gone (a finaliser on
   the array the tensor is made from), so a batch the training loop still holds is
@@ -34,6 +34,10 @@ from multiprocessing import context, reduction
 
 import numpy as np
 import torch
+
+# torch's DataLoader re-raises a batch that is an ExceptionWrapper in the training loop; there is
+# no public way to hand it an error. torch._utils is private: checked on torch 2.13, and
+# tests/test_batch_ring.py fails when torch changes it. Used by _receive only.
 from torch._utils import ExceptionWrapper
 
 try:

@@ -8,8 +8,9 @@ channels_last strides (no copy). Normalisation happens on the device inside the
 model (``data_preprocessor``), never here.
 
 Random steps split their work in two so tests can replay the exact draws:
-``sample(n, height, width)`` draws the parameters for n images from the pipeline
-RNG (see runtime.pipeline_generator), ``apply(images, params)`` uses them.
+``sample(n, height, width, generator)`` draws the parameters for n images from
+``generator`` (None: torch's global RNG, as in DataLoader workers), ``apply(images,
+params)`` uses them. The loader hands each batch its generator (loader.WholeBatches).
 
 Images of different sizes (photos) reach the first step as a list of
 ``LazyImage`` (decoded on demand). Steps that can take such a list
@@ -18,8 +19,9 @@ each image's region only, at a reduced JPEG scale when the output is much
 smaller, and return one batch tensor when their outputs share a size.
 
 In our loader's workers the batch's final pixels are written into shared memory the
-main process reads without a copy (runtime.output_buffer, ring.BatchRing): a final
-Resize writes there directly, PackClsInputs copies whatever else the last step made.
+main process reads without a copy (``lend``: ring.BatchRing.lend, handed over with the
+batch): a final Resize writes there directly, PackClsInputs copies whatever else the
+last step made.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from ..recipe import is_int as _is_int
 from ..recipe import is_number as _is_number
 from .decode import LazyImage
 from .labels import class_lists_to_multi_hot
-from .runtime import BatchDataError, output_buffer, pipeline_generator, undecodable_message
+from .runtime import BatchDataError, undecodable_message
 
 ROW_COLUMN = "__row__"  # original row index within the split, for error messages
 
@@ -86,7 +88,10 @@ INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 BACKENDS = ("cv2", "pillow", "cv2-exact")
 
 
-# F.interpolate's kernels with an `out` argument (F.interpolate has none), by (mode, antialias).
+# F.interpolate's kernels with an `out` argument, by (mode, antialias): F.interpolate has none,
+# and writing the resized batch straight into the loader's shared slot saves a copy of it.
+# torch.ops.aten overloads are not a documented Python API: checked on torch 2.13 (the schema
+# test in tests/test_batch_ring.py fails when torch changes them). Used by _resize only.
 _RESIZE_INTO = {
     ("bilinear", False): torch.ops.aten.upsample_bilinear2d.out,
     ("bilinear", True): torch.ops.aten._upsample_bilinear2d_aa.out,
@@ -179,15 +184,19 @@ class PipelineStep:
     ARGS: tuple[str, ...] = ()
     REQUIRED: tuple[str, ...] = ()
     random = False
-    accepts_list = False  # apply_list(list of LazyImage / [H, W, 3] tensors) -> batch tensor or list
+    accepts_list = False  # apply_list(list of LazyImage / [H, W, 3] tensors, generator) -> batch tensor or list
 
     def output_size(self, in_hw: tuple[int, int]) -> tuple[int, int]:
         """(height, width) this step outputs for an input of in_hw (the image-processor export asks)."""
         return tuple(in_hw)
 
-    def finish(self, images: torch.Tensor) -> torch.Tensor:
-        """As the pipeline's last step (a step may write its output into runtime.output_buffer)."""
-        return self(images)
+    def sample(self, n: int, height: int = 0, width: int = 0, generator=None) -> dict | None:
+        """This batch's random parameters (none for a step that draws nothing)."""
+        return None
+
+    def finish(self, images: torch.Tensor, generator=None, lend=None) -> torch.Tensor:
+        """As the pipeline's last step (a step may write its output into `lend(shape)`)."""
+        return self(images, generator)
 
     @classmethod
     def from_config(cls, config: dict, key: str) -> "PipelineStep":
@@ -203,8 +212,9 @@ class PipelineStep:
                 raise RecipeError(f"{key}.{name}: {cls.__name__} requires '{name}'")
         return cls(**args, key=key)
 
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+    def __call__(self, images: torch.Tensor, generator=None) -> torch.Tensor:
+        """Draw this batch's parameters from `generator` (None: torch's global RNG) and apply them."""
+        return self.apply(images, self.sample(*images.shape[:3], generator=generator))
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={getattr(self, k)!r}" for k in self.ARGS if hasattr(self, k))
@@ -258,13 +268,12 @@ class RandomCrop(PipelineStep):
         left, top, right, bottom = self.padding
         return height + top + bottom, width + left + right
 
-    def sample(self, n: int, height: int, width: int) -> dict:
+    def sample(self, n: int, height: int, width: int, generator=None) -> dict:
         padded_h, padded_w = self._padded_size(height, width)
         crop_h, crop_w = self.crop_size
         if crop_h > padded_h or crop_w > padded_w:
             raise BatchDataError(f"RandomCrop: crop_size {crop_h}x{crop_w} is larger than the padded image "
                                  f"{padded_h}x{padded_w}; put a Resize before it or lower crop_size")
-        generator = pipeline_generator()
         return {"top": torch.randint(0, padded_h - crop_h + 1, (n,), generator=generator),
                 "left": torch.randint(0, padded_w - crop_w + 1, (n,), generator=generator)}
 
@@ -289,9 +298,6 @@ class RandomCrop(PipelineStep):
         windows = padded.as_strided((n, padded_h - crop_h + 1, padded_w - crop_w + 1, crop_h, crop_w, channels),
                                     (s_n, s_h, s_w, s_h, s_w, s_c))
         return windows[torch.arange(n), params["top"], params["left"]]
-
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        return self.apply(images, self.sample(images.shape[0], images.shape[1], images.shape[2]))
 
 
 class RandomFlip(PipelineStep):
@@ -326,8 +332,8 @@ class RandomFlip(PipelineStep):
         self.directions = list(directions)
         self.bounds = torch.tensor(probs, dtype=torch.float64).cumsum(0)  # direction k when u < bounds[k]
 
-    def sample(self, n: int, height: int = 0, width: int = 0) -> dict:
-        u = torch.rand(n, generator=pipeline_generator(), dtype=torch.float64)
+    def sample(self, n: int, height: int = 0, width: int = 0, generator=None) -> dict:
+        u = torch.rand(n, generator=generator, dtype=torch.float64)
         choice = torch.searchsorted(self.bounds, u, right=True)  # == len(directions): no flip
         return {"flip": choice < len(self.directions), "direction": choice}
 
@@ -341,9 +347,9 @@ class RandomFlip(PipelineStep):
                 out[chosen] = images[chosen].flip(self.DIRECTIONS[name])
         return out
 
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, generator=None) -> torch.Tensor:
         # The pipeline owns its batch tensor, so flipping in place saves a full copy.
-        return self.apply(images, self.sample(images.shape[0]), inplace=True)
+        return self.apply(images, self.sample(images.shape[0], generator=generator), inplace=True)
 
 
 class Resize(PipelineStep):
@@ -368,13 +374,11 @@ class Resize(PipelineStep):
     def apply(self, images: torch.Tensor, params: dict | None = None, out=None) -> torch.Tensor:
         return _resize(images, self.scale, self.interpolation, self.backend, out)
 
-    __call__ = apply
-
-    def finish(self, images):
+    def finish(self, images, generator=None, lend=None):
         # Write straight into the loader's shared memory: saves copying the enlarged batch there.
-        return self.apply(images, out=output_buffer((images.shape[0], *self.scale, images.shape[3])))
+        return self.apply(images, out=lend((images.shape[0], *self.scale, images.shape[3])) if lend else None)
 
-    def apply_list(self, images: list) -> torch.Tensor:
+    def apply_list(self, images: list, generator=None) -> torch.Tensor:
         pixels = [_pixels(im, min_size=self.scale) for im in images]
         if all(p.shape == pixels[0].shape for p in pixels):
             return self.apply(torch.stack(pixels))
@@ -407,9 +411,7 @@ class CenterCrop(PipelineStep):
         top, left, crop_h, crop_w = self.box(*images.shape[1:3])
         return images[:, top:top + crop_h, left:left + crop_w]
 
-    __call__ = apply
-
-    def apply_list(self, images: list) -> torch.Tensor:
+    def apply_list(self, images: list, generator=None) -> torch.Tensor:
         return torch.stack([_pixels(im, self.box(*_image_size(im))) for im in images])
 
 
@@ -444,9 +446,8 @@ class RandomResizedCrop(PipelineStep):
     def output_size(self, in_hw):
         return self.scale
 
-    def sample(self, n: int, height, width) -> dict:
+    def sample(self, n: int, height, width, generator=None) -> dict:
         """Boxes (top, left, height, width) for n images of sizes height x width (ints or [n] tensors)."""
-        generator = pipeline_generator()
         h = torch.as_tensor(height, dtype=torch.float64).expand(n)
         w = torch.as_tensor(width, dtype=torch.float64).expand(n)
         attempts = max(self.max_attempts, 1)
@@ -474,10 +475,10 @@ class RandomResizedCrop(PipelineStep):
                              torch.where(found, crop_h, fb_h), torch.where(found, crop_w, fb_w)], 1)
         return {"boxes": boxes.long()}
 
-    def apply_list(self, images: list, params: dict | None = None) -> torch.Tensor:
+    def apply_list(self, images: list, params: dict | None = None, generator=None) -> torch.Tensor:
         if params is None:
             sizes = torch.tensor([_image_size(im) for im in images])
-            params = self.sample(len(images), sizes[:, 0], sizes[:, 1])
+            params = self.sample(len(images), sizes[:, 0], sizes[:, 1], generator)
         out = torch.empty((len(images), *self.scale, 3), dtype=torch.uint8)
         for i, (image, box) in enumerate(zip(images, params["boxes"].tolist())):
             out[i] = _resize(_pixels(image, box, self.scale)[None], self.scale, self.interpolation,
@@ -486,9 +487,6 @@ class RandomResizedCrop(PipelineStep):
 
     def apply(self, images: torch.Tensor, params: dict) -> torch.Tensor:
         return self.apply_list(list(images), params)
-
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        return self.apply_list(list(images))
 
 
 class ResizeEdge(PipelineStep):
@@ -525,9 +523,7 @@ class ResizeEdge(PipelineStep):
     def apply(self, images: torch.Tensor, params: dict | None = None) -> torch.Tensor:
         return _resize(images, self.output_size(images.shape[1:3]), self.interpolation, self.backend)
 
-    __call__ = apply
-
-    def apply_list(self, images: list):
+    def apply_list(self, images: list, generator=None):
         sizes = [self.output_size(_image_size(im)) for im in images]
         return _stack_or_list([self._resize_one(_pixels(im, min_size=size), size) for im, size in zip(images, sizes)])
 
@@ -630,8 +626,7 @@ class ColorJitter(PipelineStep):
     def _identity(self, name) -> bool:
         return getattr(self, name) == ((0.0, 0.0) if name == "hue" else (1.0, 1.0))
 
-    def sample(self, n: int, height: int = 0, width: int = 0) -> dict:
-        generator = pipeline_generator()
+    def sample(self, n: int, height: int = 0, width: int = 0, generator=None) -> dict:
         params = {"order": torch.rand(n, 4, generator=generator).argsort(1)}
         for name in self.FACTORS:
             params[name] = torch.empty(n, dtype=torch.float64).uniform_(*getattr(self, name), generator=generator)
@@ -647,9 +642,6 @@ class ColorJitter(PipelineStep):
                 if chosen.numel():
                     out[chosen] = op(out[chosen], params[name][chosen])
         return _to_uint8(out)
-
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        return self.apply(images, self.sample(images.shape[0]))
 
 
 # ---------------------------------------------------------------- RandAugment / AutoAugment operations
@@ -901,9 +893,8 @@ class RandAugment(PipelineStep):
             return (level + noise).clamp(0, self.total_level)
         return level
 
-    def sample(self, n: int, height: int = 0, width: int = 0) -> dict:
+    def sample(self, n: int, height: int = 0, width: int = 0, generator=None) -> dict:
         """Per round: op index per image (-1: skipped) and its signed magnitude."""
-        generator = pipeline_generator()
         rounds = []
         for _ in range(self.num_policies):
             op = torch.randint(len(self.ops), (n,), generator=generator)
@@ -920,9 +911,6 @@ class RandAugment(PipelineStep):
         for r in params["rounds"]:
             images = _apply_ops(images, self.ops, r["op"], r["magnitude"], self.interpolation, self.pad_val)
         return images
-
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        return self.apply(images, self.sample(images.shape[0]))
 
 
 class AutoAugment(PipelineStep):
@@ -943,8 +931,7 @@ class AutoAugment(PipelineStep):
         self.probs = torch.tensor([[op.prob for op in sub] + [0.0] * (length - len(sub))
                                    for sub in self.sub_policies], dtype=torch.float64)
 
-    def sample(self, n: int, height: int = 0, width: int = 0) -> dict:
-        generator = pipeline_generator()
+    def sample(self, n: int, height: int = 0, width: int = 0, generator=None) -> dict:
         policy = torch.randint(len(self.sub_policies), (n,), generator=generator)
         u = torch.rand(n, self.probs.shape[1], generator=generator, dtype=torch.float64)
         negative = torch.rand(n, self.probs.shape[1], generator=generator) < 0.5
@@ -962,9 +949,6 @@ class AutoAugment(PipelineStep):
                     magnitude = torch.where(params["negative"][chosen, j], -magnitude, magnitude)
                 images[chosen] = op(images[chosen], magnitude, self.interpolation, self.pad_val)
         return images
-
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        return self.apply(images, self.sample(images.shape[0]))
 
 
 class RandomErasing(PipelineStep):
@@ -997,8 +981,7 @@ class RandomErasing(PipelineStep):
             raise RecipeError(f"{key}.fill_std: expected a number >= 0 or [r, g, b] of them, got {fill_std!r}")
         self.fill_std = fill_std
 
-    def sample(self, n: int, height: int, width: int) -> dict:
-        generator = pipeline_generator()
+    def sample(self, n: int, height: int, width: int, generator=None) -> dict:
         erase = torch.rand(n, generator=generator, dtype=torch.float64) < self.erase_prob
         log_low, log_high = math.log(self.aspect_range[0]), math.log(self.aspect_range[1])
         ratio = torch.empty(n, dtype=torch.float64).uniform_(log_low, log_high, generator=generator).exp()
@@ -1010,7 +993,8 @@ class RandomErasing(PipelineStep):
         # mmpretrain: randint(0, size - h) when size > h, else 0
         top = (u[:, 0] * (height - h)).floor()
         left = (u[:, 1] * (width - w)).floor()
-        return {"erase": erase, "boxes": torch.stack([top, left, h, w], 1).long()}
+        return {"erase": erase, "boxes": torch.stack([top, left, h, w], 1).long(),
+                "fill": self._fill(int(erase.sum()), height, width, generator)}
 
     def apply(self, images: torch.Tensor, params: dict) -> torch.Tensor:
         chosen = params["erase"].nonzero().squeeze(1)
@@ -1022,21 +1006,18 @@ class RandomErasing(PipelineStep):
         cols = (torch.arange(width) >= left) & (torch.arange(width) < left + w)
         inside = (rows[:, :, None] & cols[:, None, :])[..., None]
         out = images.clone()
-        out[chosen] = torch.where(inside, self._fill(len(chosen), height, width), images[chosen])
+        out[chosen] = torch.where(inside, params["fill"], images[chosen])
         return out
 
-    def _fill(self, n: int, height: int, width: int) -> torch.Tensor:
+    def _fill(self, n: int, height: int, width: int, generator) -> torch.Tensor:
+        """What the erased boxes of n images are filled with: the colour, or noise (mode 'rand')."""
         color = torch.tensor(self.fill_color, dtype=torch.float64)
         if self.mode == "const":
             return color.to(torch.uint8)
-        generator = pipeline_generator()
         if self.fill_std is None:
             return torch.randint(0, 256, (n, height, width, 3), generator=generator, dtype=torch.uint8)
         noise = torch.randn(n, height, width, 3, generator=generator, dtype=torch.float64)
         return (color + noise * torch.tensor(self.fill_std, dtype=torch.float64)).clamp(0, 255).to(torch.uint8)
-
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        return self.apply(images, self.sample(*images.shape[:3]))
 
 
 class PackClsInputs(PipelineStep):
@@ -1053,15 +1034,15 @@ class PackClsInputs(PipelineStep):
     def __init__(self, *, key="PackClsInputs"):
         pass
 
-    def pack(self, images: torch.Tensor, labels: torch.Tensor) -> dict:
-        out = output_buffer(tuple(images.shape))  # in our loader's workers: shared memory
+    def pack(self, images: torch.Tensor, labels: torch.Tensor, lend=None) -> dict:
+        out = lend(tuple(images.shape)) if lend else None  # in our loader's workers: shared memory
         if out is not None and not (out.data_ptr() == images.data_ptr() and images.is_contiguous()):
             images = out.copy_(images)
         elif not images.is_contiguous():
             images = images.contiguous()
         return {"pixel_values": images.permute(0, 3, 1, 2), "labels": labels}
 
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, generator=None) -> torch.Tensor:
         return images
 
 
@@ -1158,21 +1139,26 @@ class BatchTransform:
             kept.append(pos)
         return images, kept
 
-    def run_steps(self, images):
+    def run_steps(self, images, generator=None, lend=None):
         """images: a uint8 NHWC batch, or a list of LazyImage / [H, W, 3] tensors of any sizes."""
         for i, step in enumerate(self.steps):
             if isinstance(images, list):
                 if not step.accepts_list:
-                    return self._run_by_size(images, self.steps[i:])
-                images = step.apply_list(images)
+                    return self._run_by_size(images, self.steps[i:], generator, lend)
+                images = step.apply_list(images, generator=generator)
             else:
-                images = self._apply(step, images)
-        return self._run_by_size(images, []) if isinstance(images, list) else images
+                images = self._apply(step, images, generator, lend)
+        return self._run_by_size(images, [], generator, lend) if isinstance(images, list) else images
 
-    def _apply(self, step, images: torch.Tensor, whole_batch: bool = True) -> torch.Tensor:
-        return step.finish(images) if whole_batch and step is self.steps[-1] else step(images)
+    def _apply(self, step, images: torch.Tensor, generator, lend, whole_batch: bool = True) -> torch.Tensor:
+        if whole_batch and step is self.steps[-1]:
+            return step.finish(images, generator, lend)
+        return step(images, generator)
 
-    def __call__(self, batch: dict) -> dict:
+    def __call__(self, batch: dict, generator: torch.Generator | None = None, lend=None) -> dict:
+        """generator: what the random steps draw from (None: torch's global RNG); lend(shape): a
+        tensor in shared memory to write the batch's final pixels into, or None (loader.WholeBatches
+        hands both over; datasets' set_transform calls this with the batch alone)."""
         items = batch[self.image_column]
         rows = batch.get(ROW_COLUMN) or list(range(len(items)))
         images, kept = self.open(items, rows, batch.get(self.label_column))
@@ -1185,15 +1171,15 @@ class BatchTransform:
         else:
             labels = torch.tensor(labels, dtype=torch.int64)
         try:
-            pixels = self.run_steps(images)
+            pixels = self.run_steps(images, generator, lend)
         except (OSError, ValueError, SyntaxError) as exc:  # what Pillow raises on a truncated or corrupt file
             failed = next((p for p, im in zip(kept, images) if isinstance(im, LazyImage) and im.failed), None)
             if failed is None:
                 raise
             raise BatchDataError(undecodable_message(self._where(items[failed], rows[failed]), exc)) from exc
-        return self.packer.pack(pixels, labels)
+        return self.packer.pack(pixels, labels, lend)
 
-    def _run_by_size(self, images: list, steps: list) -> torch.Tensor:
+    def _run_by_size(self, images: list, steps: list, generator, lend) -> torch.Tensor:
         """Decode what is still lazy, run `steps` once per group of equal sizes, reassemble the batch."""
         pixels = [_pixels(im) for im in images]
         groups: dict[tuple, list[int]] = {}
@@ -1203,7 +1189,7 @@ class BatchTransform:
         for shape, idx in groups.items():
             out = torch.stack([pixels[i] for i in idx])
             for step in steps:
-                out = self._apply(step, out, whole_batch=len(groups) == 1)
+                out = self._apply(step, out, generator, lend, whole_batch=len(groups) == 1)
             outputs[shape] = out
         out_shapes = {tuple(o.shape[1:]) for o in outputs.values()}
         if len(out_shapes) > 1:
