@@ -26,6 +26,7 @@ from hf_finetune.config import read_config
 from hf_finetune.data.decode import LazyImage, decode_image
 from hf_finetune.data.sources import IMAGE_EXTENSIONS
 from hf_finetune.data.transforms import BatchTransform
+from hf_finetune.devices import default_device
 from hf_finetune.errors import CheckpointError, DataError, UserError
 
 RECIPE_FILE = "recipe.json"
@@ -140,14 +141,6 @@ class Classifier:
         """[len(images), num_labels] softmax scores, in the order of `images`."""
         logits = self.model(pixel_values=self.model_inputs(images).to(self.device, non_blocking=True)).logits
         return logits.float().softmax(-1).cpu()
-
-
-def default_device() -> str:
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
 
 
 # ------------------------------------------------------------------ inputs

@@ -17,23 +17,17 @@ from transformers import TrainingArguments, set_seed
 
 from . import logs
 from .config import report_to, resolved_work_dir, to_data
+from .devices import accelerator
 from .errors import RecipeError, TrainingError
 from .trainer import EvalMetrics, FinetuneTrainer, topk_of
 
 logger = logging.getLogger("hf_finetune")
 
 
-def has_accelerator():
-    mps = getattr(torch.backends, "mps", None)
-    xpu = getattr(torch, "xpu", None)
-    return (torch.cuda.is_available() or bool(mps and mps.is_available())
-            or bool(xpu and xpu.is_available()))
-
-
 def process_state():
     """accelerate's view of this process (rank, world size); on a machine without GPUs the
     processes form one gloo (CPU) group, as TrainingArguments(use_cpu=True) sets up too."""
-    cpu = not has_accelerator()
+    cpu = accelerator() is None
     return PartialState(cpu=cpu, **({"backend": "gloo"} if cpu and _launched_processes() > 1 else {}))
 
 
@@ -182,7 +176,7 @@ def build_training_args(cfg, plan, steps_per_epoch=1, validate=True):
                               "use \"bfloat16\" on CPU")
         else:
             args["fp16"] = True
-    if not has_accelerator():
+    if accelerator() is None:
         # No GPU: with several processes, use_cpu is what makes them one gloo job instead of
         # N trainings that ignore each other; it also allows bf16 on CPU.
         args["use_cpu"] = True

@@ -12,7 +12,8 @@ from PIL import Image
 from hf_finetune.config import config_from_dict
 from hf_finetune.data import build_dataloader, build_datasets
 from hf_finetune.models import FinetuneResNetConfig, FinetuneResNetForImageClassification
-from hf_finetune.predict import default_device, main, predict
+from hf_finetune.devices import default_device
+from hf_finetune.predict import main, predict
 
 LABELS = ["cat", "dog", "ship"]
 TEST_PIPELINE = [{"type": "Resize", "scale": 32}, {"type": "PackClsInputs"}]

@@ -134,7 +134,7 @@ def recipe_facts(cfg, config: dict) -> dict:
 # ------------------------------------------------------------------ run environment
 def collect_environment(num_processes: int = 1) -> dict:
     """Framework versions and hardware of this process: call it where training runs."""
-    import torch
+    from hf_finetune.devices import describe_device
 
     versions = {"python": platform.python_version()}
     for name in FRAMEWORKS:
@@ -142,15 +142,9 @@ def collect_environment(num_processes: int = 1) -> dict:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             continue
-    if torch.cuda.is_available():
-        device = f"{torch.cuda.get_device_name(0)} (CUDA {torch.version.cuda})"
-    elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        device = "Apple MPS"
-    else:
-        device = "CPU"
     return {
         "versions": versions,
-        "hardware": {"device": device, "processes": int(num_processes), "cpu_cores": os.cpu_count(),
+        "hardware": {"device": describe_device(), "processes": int(num_processes), "cpu_cores": os.cpu_count(),
                      "platform": platform.platform()},
     }
 
