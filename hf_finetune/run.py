@@ -127,8 +127,9 @@ def train(cfg, resume=None, overwrite=False):
         trainer.loss_guard.check()
 
         # Evaluate each distinct split once, then save.
-        results = {**train_result.metrics, **evaluate_splits(trainer, cfg, datasets)}
-        save_outputs(trainer, cfg, results)
+        evaluated, confusion = evaluate_splits(trainer, cfg, datasets)
+        results = {**train_result.metrics, **evaluated}
+        save_outputs(trainer, cfg, results, confusion)
 
     if trainer.is_world_process_zero():
         logger.info("done: %s", headline(results))
