@@ -35,8 +35,10 @@ NATIVE_SUBFOLDER = "native"
 DATASET_HUB_IDS = {"CIFAR10": "uoft-cs/cifar10"}
 DATASET_NAMES = {"CIFAR10": "CIFAR-10", "SyntheticCIFAR10": "synthetic CIFAR-10-like data"}
 HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
-# test_accuracy_top1 (single-label) or test_multilabel/mAP (multi-label)
-RESULT_KEY_RE = re.compile(r"^(?P<prefix>[a-z]+)_(?:accuracy_top(?P<k>\d+)|multilabel/(?P<name>[\w-]+))$")
+# test_accuracy_top1, test_single-label/f1-score (single-label) or test_multilabel/mAP (multi-label)
+RESULT_KEY_RE = re.compile(r"^(?P<prefix>[a-z]+)_(?:accuracy_top(?P<k>\d+)|(?:multilabel|single-label)/(?P<name>[\w.-]+))$")
+# The confusion figure shows at most this many classes (the most confused), so it stays readable.
+MAX_CONFUSION_CLASSES = 25
 
 
 def _load_json(path: str):
@@ -128,6 +130,7 @@ def recipe_facts(cfg, config: dict) -> dict:
         "depth": config.get("depth") or backbone.depth,
         "datasets": {split: dataset_info(cfg, split) for split in ("train", "val", "test")},
         "settings": settings,
+        "load_best": bool(cfg.training_args.get("load_best_model_at_end")),
     }
 
 
@@ -161,20 +164,48 @@ def _metric_label(match) -> str:
     return f"top-{match['k']} accuracy" if match["k"] else match["name"]
 
 
+def _is_count(label: str) -> bool:
+    """SingleLabelMetric's support: a number of images, not a fraction."""
+    return label.startswith("support")
+
+
+def _quality_metric(key: str, value):
+    """The RESULT_KEY_RE match of a metric to chart or put in percent (not a count, not a per-class list)."""
+    match = RESULT_KEY_RE.match(key)
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return match if match and number and not _is_count(_metric_label(match)) else None
+
+
 def eval_results(all_results: dict | None) -> dict[str, dict[str, float]]:
     """{'test': {'top-1 accuracy': 0.93, ...}, 'eval': {...}} from all_results.json keys like
-    test_accuracy_top1 or test_multilabel/mAP, in a stable order (top-k by k, then by name)."""
+    test_accuracy_top1, test_single-label/f1-score or test_multilabel/mAP, in a stable order
+    (top-k by k, then by name); per-class lists are left to per_class_results."""
     found: dict[str, dict[str, float]] = {}
     keys = [(RESULT_KEY_RE.match(key), value) for key, value in (all_results or {}).items()]
-    keys = sorted(((m, v) for m, v in keys if m and isinstance(v, (int, float))),
+    keys = sorted(((m, v) for m, v in keys if m and isinstance(v, (int, float)) and not isinstance(v, bool)),
                   key=lambda mv: (mv[0]["k"] is None, int(mv[0]["k"] or 0), mv[0]["name"] or ""))
     for match, value in keys:
         found.setdefault(match["prefix"], {})[_metric_label(match)] = float(value)
     return found
 
 
+def per_class_results(all_results: dict | None, prefix: str) -> dict[str, list]:
+    """{'precision': [per class], ...} of SingleLabelMetric with average null (its *_classwise lists)."""
+    head, tail = f"{prefix}_single-label/", "_classwise"
+    return {key[len(head):-len(tail)]: value for key, value in (all_results or {}).items()
+            if key.startswith(head) and key.endswith(tail) and isinstance(value, list)}
+
+
 def _percent(value: float) -> str:
     return f"{100 * value:.2f}" if value <= 1.0 else f"{value:.2f}"
+
+
+def _cell(label: str, value: float) -> str:
+    return str(int(value)) if _is_count(label) else _percent(value)
+
+
+def _header(label: str) -> str:
+    return label if _is_count(label) else f"{label} (%)"
 
 
 # ------------------------------------------------------------------ figures
@@ -203,7 +234,7 @@ def per_epoch_history(log_history: list[dict]) -> dict[str, dict[int, float]]:
         if "loss" in entry:
             train_sums.setdefault(index, []).append(float(entry["loss"]))
         for key, value in entry.items():
-            if key.startswith("eval_") and (key == "eval_loss" or RESULT_KEY_RE.match(key)):
+            if key.startswith("eval_") and (key == "eval_loss" or _quality_metric(key, value)):
                 series.setdefault(key, {})[index] = float(value)
     if train_sums:
         series["train_loss"] = {e: sum(v) / len(v) for e, v in sorted(train_sums.items())}
@@ -249,27 +280,55 @@ def plot_training_curves(trainer_state: dict, path: str) -> bool:
     return True
 
 
-def normalised_rows(matrix: list[list[int]]) -> list[list[float]]:
+def normalised_rows(matrix) -> list[list[float]]:
     """Each true class's row as fractions of its images (per-class recall on the diagonal)."""
-    return [[count / sum(row) if sum(row) else 0.0 for count in row] for row in matrix]
+    import numpy as np
+
+    counts = np.asarray(matrix, dtype=np.float64)
+    return (counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)).tolist()
 
 
-def plot_confusion_matrix(confusion: dict, path: str) -> bool:
-    """Row-normalised confusion matrix in percent; False when there is none."""
+def most_confused(matrix, limit: int = MAX_CONFUSION_CLASSES) -> list[int]:
+    """The classes to draw: all of them up to `limit`, else the `limit` with the most errors
+    (their images predicted as another class plus other images predicted as them), most first."""
+    import numpy as np
+
+    counts = np.asarray(matrix, dtype=np.int64)
+    if len(counts) <= limit:
+        return list(range(len(counts)))
+    correct = np.diag(counts)
+    errors = (counts.sum(axis=1) - correct) + (counts.sum(axis=0) - correct)
+    return np.argsort(-errors, kind="stable")[:limit].tolist()
+
+
+def _short(label: str, limit: int = 24) -> str:
+    return label if len(label) <= limit else label[:limit - 1] + "…"
+
+
+def plot_confusion_matrix(confusion: dict, path: str) -> int:
+    """Row-normalised confusion matrix in percent, of at most MAX_CONFUSION_CLASSES classes (the
+    most confused); returns how many classes it shows (0: no matrix, nothing drawn)."""
+    import numpy as np
+
     matrix = confusion.get("matrix") or []
     if not matrix:
-        return False
+        return 0
     labels = confusion.get("labels") or [str(i) for i in range(len(matrix))]
-    percent = [[100 * v for v in row] for row in normalised_rows(matrix)]
+    shown = most_confused(matrix)
+    # Percent of each true class's images, all of its images counted (shown columns or not).
+    percent = 100 * np.asarray(normalised_rows(matrix))[np.ix_(shown, shown)]
+    names = [_short(str(labels[i])) for i in shown]
     plt = _pyplot()
-    size = max(4.0, 0.5 * len(labels) + 2)
+    size = max(4.0, 0.5 * len(shown) + 2)
     fig, axis = plt.subplots(figsize=(size, size))
     image = axis.imshow(percent, cmap="Blues", vmin=0, vmax=100)
     fig.colorbar(image, ax=axis, fraction=0.046, pad=0.04, label="% of the true class")
-    axis.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
-    axis.set_yticks(range(len(labels)), labels)
-    axis.set(xlabel="predicted", ylabel="true", title="confusion matrix (test, % of each true class)")
-    if len(labels) <= 20:
+    axis.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    axis.set_yticks(range(len(names)), names)
+    split = confusion.get("split", "test")
+    which = f", the {len(shown)} most confused of {len(matrix)} classes" if len(shown) < len(matrix) else ""
+    axis.set(xlabel="predicted", ylabel="true", title=f"confusion matrix ({split}, % of each true class{which})")
+    if len(shown) <= 20:
         for i, row in enumerate(percent):
             for j, value in enumerate(row):
                 axis.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=8,
@@ -277,7 +336,7 @@ def plot_confusion_matrix(confusion: dict, path: str) -> bool:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-    return True
+    return len(shown)
 
 
 # ------------------------------------------------------------------ card text
@@ -303,6 +362,8 @@ def _metadata(facts, config, results, repo_id, model_name, license):
             continue
         data = data or test_data or val_data or {}
         for label, value in results[prefix].items():
+            if _is_count(label):
+                continue
             k = int(label.split("-")[1].split()[0]) if label.startswith("top-") else None
             evals.append(EvalResult(
                 task_type="image-classification",
@@ -325,7 +386,7 @@ def _metadata(facts, config, results, repo_id, model_name, license):
         tags=tags,
         datasets=hub_datasets or None,
         metrics=sorted({"accuracy" if label.startswith("top-") else label
-                        for by_label in results.values() for label in by_label}) or ["accuracy"],
+                        for by_label in results.values() for label in by_label if not _is_count(label)}) or ["accuracy"],
         base_model=base if is_hub_id(base) else None,
         model_name=repo_id or model_name,
         eval_results=evals or None,
@@ -348,15 +409,45 @@ def _evaluation_table(facts: dict, results: dict) -> list[str]:
     if same_split(facts) and "test" in results:
         results = {"test": results["test"]}
     ks = list(dict.fromkeys(label for by_label in results.values() for label in by_label))
-    lines = ["| split | " + " | ".join(f"{k} (%)" for k in ks) + " |", "|---|" + "---|" * len(ks)]
+    lines = ["| split | " + " | ".join(_header(k) for k in ks) + " |", "|---|" + "---|" * len(ks)]
     for prefix, by_k in sorted(results.items(), key=lambda item: item[0] != "test"):
         split = facts["datasets"]["test" if prefix == "test" else "val"].get("split")
         name = {"test": "test", "eval": "validation"}.get(prefix, prefix)
         name += f" (split `{split}`)" if split else ""
-        lines.append(f"| {name} | " + " | ".join(_percent(by_k[k]) if k in by_k else "—" for k in ks) + " |")
+        lines.append(f"| {name} | " + " | ".join(_cell(k, by_k[k]) if k in by_k else "—" for k in ks) + " |")
     if same_split(facts):
         lines += ["", "Validation reads the same split as the test, so the final numbers are reported once."]
     return lines
+
+
+def _per_class_table(all_results: dict | None, config: dict) -> list[str]:
+    """SingleLabelMetric with average null: one row per class, of the test split (else validation)."""
+    for prefix, split in (("test", "test"), ("eval", "validation")):
+        columns = per_class_results(all_results, prefix)
+        if columns:
+            break
+    else:
+        return []
+    id2label = config.get("id2label") or {}
+    rows = max(len(values) for values in columns.values())
+    lines = [f"Per class ({split}):", "", "| class | " + " | ".join(_header(c) for c in columns) + " |",
+             "|---|" + "---|" * len(columns)]
+    for i in range(rows):
+        cells = [_cell(c, values[i]) if i < len(values) else "—" for c, values in columns.items()]
+        lines.append(f"| {id2label.get(str(i), i)} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _best_weights_line(facts: dict, trainer_state: dict | None) -> list[str]:
+    """Which weights the results describe, when training ended by loading its best checkpoint."""
+    state = trainer_state or {}
+    if not facts.get("load_best") or not state.get("best_model_checkpoint"):
+        return []
+    metric = state.get("best_metric")
+    return [f"The saved weights are the best checkpoint's, `{os.path.basename(state['best_model_checkpoint'])}` "
+            f"(update {state.get('best_global_step')}"
+            + (f", validation metric {metric:.4f}" if isinstance(metric, (int, float)) else "")
+            + "), loaded when training ended (`load_best_model_at_end`); the numbers below are theirs.", ""]
 
 
 def _per_epoch_table(log_history: list[dict]) -> list[str]:
@@ -365,8 +456,8 @@ def _per_epoch_table(log_history: list[dict]) -> list[str]:
 
     renamed = []
     for entry in log_history:
-        entry = dict(entry)
-        for key in [k for k in entry if RESULT_KEY_RE.match(k)]:
+        entry = {k: v for k, v in entry.items() if not isinstance(v, list)}  # per-class lists: not in a row
+        for key in [k for k in entry if _quality_metric(k, entry[k])]:
             match = RESULT_KEY_RE.match(key)
             label = _metric_label(match).replace(" ", "_")
             entry[f"{match['prefix']}_{label}_(%)"] = round(100 * entry.pop(key), 2)
@@ -500,9 +591,12 @@ def write_model_card(work_dir: str, *, repo_id: str | None = None, native_subfol
 
     body += ["", "## Evaluation", ""]
     if results:
-        body += _evaluation_table(facts, results)
+        body += _best_weights_line(facts, trainer_state) + _evaluation_table(facts, results)
     else:
         body.append("No evaluation results (all_results.json missing or without metrics).")
+    per_class = _per_class_table(all_results, config)
+    if per_class:
+        body += [""] + per_class
     per_epoch = _per_epoch_table((trainer_state or {}).get("log_history") or [])
     if per_epoch:
         body += ["", "Per validation during training:", ""] + per_epoch
@@ -516,8 +610,15 @@ def write_model_card(work_dir: str, *, repo_id: str | None = None, native_subfol
 
     body += ["", "## Confusion matrix", ""]
     confusion_path = os.path.join(work_dir, CONFUSION_FILE)
-    if confusion and plot_confusion_matrix(confusion, confusion_path):
+    shown = plot_confusion_matrix(confusion, confusion_path) if confusion else 0
+    if shown:
         body.append(f"![confusion matrix]({CONFUSION_FILE})")
+        total = len(confusion["matrix"])
+        if shown < total:
+            body += ["", f"The {shown} of {total} classes most often confused (their images predicted as another "
+                         f"class, plus other classes' images predicted as them), most first; each row is the % of "
+                         f"that true class's images, so a row's shown cells need not sum to 100. All counts are in "
+                         f"`confusion_matrix.json`."]
     else:
         body.append("Not available (confusion_matrix.json missing).")
 
