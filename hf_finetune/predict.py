@@ -162,12 +162,13 @@ class Classifier:
         return (logits.sigmoid() if self.multi_label else logits.softmax(-1)).cpu()
 
     def predicted(self, scores: torch.Tensor) -> list[str]:
-        """The labels a multi-label model predicts from one image's scores."""
-        from hf_finetune.metrics.multilabel.multilabel import predicted_positive
-
+        """The labels a multi-label model predicts from one image's scores: its k best, or
+        those scoring at least thr (metrics/multilabel's rule; that evaluate script is loaded
+        by path, not imported)."""
         thr, topk = self.rule
-        positive = predicted_positive(scores.numpy()[None], thr, topk)[0]
-        return [label for label, chosen in zip(self.labels, positive) if chosen]
+        chosen = set(scores.argsort(descending=True, stable=True)[:topk].tolist()) if topk else \
+            {i for i, score in enumerate(scores.tolist()) if score >= thr}
+        return [label for i, label in enumerate(self.labels) if i in chosen]
 
 
 # ------------------------------------------------------------------ inputs
