@@ -1,9 +1,10 @@
 """Precision / recall / F1 / support of a single-label classifier (mmpretrain `SingleLabelMetric`) as an `evaluate` module.
 
 predictions: the predicted (top-1) class per sample; references: the true class; scores: the
-predicted class's probability per sample, needed when a threshold is set; num_classes: how many.
+predicted class's probability per sample; num_classes: how many.
 A prediction counts as positive for its class when its score is above thr (strictly, as in
-mmpretrain); thr None counts every prediction. Per class: precision = TP / predicted,
+mmpretrain); thr None counts every prediction, and so do all thresholds without scores (as
+mmpretrain ignores thrs when it has labels only). Per class: precision = TP / predicted,
 recall = TP / true, counts of zero dividing by one, F1 their harmonic mean.
 average "macro": the mean over classes (F1 the mean of the per-class F1s); "micro": from the
 counts summed over classes; None: every class's value, as a list.
@@ -28,7 +29,7 @@ Args:
     predictions (list of int): predicted class per sample.
     references (list of int): true class per sample.
     num_classes (int): number of classes.
-    scores (list of float, optional): the predicted class's probability per sample.
+    scores (list of float, optional): the predicted class's probability per sample (without: thrs do not apply).
     thrs (float, None or list of them): score above which a prediction counts. Defaults to 0.0.
     items (list of str): from "precision", "recall", "f1-score", "support". Defaults to the first three.
     average (str or None): "macro", "micro" or None (per class). Defaults to "macro".
@@ -80,9 +81,11 @@ class SingleLabel(evaluate.Metric):
         for values in (predicted_class, true_class):
             if len(values) and not 0 <= values.min() <= values.max() < num_classes:
                 raise ValueError(f"class indices must be in 0..{num_classes - 1}")
-        if any(thr is not None for thr in thrs):
-            if scores is None or len(scores) != len(predicted_class):
-                raise ValueError("a threshold needs one score per prediction")
+        if scores is None:
+            thrs = [None]
+        elif len(scores) != len(predicted_class):
+            raise ValueError(f"{len(scores)} scores for {len(predicted_class)} predictions")
+        else:
             scores = np.asarray(scores, dtype=np.float64)
         suffix = {"macro": "", "micro": "_micro", None: "_classwise"}[average]
         results = {}
