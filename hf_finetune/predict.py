@@ -99,8 +99,7 @@ class Classifier:
                                         source="predict") if steps else None
         self.labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
         self.multi_label = model.config.problem_type == "multi_label_classification"
-        if self.multi_label:
-            self.rule = rule or (DEFAULT_THR, None)
+        self.rule = (rule or (DEFAULT_THR, None)) if self.multi_label else None
 
     @classmethod
     def load(cls, source: str, device=None) -> "Classifier":
@@ -334,7 +333,7 @@ def main(argv=None) -> int:
         classifier = Classifier.load(args.model, device=args.device)
         rows = predict(classifier, args.inputs, topk=args.topk, batch_size=args.batch_size,
                        progress=sys.stdout.isatty())
-        print(format_table(rows, classifier.rule if classifier.multi_label else None))
+        print(format_table(rows, classifier.rule))
         if args.out:
             write_rows(rows, args.out)
     except UserError as error:
