@@ -296,6 +296,24 @@ class AccuracyCfg:
                                 min=0, max=1)
 
 
+@dataclass
+class SingleLabelMetricCfg:
+    type: str = knob("SingleLabelMetric", "precision / recall / F1 / support of a single-label head",
+                     choices=("SingleLabelMetric",))
+    thrs: Union[None, float, list[Optional[float]]] = knob(
+        0.0, "a prediction counts when its probability is above this; null: always; a list: each",
+        min=0, max=1)
+    items: list[str] = knob(["precision", "recall", "f1-score"], "what to report",
+                            choices=("precision", "recall", "f1-score", "support"),
+                            check=lambda v: None if v else "must name at least one item")
+    average: Optional[str] = knob("macro", "macro: mean over classes; micro: from summed counts; "
+                                  "null: every class", choices=("macro", "micro", None))
+
+
+EVALUATOR_TYPES = {"Accuracy": AccuracyCfg, **{name: AccuracyCfg for name in MULTI_LABEL_METRICS},
+                   "SingleLabelMetric": SingleLabelMetricCfg}
+
+
 # --- schedule ----------------------------------------------------------------------------------
 
 
@@ -654,8 +672,10 @@ class Config:
     train_dataloader: Optional[DataloaderCfg] = knob(None, "training data")
     val_dataloader: Optional[DataloaderCfg] = knob(None, "validation data")
     test_dataloader: Optional[DataloaderCfg] = knob(None, "test data")
-    val_evaluator: list[AccuracyCfg] = knob([{"type": "Accuracy"}], "validation metrics", listify=True)
-    test_evaluator: list[AccuracyCfg] = knob([{"type": "Accuracy"}], "test metrics", listify=True)
+    val_evaluator: list[Union[AccuracyCfg, SingleLabelMetricCfg]] = knob(
+        [{"type": "Accuracy"}], "validation metrics", types=EVALUATOR_TYPES, listify=True)
+    test_evaluator: list[Union[AccuracyCfg, SingleLabelMetricCfg]] = knob(
+        [{"type": "Accuracy"}], "test metrics", types=EVALUATOR_TYPES, listify=True)
     optim_wrapper: Optional[OptimWrapperCfg] = knob(None, "optimizer and its wrapper")
     param_scheduler: list[SchedulerCfg] = knob([], "LR schedule; several multiply",
                                                types=SCHEDULER_TYPES, listify=True)
@@ -680,6 +700,9 @@ class Config:
     custom_hooks: list[Any] = knob([], "mmengine hooks: EMAHook, EarlyStoppingHook", types=HOOK_TYPES,
                                    listify=True)
     model_card: ModelCardCfg = knob(ModelCardCfg, "what the model card states")
+    sync_bn: Optional[str] = knob(None, 'mmengine\'s sync_bn: "torch" turns BatchNorm into torch.nn.SyncBatchNorm '
+                                  "when several processes train, so its statistics cover the whole batch; "
+                                  "null: per device", choices=(None, "torch"))
     name: Optional[str] = knob(None, "the recipe's name (its file name)")
 
     def to_dict(self):
@@ -708,7 +731,8 @@ class Config:
         """The k of the top-k accuracies reported: the head's (mmcls' heads declare theirs)
         and the evaluators', sorted."""
         ks = set()
-        for topk in [self.model.head.topk] + [e.topk for e in self.val_evaluator + self.test_evaluator]:
+        for topk in [self.model.head.topk] + [e.topk for e in self.val_evaluator + self.test_evaluator
+                                              if isinstance(e, AccuracyCfg)]:
             ks.update(topk_list(topk))
         return sorted(ks)
 
@@ -764,9 +788,18 @@ def _check_config(cfg, error):
                 wanted = "MultiLabelMetric" if head.multi_label else "Accuracy"
                 raise error((name, i, "type"), f"{evaluator.type} does not fit a "
                             f"{'multi' if head.multi_label else 'single'}-label head; use {wanted}")
+    single_label = {}  # average -> (list, index, entry): the first SingleLabelMetric reporting its keys
+    for name in ("val_evaluator", "test_evaluator"):
+        for i, evaluator in enumerate(getattr(cfg, name)):
+            if evaluator.type == "SingleLabelMetric":
+                first = single_label.setdefault(evaluator.average, (name, i, evaluator))
+                if first[2] != evaluator:
+                    raise error((name, i), f"reports the same keys as {first[0]}.{first[1]} (average "
+                                f"{json.dumps(evaluator.average)}) with other settings; validation and test "
+                                f"report every evaluator's metrics: give both the same settings")
     for where, ks in [(("model", "head", "topk"), head.topk)] + [
             ((name, i, "topk"), e.topk) for name in ("val_evaluator", "test_evaluator")
-            for i, e in enumerate(getattr(cfg, name))]:
+            for i, e in enumerate(getattr(cfg, name)) if isinstance(e, AccuracyCfg)]:
         ks = topk_list(ks)
         if head.num_classes is not None and max(ks) > head.num_classes and not head.multi_label:
             raise error(where, f"{ks} needs at least {max(ks)} classes but model.head.num_classes "
@@ -813,6 +846,25 @@ def _check_config(cfg, error):
                 ds.hub_id or ds.data_root):
             raise error((f"{split}_dataloader", "dataset", "hub_id"),
                         'HFImageDataset needs a hub_id (e.g. "uoft-cs/cifar100") or a data_root')
+    _check_load_best(cfg, error)
+
+
+def _check_load_best(cfg, error):
+    """load_best_model_at_end picks the best of the saved checkpoints by their validation:
+    every checkpoint must follow one (TrainingArguments' rule, said in recipe terms)."""
+    if not cfg.training_args.get("load_best_model_at_end"):
+        return
+    where = ("training_args", "load_best_model_at_end")
+    checkpoint, train = cfg.default_hooks.checkpoint, cfg.train_cfg
+    if cfg.val_dataloader is None:
+        raise error(where, "needs a val_dataloader: the best checkpoint is the best validation")
+    if checkpoint.interval < 1:
+        raise error(where, "needs checkpoints; default_hooks.checkpoint.interval is -1")
+    ckpt_by_epoch = train.by_epoch if checkpoint.by_epoch is None else checkpoint.by_epoch
+    if ckpt_by_epoch == train.by_epoch and checkpoint.interval % train.val_interval:
+        raise error(where, f"needs a validation before every checkpoint: default_hooks.checkpoint.interval "
+                           f"({checkpoint.interval}) must be a multiple of train_cfg.val_interval "
+                           f"({train.val_interval})")
 
 
 def _check_batch_augments(train, head, error):

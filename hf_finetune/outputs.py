@@ -17,8 +17,9 @@ def save_metrics(work_dir, split, metrics):
     dump_json(dict(sorted(metrics.items())), os.path.join(work_dir, f"{split}_results.json"))
 
 
-def save_outputs(trainer, cfg, results):
-    """Final weights, config, recipe, metrics and trainer state in the work dir."""
+def save_outputs(trainer, cfg, results, confusion=None):
+    """Final weights, config, recipe, metrics, trainer state and the confusion matrix
+    (evaluate_splits' {"split", "matrix"}, single-label only) in the work dir."""
     work_dir = resolved_work_dir(cfg)
     if not trainer.is_world_process_zero():
         return
@@ -29,10 +30,10 @@ def save_outputs(trainer, cfg, results):
         dump_json(cfg.to_dict(), os.path.join(work_dir, "recipe.json"))
         save_metrics(work_dir, "all", results)
         dump_json(dataclasses.asdict(trainer.state), os.path.join(work_dir, "trainer_state.json"))
-        matrix = getattr(trainer.compute_metrics, "matrix", None)  # single-label only
-        if matrix is not None:
-            names = [trainer.model.config.id2label[i] for i in range(len(matrix))]
-            dump_json({"labels": names, "matrix": matrix}, os.path.join(work_dir, "confusion_matrix.json"))
+        if confusion is not None:
+            names = [trainer.model.config.id2label[i] for i in range(len(confusion["matrix"]))]
+            dump_json({"split": confusion["split"], "labels": names, "matrix": confusion["matrix"]},
+                      os.path.join(work_dir, "confusion_matrix.json"))
     try:
         from . import hub
         from .hub.card import write_environment

@@ -8,6 +8,11 @@ through its image processor.
 
     rows = predict("work_dirs/cifar10", ["photos/"], topk=3)
     # [{"file": "photos/cat.png", "predictions": [("cat", 0.91), ...], "error": None}, ...]
+
+A multi-label model (config problem_type "multi_label_classification") scores each label on
+its own (sigmoid), and its rows also hold "predicted": every label the model predicts, by the
+rule its evaluation used (the recipe's threshold or top-k; without a recipe, a score of at
+least config.MULTI_LABEL_THR).
 """
 
 from __future__ import annotations
@@ -22,10 +27,11 @@ import sys
 import numpy as np
 import torch
 
-from hf_finetune.config import read_config
+from hf_finetune.config import MULTI_LABEL_THR, read_config
 from hf_finetune.data.decode import LazyImage, decode_image
 from hf_finetune.data.sources import IMAGE_EXTENSIONS
 from hf_finetune.data.transforms import BatchTransform
+from hf_finetune.devices import default_device
 from hf_finetune.errors import CheckpointError, DataError, UserError
 
 RECIPE_FILE = "recipe.json"
@@ -36,18 +42,22 @@ HUB_OPTIONAL = (RECIPE_FILE, PROCESSOR_FILE)
 
 
 # ------------------------------------------------------------------ model
-def _eval_steps(model_dir: str):
-    """The pipeline steps the model was evaluated with, or None when no recipe is saved.
+def _saved_recipe(model_dir: str):
+    """The Config the model was trained with, or None when no recipe is saved.
 
     A work dir holds recipe.json; a checkpoint-N folder's parent does.
     """
     for folder in (model_dir, os.path.dirname(os.path.abspath(model_dir))):
         path = os.path.join(folder, RECIPE_FILE)
         if os.path.isfile(path):
-            cfg = read_config(path)
-            section = cfg.test_dataloader or cfg.val_dataloader
-            return [step.op for step in section.dataset.pipeline] if section else None
+            return read_config(path)
     return None
+
+
+def _eval_steps(cfg):
+    """The pipeline steps the model was evaluated with (None: no test or val section)."""
+    section = cfg.test_dataloader or cfg.val_dataloader
+    return [step.op for step in section.dataset.pipeline] if section else None
 
 
 def _download(repo_id: str) -> str:
@@ -71,9 +81,11 @@ def _download(repo_id: str) -> str:
 
 
 class Classifier:
-    """A loaded model and the preprocessing it was evaluated with: uint8 images -> probabilities."""
+    """A loaded model and the preprocessing it was evaluated with: uint8 images -> probabilities.
 
-    def __init__(self, model, *, steps=None, processor=None, device=None):
+    rule: (thr, topk), when a multi-label model predicts a label (Config.multi_label_decision)."""
+
+    def __init__(self, model, *, steps=None, processor=None, device=None, rule=None):
         try:
             self.device = torch.device(device or default_device())
             self.model = model.to(self.device).eval()
@@ -85,6 +97,8 @@ class Classifier:
         self.transform = BatchTransform(steps, image_column="img", label_column="label",
                                         source="predict") if steps else None
         self.labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+        self.multi_label = model.config.problem_type == "multi_label_classification"
+        self.rule = (rule or (MULTI_LABEL_THR, None)) if self.multi_label else None
 
     @classmethod
     def load(cls, source: str, device=None) -> "Classifier":
@@ -97,11 +111,12 @@ class Classifier:
         if not os.path.isfile(os.path.join(source, "config.json")):
             raise CheckpointError(f"model {source!r}: no config.json there; expected a work dir, a checkpoint-N "
                                   f"folder, an exported folder or a Hub id")
-        steps = _eval_steps(source)
+        cfg = _saved_recipe(source)
+        steps = _eval_steps(cfg) if cfg is not None else None
         if steps is not None:
             from hf_finetune.hub.export import load_work_dir_model
 
-            return cls(load_work_dir_model(source), steps=steps, device=device)
+            return cls(load_work_dir_model(source), steps=steps, device=device, rule=cfg.multi_label_decision())
         if not os.path.isfile(os.path.join(source, PROCESSOR_FILE)):
             raise CheckpointError(f"model {source!r}: neither {RECIPE_FILE} (here or in the parent folder) nor "
                                   f"{PROCESSOR_FILE}, so the preprocessing it expects is unknown")
@@ -112,7 +127,8 @@ class Classifier:
             processor = AutoImageProcessor.from_pretrained(source)
         except (OSError, ValueError) as exc:
             raise CheckpointError(f"cannot load the model in {source!r}: {exc}") from None
-        return cls(model, processor=processor, device=device)
+        return cls(model, processor=processor, device=device,
+                   rule=cfg.multi_label_decision() if cfg is not None else None)
 
     def open(self, path: str):
         """What model_inputs takes for one file: the undecoded image for the evaluation
@@ -137,17 +153,20 @@ class Classifier:
 
     @torch.inference_mode()
     def probabilities(self, images: list[np.ndarray]) -> torch.Tensor:
-        """[len(images), num_labels] softmax scores, in the order of `images`."""
+        """[len(images), num_labels] scores, in the order of `images`: softmax over the labels,
+        or for a multi-label model each label's own sigmoid."""
         logits = self.model(pixel_values=self.model_inputs(images).to(self.device, non_blocking=True)).logits
-        return logits.float().softmax(-1).cpu()
+        logits = logits.float()
+        return (logits.sigmoid() if self.multi_label else logits.softmax(-1)).cpu()
 
-
-def default_device() -> str:
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
+    def predicted(self, scores: torch.Tensor) -> list[str]:
+        """The labels a multi-label model predicts from one image's scores: its k best, or
+        those scoring at least thr (metrics/multilabel's rule; that evaluate script is loaded
+        by path, not imported)."""
+        thr, topk = self.rule
+        chosen = set(scores.argsort(descending=True, stable=True)[:topk].tolist()) if topk else \
+            {i for i, score in enumerate(scores.tolist()) if score >= thr}
+        return [label for i, label in enumerate(self.labels) if i in chosen]
 
 
 # ------------------------------------------------------------------ inputs
@@ -187,7 +206,8 @@ def predict(model, inputs, topk: int = 5, batch_size: int = 32, device=None, pro
 
     model: a path or Hub id (see the module docstring), or a loaded Classifier.
     Returns one row per file: {"file", "predictions": [(label, probability), ...], "error"};
-    an unreadable file has no predictions and its error message.
+    an unreadable file has no predictions and its error message. A multi-label model's rows
+    also hold "predicted": the labels it predicts (in label order, top-k or not).
     """
     from tqdm.auto import tqdm
 
@@ -207,7 +227,10 @@ def predict(model, inputs, topk: int = 5, batch_size: int = 32, device=None, pro
             for path, probabilities in _scored(classifier, readable, images, rows):
                 scores, indices = probabilities.topk(topk)
                 predictions = [(classifier.labels[i], s) for i, s in zip(indices.tolist(), scores.tolist())]
-                rows.append({"file": path, "predictions": predictions, "error": None})
+                row = {"file": path, "predictions": predictions, "error": None}
+                if classifier.multi_label:
+                    row["predicted"] = classifier.predicted(probabilities)
+                rows.append(row)
             bar.update(len(files[start:start + batch_size]))
     order = {path: i for i, path in enumerate(files)}
     return sorted(rows, key=lambda row: order[row["file"]])
@@ -232,11 +255,13 @@ def _scored(classifier, paths, images, rows):
 
 
 # ------------------------------------------------------------------ output
-def format_table(rows: list[dict]) -> str:
-    """file | top-1 | top-2 ... with scores in percent; an unreadable file says why on its line."""
+def format_table(rows: list[dict], rule=None) -> str:
+    """file | top-1 | top-2 ... with scores in percent; an unreadable file says why on its line.
+    A label a multi-label model predicts is marked *; rule: its (thr, topk), said below the table."""
     topk = max((len(row["predictions"]) for row in rows), default=0)
     header = ["file"] + [f"top-{k}" for k in range(1, topk + 1)]
-    cells = [[row["file"]] + [f"{label} ({100 * score:.1f}%)" for label, score in row["predictions"]]
+    cells = [[row["file"]] + [f"{label} ({100 * score:.1f}%)" + (" *" if label in row.get("predicted", ()) else "")
+                              for label, score in row["predictions"]]
              for row in rows]
     widths = [max(len(header[c]), *(len(r[c]) for r in cells if c < len(r))) for c in range(len(header))]
     lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip()]
@@ -245,6 +270,10 @@ def format_table(rows: list[dict]) -> str:
             lines.append(f"{row['file'].ljust(widths[0])}  ERROR: {row['error']}")
         else:
             lines.append("  ".join(c.ljust(w) for c, w in zip(cell, widths)).rstrip())
+    if any("predicted" in row for row in rows):
+        thr, k = rule or (None, None)
+        how = f"among the {k} best labels" if k else f"score >= {thr}" if thr is not None else "by its rule"
+        lines.append(f"* predicted by the multi-label model ({how})")
     return "\n".join(lines)
 
 
@@ -252,19 +281,22 @@ def write_rows(rows: list[dict], path: str) -> None:
     """CSV (file, label_1, score_1, ..., error) or JSON (the rows), chosen by the extension."""
     if path.lower().endswith(".json"):
         content = [{"file": row["file"], "error": row["error"],
-                    "predictions": [{"label": label, "score": score} for label, score in row["predictions"]]}
+                    "predictions": [{"label": label, "score": score} for label, score in row["predictions"]],
+                    **({"predicted": row["predicted"]} if "predicted" in row else {})}
                    for row in rows]
         with open(path, "w", encoding="utf-8") as handle:
             json.dump(content, handle, indent=2)
         return
     topk = max((len(row["predictions"]) for row in rows), default=0)
+    multi_label = any("predicted" in row for row in rows)  # + the labels it predicts, ";"-separated
     with open(path, "w", encoding="utf-8", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["file"] + [f"{kind}_{k}" for k in range(1, topk + 1) for kind in ("label", "score")]
-                        + ["error"])
+                        + ["predicted"] * multi_label + ["error"])
         for row in rows:
             flat = [value for label, score in row["predictions"] for value in (label, f"{score:.6f}")]
-            writer.writerow([row["file"]] + flat + [""] * (2 * topk - len(flat)) + [row["error"] or ""])
+            writer.writerow([row["file"]] + flat + [""] * (2 * topk - len(flat))
+                            + [";".join(row.get("predicted", ()))] * multi_label + [row["error"] or ""])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -297,9 +329,10 @@ def main(argv=None) -> int:
             raise UserError(f"--topk {args.topk} / --batch-size {args.batch_size}: both must be >= 1")
         if args.out and not args.out.lower().endswith((".csv", ".json")):
             raise UserError(f"--out {args.out}: expected a .csv or .json file name")
-        rows = predict(args.model, args.inputs, topk=args.topk, batch_size=args.batch_size, device=args.device,
+        classifier = Classifier.load(args.model, device=args.device)
+        rows = predict(classifier, args.inputs, topk=args.topk, batch_size=args.batch_size,
                        progress=sys.stdout.isatty())
-        print(format_table(rows))
+        print(format_table(rows, classifier.rule))
         if args.out:
             write_rows(rows, args.out)
     except UserError as error:

@@ -23,7 +23,7 @@ if __name__ == "__main__" and not __package__:
 
     sys.exit(main())
 
-from hf_finetune.config import apply_overrides, load_config, resolved_work_dir
+from hf_finetune.config import apply_overrides, load_config, read_config, resolved_work_dir
 from hf_finetune.errors import RecipeError, UserError
 
 logger = logging.getLogger("hf_finetune")
@@ -127,8 +127,9 @@ def train(cfg, resume=None, overwrite=False):
             train_result = trainer.train(resume_from_checkpoint=checkpoint)  # raises on a NaN loss
 
         # Evaluate each distinct split once, then save.
-        results = {**train_result.metrics, **evaluate_splits(trainer, cfg, datasets)}
-        save_outputs(trainer, cfg, results)
+        evaluated, confusion = evaluate_splits(trainer, cfg, datasets)
+        results = {**train_result.metrics, **evaluated}
+        save_outputs(trainer, cfg, results, confusion)
 
     if trainer.is_world_process_zero():
         logger.info("done: %s", headline(results))
@@ -175,11 +176,21 @@ def headline(metrics):
 
 
 def _step_of(folder):
+    """Which update the weights saved in `folder` are from, for the log line."""
     try:
         with open(os.path.join(folder, "trainer_state.json")) as f:
-            return f" (after update {json.load(f)['global_step']})"
-    except (OSError, ValueError, KeyError):
+            state = json.load(f)
+        step, best = state["global_step"], state.get("best_global_step")
+    except (OSError, ValueError, KeyError, TypeError):
         return ""
+    recipe = os.path.join(folder, "recipe.json")  # a work dir's, not a checkpoint's
+    try:
+        load_best = os.path.isfile(recipe) and read_config(recipe).training_args.get("load_best_model_at_end")
+    except UserError:  # an unreadable recipe.json: only this line loses the detail
+        load_best = False
+    if load_best and best not in (None, step):
+        return f" (the best checkpoint, update {best}, loaded when training ended after update {step})"
+    return f" (after update {step})"
 
 
 class Terminated(KeyboardInterrupt):

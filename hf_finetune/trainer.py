@@ -203,32 +203,6 @@ class FinetuneTrainer(Trainer):
         super().log(logs, start_time)
 
 
-class EvalMetrics:
-    """compute_metrics: top-k accuracy through the shipped `evaluate` module, plus the
-    confusion matrix of the last evaluation (kept for the model card)."""
-
-    def __init__(self, topk, num_classes):
-        from .metrics import load_accuracy
-
-        self.metric = load_accuracy()
-        self.topk = topk
-        self.num_classes = num_classes
-        self.matrix = None
-
-    def __call__(self, eval_pred):
-        ranked, labels = eval_pred.predictions, eval_pred.label_ids
-        if isinstance(ranked, tuple):
-            ranked = ranked[0]
-        results = self.metric.compute(predictions=ranked.tolist(), references=labels.tolist(),
-                                      topk=self.topk)
-        matrix = torch.zeros(self.num_classes, self.num_classes, dtype=torch.long)
-        top1 = torch.as_tensor(ranked[:, 0]).long()
-        matrix.index_put_((torch.as_tensor(labels).long(), top1), torch.ones_like(top1), accumulate=True)
-        self.matrix = matrix.tolist()
-        results["num_samples"] = int(len(labels))
-        return results
-
-
 def topk_of(cfg, num_classes):
     """The k values to report: the evaluators' and the head's (mmcls' head declares top-1 and
     top-5), and how many ranked classes that needs (never more than there are classes)."""

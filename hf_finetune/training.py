@@ -18,24 +18,18 @@ from transformers import TrainingArguments, set_seed
 
 from . import logs
 from .config import report_to, resolved_work_dir, to_data
+from .devices import accelerator
 from .errors import RecipeError, TrainingError
 from .metrics import metric_key
-from .trainer import EvalMetrics, FinetuneTrainer, topk_of
+from .trainer import FinetuneTrainer, topk_of
 
 logger = logging.getLogger("hf_finetune")
-
-
-def has_accelerator():
-    mps = getattr(torch.backends, "mps", None)
-    xpu = getattr(torch, "xpu", None)
-    return (torch.cuda.is_available() or bool(mps and mps.is_available())
-            or bool(xpu and xpu.is_available()))
 
 
 def process_state():
     """accelerate's view of this process (rank, world size); on a machine without GPUs the
     processes form one gloo (CPU) group, as TrainingArguments(use_cpu=True) sets up too."""
-    cpu = not has_accelerator()
+    cpu = accelerator() is None
     return PartialState(cpu=cpu, **({"backend": "gloo"} if cpu and _launched_processes() > 1 else {}))
 
 
@@ -183,7 +177,7 @@ def build_training_args(cfg, plan, steps_per_epoch=1, validate=True):
                               "use \"bfloat16\" on CPU")
         else:
             args["fp16"] = True
-    if not has_accelerator():
+    if accelerator() is None:
         # No GPU: with several processes, use_cpu is what makes them one gloo job instead of
         # N trainings that ignore each other; it also allows bf16 on CPU.
         args["use_cpu"] = True
@@ -193,6 +187,8 @@ def build_training_args(cfg, plan, steps_per_epoch=1, validate=True):
         # Pinned batches can be copied while the previous step still runs on the GPU.
         args["accelerator_config"] = {"non_blocking": True}
     args.update(cfg.training_args)
+    if not evaluate:  # --eval-only: no validation, so no best checkpoint to pick
+        args.pop("load_best_model_at_end", None)
     check_integrations(args["report_to"])
     try:
         training_args = TrainingArguments(**args)
@@ -213,22 +209,20 @@ def build_training_args(cfg, plan, steps_per_epoch=1, validate=True):
 
 def evaluation_metrics(cfg, num_classes):
     """(compute_metrics, preprocess_logits_for_metrics) for the head: top-k accuracy and the
-    confusion matrix, or mmpretrain's multi-label metrics."""
-    if cfg.model.head.multi_label:
-        from .metrics import MultiLabelMetrics, multilabel_scores
+    SingleLabelMetric evaluators, or mmpretrain's multi-label metrics."""
+    from .metrics import MultiLabelMetrics, SingleLabelMetrics, multilabel_scores, ranked_classes
 
+    if cfg.model.head.multi_label:
         thr, topk = cfg.multi_label_decision()
         return MultiLabelMetrics(thr=thr, topk=topk), multilabel_scores
-
     topk, rank_k = topk_of(cfg, num_classes)
-
-    def ranked_classes(logits, labels):
-        # Keep only the best k class indices per sample: less to gather across processes.
-        if isinstance(logits, tuple):
-            logits = logits[0]
-        return logits.topk(rank_k, dim=-1).indices
-
-    return EvalMetrics(topk, num_classes), ranked_classes
+    single_label = []  # validation and test report the metrics of both evaluator lists
+    for evaluator in cfg.val_evaluator + cfg.test_evaluator:
+        if evaluator.type == "SingleLabelMetric":
+            options = {"thrs": evaluator.thrs, "items": evaluator.items, "average": evaluator.average}
+            if options not in single_label:
+                single_label.append(options)
+    return SingleLabelMetrics(topk, num_classes, single_label), ranked_classes(rank_k)
 
 
 def build_trainer(cfg, datasets=None, model=None, callbacks=None):
@@ -255,6 +249,7 @@ def build_trainer(cfg, datasets=None, model=None, callbacks=None):
     steps = updates_per_epoch(len(datasets["train"]), plan, cfg.train_dataloader.drop_last) \
         if "train" in datasets else 1
     args = build_training_args(cfg, plan, steps, validate="val" in datasets)
+    model = sync_batchnorm(model, cfg.sync_bn, state.num_processes, accelerator())
     if cfg.env_cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if cfg.env_cfg.cudnn_benchmark:
@@ -297,24 +292,80 @@ def build_trainer(cfg, datasets=None, model=None, callbacks=None):
     return trainer
 
 
+def sync_batchnorm(model, sync_bn, num_processes, device):
+    """mmengine's sync_bn: with several processes, BatchNorm layers normalise with the statistics
+    of the whole batch (torch.nn.SyncBatchNorm) instead of each device's share. Frozen layers
+    keep their parameters and stay in eval mode (the model's train() re-applies it)."""
+    if sync_bn is None or num_processes < 2:
+        return model
+    if device not in ("cuda", "xpu"):  # SyncBatchNorm refuses other devices when it trains
+        raise RecipeError(f'sync_bn: "{sync_bn}" needs GPUs (torch.nn.SyncBatchNorm does not run on '
+                          f'{device or "the CPU"}); set it to null')
+    return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
 def evaluate_splits(trainer, cfg, datasets):
-    """val and test metrics of the final model, each distinct split evaluated once: the
-    validation that ran at the last update is reused, and a test split that is the val split
-    (CIFAR-10's case) reuses the val numbers."""
-    results = {}
+    """val and test metrics of the weights training ends with (the ones saved), and for a
+    single-label model the confusion matrix of the test split (else val): (results, confusion),
+    confusion = {"split", "matrix"} or None.
+
+    Each split is evaluated at most once after training: a validation that evaluated the final
+    weights (last_validation) is reused, and a test split that is the val split (CIFAR-10's
+    case) reuses freshly computed val numbers. A reused validation left no predictions behind,
+    so the split the confusion matrix comes from is evaluated again."""
+    from .metrics import confusion_matrix
+
+    single_label = not cfg.model.head.multi_label
+    matrix_split = "test" if "test" in datasets else "val"
+    results, predictions = {}, None
+    if best_reloaded(trainer):
+        logger.info("the final weights are the best checkpoint, %s (%s %.4f): evaluating them",
+                    trainer.state.best_model_checkpoint, trainer.args.metric_for_best_model, trainer.state.best_metric)
     if "val" in datasets:
-        val = last_validation(trainer) or trainer.evaluate()
+        val = last_validation(trainer)
+        if val is None or (single_label and matrix_split == "val"):
+            # A point of the validation curve only when no validation of the last update exists.
+            log = val is None and not best_reloaded(trainer)
+            val, predictions = final_evaluation(trainer, datasets["val"], "eval", log=log)
         results.update(val)
     if "test" in datasets:
-        if "val" in datasets and same_data(cfg.val_dataloader, cfg.test_dataloader):
+        if "val" in datasets and same_data(cfg.val_dataloader, cfg.test_dataloader) and (
+                predictions is not None or not single_label):
             results.update({"test_" + k.removeprefix("eval_"): v for k, v in val.items()})
         else:
-            results.update(trainer.evaluate(datasets["test"], metric_key_prefix="test"))
-    return results
+            test, predictions = final_evaluation(trainer, datasets["test"], "test")
+            results.update(test)
+    if not single_label or predictions is None:
+        return results, None
+    (ranked, _), labels = predictions
+    return results, {"split": matrix_split,
+                     "matrix": confusion_matrix(ranked[:, 0], labels, trainer.model.config.num_labels)}
+
+
+def final_evaluation(trainer, dataset, prefix, log=True):
+    """Trainer.evaluate that also returns what it predicted: (metrics, (predictions, labels)).
+    log: record the metrics as Trainer.evaluate does (log history, the log line)."""
+    output = trainer.predict(dataset, metric_key_prefix=prefix)
+    metrics = dict(output.metrics)
+    if log:
+        trainer.log(metrics)
+        trainer.control = trainer.callback_handler.on_evaluate(trainer.args, trainer.state, trainer.control, metrics)
+    return metrics, (output.predictions, output.label_ids)
+
+
+def best_reloaded(trainer):
+    """Whether the Trainer ended by loading a best checkpoint older than the last update
+    (load_best_model_at_end)."""
+    state = trainer.state
+    return bool(trainer.args.load_best_model_at_end and state.best_model_checkpoint is not None
+                and state.best_global_step != state.global_step)
 
 
 def last_validation(trainer):
-    """The metrics of a validation at the final update, from the Trainer's log history."""
+    """The metrics of the validation that evaluated the final weights, from the Trainer's log
+    history: the one at the last update, unless an older best checkpoint was loaded since."""
+    if best_reloaded(trainer):
+        return None
     step = trainer.state.global_step
     for entry in reversed(trainer.state.log_history):
         if entry.get("step") == step and "eval_loss" in entry:

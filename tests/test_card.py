@@ -4,12 +4,14 @@ import json
 import os
 from importlib import metadata
 
+import numpy as np
 import pytest
 import yaml
 
 from hf_finetune.config import config_from_dict
-from hf_finetune.hub.card import (ENVIRONMENT_FILE, learning_rates, normalised_rows, recipe_facts, same_split,
-                                  write_environment, write_model_card)
+from hf_finetune.hub.card import (ENVIRONMENT_FILE, MAX_CONFUSION_CLASSES, learning_rates, most_confused,
+                                  normalised_rows, plot_confusion_matrix, recipe_facts, same_split, write_environment,
+                                  write_model_card)
 
 HISTORY = [
     {"loss": 2.3, "learning_rate": 0.01, "epoch": 0.5, "step": 1},
@@ -138,3 +140,53 @@ def test_multi_label_results_are_tabled_and_in_the_model_index(tmp_path):
     assert "| test (split `test`) | 88.22 | 92.77 |" in text
     metrics = {m["type"]: m["value"] for m in metadata["model-index"][0]["results"][0]["metrics"]}
     assert metrics == {"f1-score": 0.8822, "mAP": 0.9277}
+
+
+def test_single_label_metric_results_counts_and_per_class_table(tmp_path):
+    results = dict(RESULTS, **{"test_single-label/f1-score": 0.5, "test_single-label/support": 16,
+                               "test_single-label/precision_classwise": [0.5, 0.0, 1.0],
+                               "test_single-label/support_classwise": [4, 0, 12]})
+    history = HISTORY[:2] + [dict(HISTORY[2], **{"eval_single-label/precision_classwise": [0.1, 0.2, 0.3]})] + HISTORY[3:]
+    directory = work_dir(tmp_path, results=results)
+    (tmp_path / "config.json").write_text(json.dumps({"depth": 18, "num_labels": 3,
+                                                      "id2label": {"0": "cat", "1": "dog", "2": "ship"}}))
+    (tmp_path / "trainer_state.json").write_text(json.dumps({"log_history": history}))
+    metadata, text = read_card(write_model_card(directory))
+    assert "| split | top-1 accuracy (%) | top-5 accuracy (%) | f1-score (%) | support |" in text
+    assert evaluation_rows(text)[0] == "| test (split `test`) | 31.25 | 80.00 | 50.00 | 16 |"
+    per_class = text.split("Per class (test):")[1].split("\n\n")[1].splitlines()
+    assert per_class == ["| class | precision (%) | support |", "|---|---|---|",
+                         "| cat | 50.00 | 4 |", "| dog | 0.00 | 0 |", "| ship | 100.00 | 12 |"]
+    # A count is no quality metric for the model index; per-class lists stay out of the per-epoch table.
+    types = {m["type"] for m in metadata["model-index"][0]["results"][0]["metrics"]}
+    assert types == {"accuracy", "f1-score"}
+    assert "0.1, 0.2" not in text.split("Per validation during training:")[1]
+
+
+def test_the_confusion_figure_of_1000_classes_shows_the_most_confused(tmp_path):
+    import time
+
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    classes = 1000
+    matrix = np.diag(rng.integers(20, 50, classes))
+    confused = [7, 123, 500, 998]  # 40 of their images predicted as 40 other classes
+    for c in confused:
+        matrix[c, rng.choice(np.delete(np.arange(classes), c), 40, replace=False)] += 1
+    matrix[rng.integers(0, classes, 300), rng.integers(0, classes, 300)] += 1  # a little noise
+    assert set(most_confused(matrix)[:4]) == set(confused)
+    assert most_confused(matrix[:5, :5]) == [0, 1, 2, 3, 4]  # few classes: all, in order
+    confusion = {"split": "test", "labels": [f"a rather long class name number {i}" for i in range(classes)],
+                 "matrix": matrix.tolist()}
+    start = time.perf_counter()
+    assert plot_confusion_matrix(confusion, str(tmp_path / "matrix.png")) == MAX_CONFUSION_CLASSES
+    assert time.perf_counter() - start < 60
+    with Image.open(tmp_path / "matrix.png") as image:
+        assert max(image.size) <= 100 * (0.5 * MAX_CONFUSION_CLASSES + 2)  # inches at 100 dpi
+    assert os.path.getsize(tmp_path / "matrix.png") < 500_000
+
+    directory = work_dir(tmp_path)
+    (tmp_path / "confusion_matrix.json").write_text(json.dumps(confusion))
+    _, text = read_card(write_model_card(directory))
+    assert f"The {MAX_CONFUSION_CLASSES} of 1000 classes most often confused" in text

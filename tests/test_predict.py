@@ -12,7 +12,8 @@ from PIL import Image
 from hf_finetune.config import config_from_dict
 from hf_finetune.data import build_dataloader, build_datasets
 from hf_finetune.models import FinetuneResNetConfig, FinetuneResNetForImageClassification
-from hf_finetune.predict import default_device, main, predict
+from hf_finetune.devices import default_device
+from hf_finetune.predict import main, predict
 
 LABELS = ["cat", "dog", "ship"]
 TEST_PIPELINE = [{"type": "Resize", "scale": 32}, {"type": "PackClsInputs"}]
@@ -52,8 +53,9 @@ def image_root(tmp_path_factory):
     return root
 
 
-def eval_path_probabilities(work_dir, image_root):
-    """What evaluation computes: the test split through build_datasets + the whole-batch loader."""
+def eval_path_probabilities(work_dir, image_root, multi_label=False):
+    """What evaluation computes: the test split through build_datasets + the whole-batch loader;
+    softmax, or for a multi-label model sigmoids."""
     recipe = {"model": {"head": {}},  # the classes are the folder's; only the images matter here
               "test_dataloader": {"dataset": {"type": "HFImageDataset", "data_root": str(image_root),
                                               "split": "test", "pipeline": TEST_PIPELINE}}}
@@ -63,7 +65,7 @@ def eval_path_probabilities(work_dir, image_root):
     with torch.no_grad():
         logits = torch.cat([model(pixel_values=batch["pixel_values"].to(device)).logits.cpu()
                             for batch in build_dataloader(dataset, 2)])
-    return logits.softmax(-1)
+    return logits.sigmoid() if multi_label else logits.softmax(-1)
 
 
 def test_predictions_match_the_evaluation_path(work_dir, image_root):
@@ -182,3 +184,71 @@ def test_a_truncated_jpeg_is_reported_on_its_line(work_dir, image_root, tmp_path
     rows = predict(str(work_dir), [str(folder)], topk=1)
     assert [row["error"] is None for row in rows] == [True, False]
     assert "cannot read the image" in rows[1]["error"]
+
+
+@pytest.fixture(scope="module")
+def multi_label_dir(tmp_path_factory):
+    """A multi-label ResNet-18 (label 0 scores high, label 2 low, label 1 in between) saved with a
+    recipe whose head predicts at a score of 0.4."""
+    out = tmp_path_factory.mktemp("multi") / "work"
+    torch.manual_seed(0)
+    config = FinetuneResNetConfig(depth=18, id2label=dict(enumerate(LABELS)), problem_type="multi_label_classification",
+                                  label2id={name: i for i, name in enumerate(LABELS)})
+    model = FinetuneResNetForImageClassification(config).eval()
+    with torch.no_grad():
+        model.head.fc.bias.copy_(torch.tensor([2.0, 0.0, -2.0]))
+    model.save_pretrained(out)
+    recipe = {"model": {"backbone": {"depth": 18},
+                        "head": {"type": "MultiLabelLinearClsHead", "num_classes": len(LABELS), "thr": 0.4}},
+              "val_evaluator": {"type": "MultiLabelMetric"}, "test_evaluator": {"type": "MultiLabelMetric"},
+              "test_dataloader": {"dataset": {"type": "HFImageDataset", "data_root": str(out),
+                                              "pipeline": TEST_PIPELINE}}}
+    (out / "recipe.json").write_text(json.dumps(config_from_dict(recipe).to_dict()))
+    return out
+
+
+def test_multi_label_scores_are_independent_sigmoids_and_the_threshold_marks_labels(
+        multi_label_dir, image_root, tmp_path, capsys):
+    expected = eval_path_probabilities(multi_label_dir, image_root, multi_label=True)
+    rows = predict(str(multi_label_dir), [str(image_root)], topk=3)
+    predicted = set()
+    for row, scores in zip(rows, expected):
+        got = dict(row["predictions"])
+        assert got == pytest.approx(dict(zip(LABELS, scores.tolist())), abs=1e-4)
+        assert sum(got.values()) > 1.2  # each label on its own, no softmax
+        assert row["predicted"] == [label for label in LABELS if got[label] >= 0.4]  # the recipe's head thr
+        predicted.update(row["predicted"])
+    assert "cat" in predicted and "ship" not in predicted  # the threshold separates
+
+    files = [row["file"] for row in rows[:3]]
+
+    assert main([str(multi_label_dir), *files, "--topk", "2", "--out", str(tmp_path / "p.csv")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split()[1:4] == ["cat", f"({100 * rows[0]['predictions'][0][1]:.1f}%)", "*"]
+    assert lines[-1] == "* predicted by the multi-label model (score >= 0.4)"
+    with open(tmp_path / "p.csv", newline="") as handle:
+        table = list(csv.DictReader(handle))
+    assert [row["predicted"] for row in table] == [";".join(row["predicted"]) for row in rows[:3]]
+
+
+def test_multi_label_without_a_recipe_uses_the_default_threshold(multi_label_dir):
+    from hf_finetune.config import MULTI_LABEL_THR as DEFAULT_THR
+    from hf_finetune.predict import Classifier
+
+    model = FinetuneResNetForImageClassification.from_pretrained(multi_label_dir)
+    classifier = Classifier(model, steps=[step.op for step in config_from_dict(
+        {"model": {"head": {}}, "test_dataloader": {"dataset": {"type": "HFImageDataset", "data_root": ".",
+                                                                "pipeline": TEST_PIPELINE}}}).test_dataloader.dataset.pipeline])
+    assert classifier.multi_label and classifier.rule == (DEFAULT_THR, None)
+    assert classifier.predicted(torch.tensor([0.9, DEFAULT_THR, 0.2])) == ["cat", "dog"]
+    classifier.rule = (None, 1)  # a recipe's MultiLabelMetric topk: the k best
+    assert classifier.predicted(torch.tensor([0.3, 0.1, 0.2])) == ["cat"]
+
+
+def test_single_label_scores_are_a_softmax_and_nothing_is_marked(work_dir, image_root, capsys):
+    rows = predict(str(work_dir), [str(image_root / "test" / "cat" / "b.jpg")], topk=3)
+    assert sum(score for _, score in rows[0]["predictions"]) == pytest.approx(1.0, abs=1e-5)
+    assert "predicted" not in rows[0]
+    assert main([str(work_dir), str(image_root / "test" / "cat" / "b.jpg")]) == 0
+    out = capsys.readouterr().out
+    assert "*" not in out and "multi-label" not in out

@@ -404,6 +404,7 @@ EVERY_SECTION = {
     "hub": {"push": True, "model_id": "user/model", "private": True, "strategy": "checkpoint"},
     "custom_hooks": [{"type": "EMAHook", "momentum": 0.001}],
     "model_card": {"license": "apache-2.0"},
+    "sync_bn": "torch",
     "name": "every_section",
 }
 

@@ -332,3 +332,97 @@ def test_speed_knobs_bf16_and_channels_last_run_on_cpu(tmp_path):
                  "train_cfg.max_epochs=1", "training_args.bf16=true", "env_cfg.channels_last=true"]) == 0
     results = read_json(os.path.join(work_dir, "all_results.json"))
     assert results["test_num_samples"] == 37
+
+
+def test_the_final_evaluations_are_logged_once(finished_run):
+    """The last update's validation is reused (no second entry); the test split is evaluated
+    once after training, logged, and gives the confusion matrix."""
+    _, work_dir = finished_run
+    history = read_json(os.path.join(work_dir, "trainer_state.json"))["log_history"]
+    assert [e["step"] for e in history if "eval_loss" in e] == [6, 12, 18]
+    assert [e["step"] for e in history if "test_loss" in e] == [18]
+    logs = sorted(os.path.join(root, name) for root, _, names in os.walk(work_dir) for name in names
+                  if name.endswith(".log"))
+    assert open(logs[0]).read().count("Epoch(test)") == 1  # the training's (--eval-only runs log after it)
+    assert read_json(os.path.join(work_dir, "confusion_matrix.json"))["split"] == "test"
+
+
+def test_load_best_model_at_end_results_describe_the_saved_weights(tmp_path):
+    """The best validation is not the last one (save_best "loss" with rule "greater" picks the
+    first epoch's): with load_best_model_at_end and EMA, all_results, the card and --eval-only
+    all describe the saved weights, per-class results included."""
+    recipe = tiny_recipe(tmp_path)
+    work_dir = str(tmp_path / "best")
+    evaluators = json.dumps([{"type": "Accuracy", "topk": [1, 5]},
+                             {"type": "SingleLabelMetric", "average": None, "items": ["precision", "support"]}])
+    options = ["training_args.load_best_model_at_end=true", "default_hooks.checkpoint.save_best=loss",
+               "default_hooks.checkpoint.rule=greater", 'custom_hooks=[{"type": "EMAHook", "momentum": 0.5}]',
+               f"val_evaluator={evaluators}", f"test_evaluator={evaluators}"]
+    assert main([recipe, "--work-dir", work_dir, "--cfg-options", *options]) == 0
+    state = read_json(os.path.join(work_dir, "trainer_state.json"))
+    assert (state["best_global_step"], state["global_step"]) == (6, 18)  # the premise of this test
+    validations = {e["step"]: e for e in state["log_history"] if "eval_loss" in e}
+    assert sorted(validations) == [6, 12, 18]  # the best checkpoint's evaluation is no point of the curve
+    results = read_json(os.path.join(work_dir, "all_results.json"))
+    assert results["eval_loss"] == pytest.approx(validations[6]["eval_loss"], abs=1e-5)
+    assert results["eval_loss"] != pytest.approx(validations[18]["eval_loss"], abs=1e-5)
+    assert results["test_loss"] == results["eval_loss"]  # test reads the validation images
+    # The saved weights are the best checkpoint's (EMA: its averaged weights).
+    saved = load_file(os.path.join(work_dir, "model.safetensors"))
+    best = load_file(os.path.join(work_dir, "checkpoint-6", "model.safetensors"))
+    assert saved.keys() == best.keys() and all(torch.equal(saved[k], best[k]) for k in best)
+    # Per class: ten lists' entries, every test image counted once.
+    assert len(results["test_single-label/precision_classwise"]) == 10
+    assert sum(results["test_single-label/support_classwise"]) == 37
+    card = open(os.path.join(work_dir, "README.md")).read()
+    assert "the best checkpoint's, `checkpoint-6` (update 6" in card
+    assert "Per class (test):" in card and "| class | precision (%) | support |" in card
+
+    # The saved model's own evaluation: the same numbers.
+    assert main([recipe, "--work-dir", work_dir, "--eval-only", "--cfg-options", *options]) == 0
+    evaluated = read_json(os.path.join(work_dir, "test_results.json"))
+    for key in ("test_loss", "test_accuracy_top1", "test_accuracy_top5", "test_single-label/precision_classwise",
+                "test_single-label/support_classwise"):
+        assert evaluated[key] == pytest.approx(results[key], abs=1e-5), key
+
+
+def test_load_best_model_at_end_needs_a_validation_before_every_checkpoint(tmp_path, capsys):
+    work_dir = tmp_path / "refused"
+    code = main([tiny_recipe(tmp_path), "--work-dir", str(work_dir), "--cfg-options",
+                 "training_args.load_best_model_at_end=true", "train_cfg.val_interval=2"])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert "training_args.load_best_model_at_end: needs a validation before every checkpoint: " \
+           "default_hooks.checkpoint.interval (1) must be a multiple of train_cfg.val_interval (2)" in err
+    assert "\n" not in err and not work_dir.exists()  # refused before any data or model is built
+
+
+def test_sync_bn_converts_batchnorm_and_keeps_frozen_stages_frozen():
+    """sync_bn "torch" with more than one process: every BatchNorm becomes SyncBatchNorm; the
+    frozen stem and stage 1 stay in eval mode with frozen parameters, and their statistics do
+    not move in a training step (no process group here, so SyncBatchNorm runs as BatchNorm)."""
+    from hf_finetune.errors import RecipeError
+    from hf_finetune.models import FinetuneResNetConfig, FinetuneResNetForImageClassification
+    from hf_finetune.training import sync_batchnorm
+
+    torch.manual_seed(0)
+    model = FinetuneResNetForImageClassification(FinetuneResNetConfig(depth=18, num_labels=3, frozen_stages=1))
+    assert sync_batchnorm(model, None, 8, "cuda") is model  # off
+    assert sync_batchnorm(model, "torch", 1, "cuda") is model  # one process: nothing to synchronise
+    with pytest.raises(RecipeError, match=r'sync_bn: "torch" needs GPUs \(torch.nn.SyncBatchNorm does not run on '
+                                          r'the CPU\); set it to null'):
+        sync_batchnorm(model, "torch", 2, None)
+
+    converted = sync_batchnorm(model, "torch", 2, "cuda").train()
+    norms = [m for m in converted.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert norms and all(isinstance(m, torch.nn.SyncBatchNorm) for m in norms)
+    frozen = {id(m) for stage in converted.frozen_modules() for m in stage.modules()}
+    frozen_norms = [m for m in norms if id(m) in frozen]
+    trained_norms = [m for m in norms if id(m) not in frozen]
+    assert frozen_norms and trained_norms
+    assert not any(m.training or m.weight.requires_grad for m in frozen_norms)
+    assert all(m.training and m.weight.requires_grad for m in trained_norms)
+    before = [m.running_mean.clone() for m in norms]
+    converted(pixel_values=torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)).logits.sum().backward()
+    for m, mean in zip(norms, before):
+        assert torch.equal(m.running_mean, mean) == (id(m) in frozen)

@@ -26,8 +26,11 @@ def in_percent(name: str) -> bool:
     return metric_key(name) != "loss"
 
 
+import numpy as np
+
 ACCURACY_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "accuracy")
 MULTILABEL_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multilabel")
+SINGLE_LABEL_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "single_label")
 
 
 def load_accuracy():
@@ -44,6 +47,55 @@ def load_multilabel():
     return evaluate.load(MULTILABEL_PATH)
 
 
+def load_single_label():
+    """Precision / recall / F1 / support (mmpretrain SingleLabelMetric) as an `evaluate` module, read from this package."""
+    import evaluate
+
+    return evaluate.load(SINGLE_LABEL_PATH)
+
+
+def confusion_matrix(predicted, references, num_classes):
+    """[true class][predicted class] counts."""
+    cells = np.asarray(references, dtype=np.int64) * num_classes + np.asarray(predicted, dtype=np.int64)
+    return np.bincount(cells, minlength=num_classes * num_classes).reshape(num_classes, num_classes).tolist()
+
+
+class SingleLabelMetrics:
+    """Trainer `compute_metrics` for single-label models: top-k accuracy (mmcls Accuracy) and the
+    recipe's SingleLabelMetric evaluators, through the shipped `evaluate` modules.
+
+    Predictions are (ranked classes [N, k], the top class's probability [N]), as
+    `ranked_classes` keeps them; single_label: the SingleLabelMetric options (thrs, items, average)."""
+
+    def __init__(self, topk, num_classes, single_label=()):
+        self.accuracy = load_accuracy()
+        self.per_class = load_single_label() if single_label else None
+        self.topk, self.num_classes, self.single_label = topk, num_classes, list(single_label)
+
+    def __call__(self, eval_pred):
+        (ranked, top_score), labels = eval_pred.predictions, eval_pred.label_ids
+        results = self.accuracy.compute(predictions=ranked.tolist(), references=labels.tolist(), topk=self.topk)
+        for options in self.single_label:
+            results.update(self.per_class.compute(
+                predictions=ranked[:, 0].tolist(), references=labels.tolist(), scores=top_score.tolist(),
+                num_classes=self.num_classes, **options))
+        results["num_samples"] = int(len(labels))
+        return results
+
+
+def ranked_classes(k):
+    """Trainer `preprocess_logits_for_metrics` for single-label models: the k best classes and
+    the best one's probability; less to gather across processes than the logits."""
+
+    def keep(logits, labels):
+        if isinstance(logits, tuple):
+            logits = logits[0]
+        top_probability = logits.float().softmax(-1).amax(-1)
+        return logits.topk(k, dim=-1).indices, top_probability
+
+    return keep
+
+
 def multilabel_scores(logits, labels):
     """Trainer `preprocess_logits_for_metrics` for multi-label models: per-class sigmoid scores."""
     if isinstance(logits, tuple):
@@ -54,7 +106,7 @@ def multilabel_scores(logits, labels):
 class MultiLabelMetrics:
     """Trainer `compute_metrics` for multi-label models (mmpretrain MultiLabelLinearClsHead's thr / topk)."""
 
-    def __init__(self, thr: float = 0.5, topk: int | None = None):
+    def __init__(self, thr: float | None, topk: int | None = None):
         self.metric = load_multilabel()
         self.thr, self.topk = thr, topk
 
