@@ -12,6 +12,10 @@ from .errors import TrainingError
 from .optim import build_lr_scheduler, build_optimizer
 
 
+def _split(metric_key_prefix):
+    return "test" if metric_key_prefix == "test" else "val"
+
+
 class LossGuard(TrainerCallback):
     """Remembers the first update whose loss was NaN/inf without a device sync per step, and
     stops training before anything is logged, evaluated or checkpointed after it, and at its end."""
@@ -127,12 +131,16 @@ class FinetuneTrainer(Trainer):
                             self.cfg.train_dataloader.sampler.shuffle, self.args.dataloader_drop_last,
                             train=True)
 
+    # metric_key_prefix names the split ("test", or "eval": validation), so the loader follows
+    # that split's section; the Trainer then evaluates the loader handed over (get_eval_dataloader).
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
-        # metric_key_prefix names the split ("test", or "eval": validation), so the loader follows
-        # that split's section; the Trainer evaluates the loader handed over (get_eval_dataloader).
-        split = "test" if metric_key_prefix == "test" else "val"
-        loader = self._eval_loader(self.eval_dataset if eval_dataset is None else eval_dataset, split)
-        return super().evaluate(loader, ignore_keys, metric_key_prefix)
+        dataset = self.eval_dataset if eval_dataset is None else eval_dataset
+        return super().evaluate(self._eval_loader(dataset, _split(metric_key_prefix)), ignore_keys,
+                                metric_key_prefix)
+
+    def predict(self, test_dataset, ignore_keys=None, metric_key_prefix="test"):
+        return super().predict(self._eval_loader(test_dataset, _split(metric_key_prefix)), ignore_keys,
+                               metric_key_prefix)
 
     def get_eval_dataloader(self, eval_dataset=None):
         if isinstance(eval_dataset, DataLoader):
@@ -140,15 +148,18 @@ class FinetuneTrainer(Trainer):
         return self._eval_loader(self.eval_dataset if eval_dataset is None else eval_dataset, "val")
 
     def get_test_dataloader(self, test_dataset):
+        if isinstance(test_dataset, DataLoader):
+            return test_dataset
         return self._eval_loader(test_dataset, "test")
 
     def _eval_loader(self, dataset, split):
-        """One loader per split, kept while its workers are (each split evaluates one dataset)."""
-        if split in self._eval_loaders:
-            return self._eval_loaders[split]
+        """One loader per split and dataset, kept while its workers are."""
+        cached = self._eval_loaders.get(split)
+        if cached is not None and cached[0] is dataset:
+            return cached[1]
         loader = self._loader(dataset, split, self.args.per_device_eval_batch_size, False, False)
         if self._section(split).keep_workers():
-            self._eval_loaders[split] = loader
+            self._eval_loaders[split] = (dataset, loader)
         return loader
 
     # Optimisation as the recipe says.

@@ -296,6 +296,13 @@ def test_each_split_loads_as_its_section_says(tmp_path, monkeypatch):
     assert trainer.evaluate()["eval_num_samples"] == 37
     assert trainer.evaluate(datasets["test"], metric_key_prefix="test")["test_num_samples"] == 21
     assert built == [(48, 0, True), (37, 1, False), (21, 0, True)]
+    # predict follows metric_key_prefix too; a loader kept for its workers serves only its dataset.
+    assert len(trainer.predict(datasets["val"], metric_key_prefix="eval").label_ids) == 37
+    assert built[-1] == (37, 1, False)
+    monkeypatch.setattr(type(cfg.test_dataloader), "keep_workers", lambda self: True)
+    assert len(trainer.predict(datasets["test"]).label_ids) == 21
+    assert len(trainer.predict(datasets["val"]).label_ids) == 37
+    assert built[-2:] == [(21, 0, True), (37, 0, True)]
 
 
 def test_resume_restores_the_ema_average(tmp_path):
