@@ -2,6 +2,7 @@
 hidden states, problem types and their losses, transformers ResNet configs and folders, gradient checkpointing."""
 
 import copy
+import json
 import math
 
 import pytest
@@ -184,7 +185,6 @@ def test_transformers_resnet_keys_map_to_depth_and_style():
     ({"depths": [2, 2, 2, 2]}, r"^depths=\[2, 2, 2, 2\] with layer_type='bottleneck' is not a ResNet depth"),
     ({"depth": 50, "depths": [2, 2, 2, 2], "layer_type": "basic", "hidden_sizes": [64, 128, 256, 512]},
      "^depth=50 contradicts"),
-    ({}, "^depth is required"),
     ({"depth": 18, "problem_type": "multilabel"}, "^problem_type='multilabel' is not supported"),
 ])
 def test_config_values_we_cannot_build(kwargs, message):
@@ -221,23 +221,58 @@ def test_new_fields_survive_save_and_load(tmp_path):
     loaded = FinetuneResNetForImageClassification.from_pretrained(tmp_path)
     for key in ("with_cp", "loss_type", "focal_gamma", "problem_type", "depth"):
         assert getattr(loaded.config, key) == getattr(ours.config, key), key
-    assert loaded.gradient_checkpointing
+    assert all(block.gradient_checkpointing for block in blocks(loaded))
+
+
+def test_config_builds_from_its_defaults_as_resnet50(tmp_path):
+    config = FinetuneResNetConfig()
+    assert (config.depth, config.style, config.hidden_sizes[-1]) == (50, "pytorch", 2048)
+    config.save_pretrained(tmp_path)
+    loaded = FinetuneResNetConfig.from_pretrained(tmp_path)
+    assert loaded.to_dict() == config.to_dict()
+    assert json.loads((tmp_path / "config.json").read_text())["depth"] == 50  # written, not left to the default
 
 
 # ----------------------------------------------------------------------------- gradient checkpointing
 def train_step(model, x, labels):
     model.train()
     model.zero_grad()
-    model(x, labels=labels).loss.backward()
-    return {name: p.grad for name, p in model.named_parameters()}
+    loss = model(x, labels=labels).loss
+    loss.backward()
+    return {"loss": loss.detach(), **{name: p.grad for name, p in model.named_parameters()}}
+
+
+def blocks(model):
+    return [block for stage in model.backbone.encoder.stages for block in stage.layers]
 
 
 def count_block_calls(model):
+    """Stage index of each residual block run, recomputations included (GradientCheckpointingLayer
+    recomputes `forward`, outside the block's own hooks, so the hook sits on its inner Sequential)."""
     calls = []
     for index, stage in enumerate(model.backbone.encoder.stages):
         for block in stage.layers:
-            block.register_forward_pre_hook(lambda *args, index=index: calls.append(index))
+            block.layer.register_forward_pre_hook(lambda *args, index=index: calls.append(index))
     return calls
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+@pytest.mark.parametrize("depth", [18, 50])
+def test_blocks_are_gradient_checkpointing_layers_with_resnet_model_keys(depth):
+    from transformers import ResNetModel
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    model = FinetuneResNetForImageClassification(FinetuneResNetConfig(depth=depth, num_labels=3))
+    assert len(blocks(model)) == sum(FinetuneResNetConfig(depth=depth).backbone_config().depths)
+    assert all(isinstance(block, GradientCheckpointingLayer) for block in blocks(model))
+    assert not any(block.gradient_checkpointing for block in blocks(model))
+    model.gradient_checkpointing_enable()
+    assert all(block.gradient_checkpointing for block in blocks(model))
+    model.gradient_checkpointing_disable()
+    assert not any(block.gradient_checkpointing for block in blocks(model))
+    # Saved models, mmcls conversion and the transformers export rely on ResNetModel's key names.
+    native_keys = [f"backbone.{key}" for key in ResNetModel(model.config.backbone_config()).state_dict()]
+    assert list(model.state_dict()) == native_keys + ["head.fc.weight", "head.fc.bias"]
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")
@@ -271,6 +306,24 @@ def test_gradient_checkpointing_gives_the_same_gradients(enable):
                        before["backbone.encoder.stages.0.layers.0.layer.0.normalization.running_mean"])
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_gradient_checkpointing_kwargs_keep_gradients_and_statistics(use_reentrant):
+    # Reentrant checkpointing needs an input that requires grad: the stem is trainable here.
+    plain, _ = pair(num_labels=5)
+    checkpointed = copy.deepcopy(plain)
+    checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    calls = count_block_calls(checkpointed)
+    x, labels = images(4), labels_for("single_label_classification", n=4)
+    expected, got = train_step(plain, x, labels), train_step(checkpointed, x, labels)
+    assert len(calls) == 2 * 8  # every block recomputed
+    for name, grad in expected.items():
+        assert torch.allclose(got[name], grad, atol=1e-6, rtol=1e-5), name
+    state = checkpointed.state_dict()
+    for name, value in plain.state_dict().items():
+        assert torch.allclose(state[name], value, atol=1e-6), name
+
+
 def test_gradient_checkpointing_is_off_in_eval_and_without_grad():
     ours, _ = pair(with_cp=True)
     calls = count_block_calls(ours)
@@ -292,5 +345,5 @@ def test_training_arguments_gradient_checkpointing_reaches_the_model(tmp_path):
                              per_device_train_batch_size=4, use_cpu=True, report_to=[], save_strategy="no")
     calls = count_block_calls(ours)
     Trainer(model=ours, args=args, train_dataset=rows).train()
-    assert ours.gradient_checkpointing
+    assert all(block.gradient_checkpointing for block in blocks(ours))
     assert len(calls) == 2 * 8  # every block recomputed in backward

@@ -74,7 +74,8 @@ class FinetuneResNetConfig(PretrainedConfig):
     we cannot build raise one ValueError naming the key.
 
     Args:
-        depth: 18, 34, 50, 101 or 152 (required unless transformers ResNet keys give it).
+        depth: 18, 34, 50, 101 or 152; unset, the transformers ResNet keys give it, else 50 (mmcls
+            resnet50, the tutorial's model).
         style: "pytorch" (stride on the 3x3 conv) or "caffe" (stride on the first 1x1 conv).
         frozen_stages: -1 nothing frozen; 0 the stem; k the stem and stages 1..k.
         norm_eval: keep every BatchNorm layer in eval mode during training.
@@ -100,8 +101,6 @@ class FinetuneResNetConfig(PretrainedConfig):
     """
 
     model_type = "finetune_resnet"
-    # `depth` has no default: tells transformers not to build a default instance to diff against.
-    has_no_defaults_at_init = True
 
     def __init__(
         self,
@@ -134,8 +133,7 @@ class FinetuneResNetConfig(PretrainedConfig):
             depth, mapped_style = depth_from_transformers_keys(transformers_keys, depth)
             style = mapped_style if "downsample_in_bottleneck" in transformers_keys else style
         if depth is None:
-            raise ValueError(f"depth is required; expected one of {sorted(RESNET_ARCH)} "
-                             "(or the depths/layer_type keys of a transformers ResNetConfig)")
+            depth = 50  # every PretrainedConfig builds from its defaults: mmcls resnet50
         if depth not in RESNET_ARCH:
             raise ValueError(f"depth={depth!r} is not supported; expected one of {sorted(RESNET_ARCH)}")
         if style not in STYLES:

@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel, ResNetModel
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import ImageClassifierOutput
 from transformers.models.resnet.modeling_resnet import ResNetBasicLayer, ResNetBottleNeckLayer
 
@@ -122,14 +123,40 @@ def keep_batchnorm_statistics(module: nn.Module):
     try:
         yield
     finally:
-        with torch.no_grad():
-            for buffer, value in zip(buffers, saved):
-                buffer.copy_(value)
+        # Through `.data`: a reentrant recomputation runs backward after this restore, and BatchNorm's
+        # backward holds the running statistics (unused in training mode) under their version counter.
+        for buffer, value in zip(buffers, saved):
+            buffer.data.copy_(value)
 
 
-def recompute_contexts(block: nn.Module):
-    """torch checkpoint `context_fn`: nothing around the forward, statistics kept around the recomputation."""
-    return contextlib.nullcontext(), keep_batchnorm_statistics(block)
+def checkpoint_keeping_statistics(checkpoint_function, block: nn.Module, function, *args, **kwargs):
+    """`checkpoint_function` (torch's checkpoint with the gradient_checkpointing_kwargs) on `block`'s forward,
+    whose recomputations in backward keep the BatchNorm statistics the forward left.
+
+    The first call of `function` is the forward; any later one is a recomputation. torch's own hook for
+    this, `context_fn`, refuses use_reentrant=True, which transformers lets the user choose.
+    """
+    calls = 0
+
+    def run(*inner_args, **inner_kwargs):
+        nonlocal calls
+        calls += 1
+        with contextlib.nullcontext() if calls == 1 else keep_batchnorm_statistics(block):
+            return function(*inner_args, **inner_kwargs)
+
+    return checkpoint_function(run, *args, **kwargs)
+
+
+class FinetuneResNetBasicLayer(GradientCheckpointingLayer, ResNetBasicLayer):
+    """transformers' ResNetBasicLayer, checkpointed when `gradient_checkpointing_enable()` is on."""
+
+
+class FinetuneResNetBottleNeckLayer(GradientCheckpointingLayer, ResNetBottleNeckLayer):
+    """transformers' ResNetBottleNeckLayer, checkpointed when `gradient_checkpointing_enable()` is on."""
+
+
+CHECKPOINTING_LAYERS = {ResNetBasicLayer: FinetuneResNetBasicLayer,
+                        ResNetBottleNeckLayer: FinetuneResNetBottleNeckLayer}
 
 
 class LinearClsHead(nn.Module):
@@ -163,17 +190,33 @@ class FinetuneResNetForImageClassification(PreTrainedModel):
     def __init__(self, config: FinetuneResNetConfig):
         super().__init__(config)
         self.backbone = ResNetModel(config.backbone_config())
+        # transformers' ResNet blocks are not GradientCheckpointingLayers (its ResNet has no gradient
+        # checkpointing). The built blocks take the subclass in place: same modules, weights, initialisation
+        # and state-dict keys as ResNetModel's, which rebuilding them would not all keep.
+        for stage in self.backbone.encoder.stages:
+            for block in stage.layers:
+                block.__class__ = CHECKPOINTING_LAYERS[type(block)]
         self.head = LinearClsHead(config.feature_channels, config.num_labels)
         # Non-persistent: derived from the config, so the state dict holds only weights.
         mean = torch.tensor(config.mean, dtype=torch.float32).view(1, 3, 1, 1)
         std = torch.tensor(config.std, dtype=torch.float32).view(1, 3, 1, 1)
         self.register_buffer("pixel_mean", mean, persistent=False)
         self.register_buffer("pixel_std", std, persistent=False)
-        # Read by transformers' gradient_checkpointing_enable(), which also sets the function.
-        self.gradient_checkpointing = config.with_cp
-        self._gradient_checkpointing_func = functools.partial(checkpoint, use_reentrant=False)
         self.post_init()
         self._freeze_stages()
+        if config.with_cp:
+            # Newer transformers name it activation_checkpointing_enable (the old name warns).
+            getattr(self, "activation_checkpointing_enable", self.gradient_checkpointing_enable)()
+
+    def _set_gradient_checkpointing(self, enable=True, gradient_checkpointing_func=checkpoint, **kwargs):
+        """transformers' switch (gradient_checkpointing_enable / _disable, the Trainer's gradient_checkpointing),
+        with each block's recomputation keeping its BatchNorm running statistics: the batch is counted once.
+        Frozen stages are in eval mode, so their blocks run without checkpointing."""
+        super()._set_gradient_checkpointing(enable, gradient_checkpointing_func, **kwargs)
+        for block in self.modules():
+            if isinstance(block, GradientCheckpointingLayer):
+                block._gradient_checkpointing_func = functools.partial(
+                    checkpoint_keeping_statistics, gradient_checkpointing_func, block)
 
     # ----------------------------------------------------------------- initialisation
     def _init_weights(self, module):
@@ -260,30 +303,6 @@ class FinetuneResNetForImageClassification(PreTrainedModel):
         pixel_values = (pixel_values - self.pixel_mean) / self.pixel_std
         return pixel_values.to(weight.dtype)
 
-    def backbone_features(self, pixel_values: torch.Tensor, output_hidden_states: bool = False):
-        """ResNetModel's forward, block by block so that each block can be checkpointed.
-
-        Returns the last stage's output and, when asked, the hidden states ResNetModel returns:
-        the stem output then each of the four stages' outputs.
-        """
-        hidden_state = self.backbone.embedder(pixel_values)
-        hidden_states = (hidden_state,)
-        for stage in self.backbone.encoder.stages:
-            for block in stage.layers:
-                hidden_state = self._run_block(block, hidden_state)
-            hidden_states += (hidden_state,)
-        return hidden_state, (hidden_states if output_hidden_states else None)
-
-    def _run_block(self, block: nn.Module, hidden_state: torch.Tensor) -> torch.Tensor:
-        if not (self.gradient_checkpointing and self.training and torch.is_grad_enabled()):
-            return block(hidden_state)
-        # Frozen blocks keep no activations for backward anyway: only trainable ones are checkpointed.
-        if not any(param.requires_grad for param in block.parameters()):
-            return block(hidden_state)
-        return self._gradient_checkpointing_func(
-            block.__call__, hidden_state, context_fn=functools.partial(recompute_contexts, block)
-        )
-
     def forward(
         self,
         pixel_values: torch.Tensor,
@@ -295,9 +314,12 @@ class FinetuneResNetForImageClassification(PreTrainedModel):
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
-        last_hidden_state, hidden_states = self.backbone_features(self.normalize(pixel_values), output_hidden_states)
+        # Hidden states, when asked: the stem output then each of the four stages' outputs.
+        outputs = self.backbone(self.normalize(pixel_values), output_hidden_states=output_hidden_states,
+                                return_dict=True)
+        hidden_states = outputs.hidden_states
         # GlobalAveragePooling neck: ResNetModel's pooler, [N, C, 1, 1] -> [N, C].
-        features = torch.flatten(self.backbone.pooler(last_hidden_state), 1)
+        features = torch.flatten(outputs.pooler_output, 1)
         logits = self.head(features)
 
         loss = classification_loss(logits, labels, self.config) if labels is not None else None
@@ -308,4 +330,9 @@ class FinetuneResNetForImageClassification(PreTrainedModel):
         return ImageClassifierOutput(loss=loss, logits=logits, hidden_states=hidden_states)
 
 
-__all__ = ["FinetuneResNetForImageClassification", "LinearClsHead"]
+__all__ = [
+    "FinetuneResNetBasicLayer",
+    "FinetuneResNetBottleNeckLayer",
+    "FinetuneResNetForImageClassification",
+    "LinearClsHead",
+]
