@@ -782,6 +782,14 @@ def _check_config(cfg, error):
         raise error(("model", "head", "in_channels"),
                     f"{head.in_channels} does not match the backbone's output ({channels} "
                     f"channels); remove it or set {channels}")
+    backbone = cfg.model.backbone
+    checkpointing = cfg.training_args.get("gradient_checkpointing_kwargs") or {}
+    if backbone.with_cp and backbone.frozen_stages >= 0 and checkpointing.get("use_reentrant"):
+        # A reentrant checkpoint whose input needs no gradient (the frozen stem's output) passes
+        # none back, so every block before the head would silently stop learning.
+        raise error(("training_args", "gradient_checkpointing_kwargs", "use_reentrant"),
+                    "true with model.backbone.frozen_stages >= 0 would train no backbone block "
+                    "(a reentrant checkpoint of a frozen input gets no gradient); remove it or set false")
     for name in ("val_evaluator", "test_evaluator"):
         for i, evaluator in enumerate(getattr(cfg, name)):
             if (evaluator.type in MULTI_LABEL_METRICS) != head.multi_label:

@@ -587,3 +587,14 @@ def test_a_run_without_seed_records_the_seed_it_drew(tmp_path, capsys, caplog):
 def _printed(recipe, capsys):
     assert main([recipe, "--print-recipe"]) == 0
     return capsys.readouterr().out
+
+
+def test_reentrant_checkpointing_of_a_frozen_stem_is_refused():
+    """A reentrant checkpoint whose input needs no gradient would silently stop every block
+    before the head from learning; use_reentrant false, or nothing frozen, is accepted."""
+    kwargs = 'training_args.gradient_checkpointing_kwargs={"use_reentrant": true}'
+    with pytest.raises(RecipeError, match="use_reentrant: true with model.backbone.frozen_stages"):
+        load_config(CIFAR10, ["model.backbone.with_cp=true", "model.backbone.frozen_stages=0", kwargs])
+    load_config(CIFAR10, ["model.backbone.with_cp=true", "model.backbone.frozen_stages=-1", kwargs])
+    load_config(CIFAR10, ["model.backbone.with_cp=true", "model.backbone.frozen_stages=2",
+                          'training_args.gradient_checkpointing_kwargs={"use_reentrant": false}'])
