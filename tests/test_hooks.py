@@ -19,7 +19,7 @@ from hf_finetune.layer_decay import layer_decay_param_groups
 from hf_finetune.models import FinetuneResNetConfig, FinetuneResNetForImageClassification
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.floors]  # floors: .ci/floors
 
 
 class Tiny(nn.Module):

@@ -14,6 +14,8 @@ from hf_finetune.data import build_dataloader, build_datasets
 from hf_finetune.models import FinetuneResNetConfig, FinetuneResNetForImageClassification
 from hf_finetune.predict import default_device, main, predict
 
+pytestmark = pytest.mark.floors  # every test here also runs at the declared floors (.ci/floors)
+
 LABELS = ["cat", "dog", "ship"]
 TEST_PIPELINE = [{"type": "Resize", "scale": 32}, {"type": "PackClsInputs"}]
 # Mixed sizes, PNG and JPEG; same-size files share a batch in both paths.
