@@ -13,6 +13,8 @@ from hf_finetune.hub.card import (ENVIRONMENT_FILE, MAX_CONFUSION_CLASSES, learn
                                   normalised_rows, plot_confusion_matrix, recipe_facts, same_split, write_environment,
                                   write_model_card)
 
+pytestmark = pytest.mark.floors  # every test here also runs at the declared floors (.ci/floors)
+
 HISTORY = [
     {"loss": 2.3, "learning_rate": 0.01, "epoch": 0.5, "step": 1},
     {"loss": 2.2, "learning_rate": 0.01, "epoch": 1.0, "step": 2},

@@ -26,6 +26,8 @@ from hf_finetune.errors import CheckpointError
 from hf_finetune.models import FinetuneResNetConfig, build_model, load_checkpoint_file, load_pretrained
 from hf_finetune.models.checkpoints import UnloadedObject
 
+pytestmark = pytest.mark.floors  # every test here also runs at the declared floors (.ci/floors)
+
 MEAN, STD = [125.3, 123.0, 113.9], [51.6, 50.8, 51.3]
 
 

@@ -275,6 +275,7 @@ def test_pipeline_error_in_a_worker_is_one_line():
                                  "before it or lower crop_size")
 
 
+@pytest.mark.floors
 def test_loader_under_accelerate_sharding(train_split):
     """accelerate.prepare recognises the BatchSampler and shards whole batches per process."""
     from accelerate.data_loader import prepare_data_loader

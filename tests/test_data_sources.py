@@ -21,6 +21,8 @@ from hf_finetune.data import sources
 from hf_finetune.data.synthetic import encode_png
 from hf_finetune.errors import DataError, RecipeError
 
+pytestmark = pytest.mark.floors  # every test here also runs at the declared floors (.ci/floors)
+
 N_TRAIN, N_TEST = 30, 10
 PACK = [{"type": "PackClsInputs"}]
 

@@ -194,6 +194,7 @@ def test_disk_full_while_saving_is_one_line_and_leaves_no_partial_model(tiny_dis
     RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534"),
     Exception("Error while serializing: I/O error: No space left on device (os error 28)"),  # SafetensorError
 ])
+@pytest.mark.floors
 def test_disk_full_is_recognised_in_every_library_wrapping(tmp_path, error):
     assert is_disk_full(error)
 
@@ -255,6 +256,7 @@ def test_what_a_killed_save_left_is_removed_at_start(tmp_path, trainer_checkpoin
 
 
 # --------------------------------------------------------------------------- classes 4 and 5: what resume / eval trust
+@pytest.mark.floors
 def test_corrupt_newest_checkpoint_falls_back_with_the_bad_file_named(tmp_path, trainer_checkpoints, caplog):
     work_dir = copy_run(trainer_checkpoints, tmp_path / "run")
     assert verify_checkpoint(work_dir / "checkpoint-2") == []
@@ -292,6 +294,7 @@ def test_eval_only_after_an_interrupted_final_save(tmp_path, trainer_checkpoints
 
 
 # --------------------------------------------------------------------------- class 8: NaN / inf weights
+@pytest.mark.floors
 def test_non_finite_weights_are_refused_on_every_load_route(tmp_path, resnet18):
     state = {name: tensor.clone() for name, tensor in resnet18.state_dict().items()}
     state["head.fc.weight"][0, 0] = float("nan")
@@ -348,6 +351,7 @@ def test_incomplete_cifar_copies_name_the_missing_batches(tmp_path):
 # --------------------------------------------------------------------------- class 12: refused pickles, one line
 @pytest.mark.parametrize("call,args", [(os.system, ("touch {marker}",)),
                                        (subprocess.call, (["touch", "{marker}"],))])
+@pytest.mark.floors
 def test_malicious_pickles_on_resume_and_eval_routes_are_one_line(tmp_path, trainer_checkpoints, call, args):
     marker = tmp_path / "PWNED"
     args = tuple(a.format(marker=marker) if isinstance(a, str) else [x.format(marker=marker) for x in a]

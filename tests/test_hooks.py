@@ -19,7 +19,7 @@ from hf_finetune.errors import RecipeError
 from hf_finetune.hooks import EMA_STATE_NAME, EarlyStoppingHook, EMAHook, build_custom_hooks
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.floors]  # floors: .ci/floors
 
 VAL = {"batch_size": 4, "dataset": {"type": "SyntheticCIFAR10", "num_samples": 8,
                                     "pipeline": [{"type": "PackClsInputs"}]}}

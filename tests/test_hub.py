@@ -201,6 +201,7 @@ def front_matter(path):
         ([{"type": "PackClsInputs"}], (32, 32), None),  # no resize: the training crop size
     ],
 )
+@pytest.mark.floors
 def test_image_processor_reproduces_test_pipeline(tmp_path, pipeline, expected_size, crop):
     from transformers import AutoImageProcessor
 
@@ -220,6 +221,7 @@ def test_image_processor_reproduces_test_pipeline(tmp_path, pipeline, expected_s
     torch.testing.assert_close(pixels[0, :, 0, 0], expected, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.floors
 def test_image_processor_matches_the_data_pipeline_resize(tmp_path):
     """On CIFAR-sized images the processor gives exactly what the test pipeline + model normalisation give."""
     from transformers import AutoImageProcessor
@@ -247,6 +249,7 @@ def test_image_processor_statistics_follow_to_rgb(tmp_path):
 
 
 # ---------------------------------------------------------------------- model card
+@pytest.mark.floors
 def test_model_card_metadata_tables_and_figures(work_dir):
     write_image_processor_config(work_dir)
     path = write_model_card(work_dir, repo_id="test-user/tiny-resnet", native_subfolder="native")
@@ -295,6 +298,7 @@ def test_model_card_names_hub_base_checkpoint(work_dir):
 
 
 # ---------------------------------------------------------------------- native export
+@pytest.mark.floors
 def test_export_cli_gives_native_model_with_same_predictions(work_dir, tmp_path, capsys):
     from transformers import AutoImageProcessor, AutoModelForImageClassification, ResNetForImageClassification, pipeline
 
@@ -342,6 +346,7 @@ def test_export_folds_to_rgb_into_first_conv(work_dir, tmp_path):
         torch.testing.assert_close(native(pixel_values=pixels).logits, expected, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.floors
 def test_to_rgb_remote_code_model_with_processor_matches_uint8_input(work_dir):
     """Processor output (stats in flipped order) into our model == our model on the raw uint8 image."""
     from transformers import AutoImageProcessor
@@ -483,6 +488,7 @@ def closed_port_url():
     return f"http://127.0.0.1:{port}"
 
 
+@pytest.mark.floors
 @pytest.mark.parametrize("case", ["bad_token", "no_token", "server_error", "unreachable", "hung", "offline"])
 def test_push_failure_is_one_clear_message(case, work_dir, hub, online, monkeypatch, caplog, capsys):
     from huggingface_hub import constants
@@ -529,6 +535,7 @@ def test_push_failure_is_one_clear_message(case, work_dir, hub, online, monkeypa
     assert_token_absent(folders=[work_dir], texts=[message, caplog.text, *capsys.readouterr()])
 
 
+@pytest.mark.floors
 def test_cli_push_failure_prints_error_and_retry_command(work_dir, online, capsys):
     endpoint = closed_port_url()
     code = main(["push", work_dir, "test-user/cli", "--token", TOKEN, "--no-native", "--private",
@@ -557,6 +564,7 @@ def save_event(callback, args, step=4, main_process=True):
     return state
 
 
+@pytest.mark.floors
 @pytest.mark.parametrize("strategy, folder", [("every_save", None), ("checkpoint", "last-checkpoint"),
                                               ("all_checkpoints", "checkpoint-4")])
 def test_push_on_save_callback(strategy, folder, work_dir, hub, online, caplog):

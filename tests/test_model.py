@@ -124,6 +124,7 @@ def test_uint8_is_normalised_inside_and_float_passes_through():
     assert not any("pixel" in k for k in model.state_dict())
 
 
+@pytest.mark.floors
 def test_channels_last_and_bf16_autocast():
     model = model_from(recipe(depth=18)).eval()
     x = images()
@@ -224,6 +225,7 @@ def test_norm_eval_keeps_every_bn_still_but_trains_weights():
 
 
 # ----------------------------------------------------------------------------- save / load
+@pytest.mark.floors
 def test_save_pretrained_round_trip_and_auto_classes(tmp_path):
     import hf_finetune  # noqa: F401 - the registration happens on import
     from transformers import AutoConfig, AutoModelForImageClassification
@@ -261,6 +263,7 @@ def test_save_pretrained_round_trip_and_auto_classes(tmp_path):
     assert all(torch.equal(sd[k], sd_loaded[k]) for k in sd)
 
 
+@pytest.mark.floors
 def test_remote_code_loads_without_the_package(tmp_path):
     model = model_from(recipe(depth=18, preprocessor={"to_rgb": True})).eval()
     save_dir = tmp_path / "saved"
@@ -295,6 +298,7 @@ def test_remote_code_loads_without_the_package(tmp_path):
     assert "remote code OK" in result.stdout
 
 
+@pytest.mark.floors
 def test_native_transformers_export_keys():
     from transformers import ResNetForImageClassification
 

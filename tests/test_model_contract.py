@@ -13,6 +13,8 @@ from transformers import ResNetConfig, ResNetForImageClassification
 from hf_finetune.models import FinetuneResNetConfig, FinetuneResNetForImageClassification, to_transformers_state_dict
 from hf_finetune.models.modeling_finetune_resnet import asymmetric_loss, classification_loss, sigmoid_focal_loss
 
+pytestmark = pytest.mark.floors  # every test here also runs at the declared floors (.ci/floors)
+
 
 def images(n=4, seed=0):
     return torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))

@@ -17,6 +17,8 @@ from hf_finetune.data.synthetic_multilabel import SHAPES, synthetic_multilabel_a
 from hf_finetune.errors import DataError
 from hf_finetune.metrics import load_multilabel
 
+pytestmark = pytest.mark.floors  # every test here also runs at the declared floors (.ci/floors)
+
 NAMES = ["cat", "dog", "car"]
 
 

@@ -15,6 +15,8 @@ from hf_finetune.models import FinetuneResNetConfig, FinetuneResNetForImageClass
 from hf_finetune.devices import default_device
 from hf_finetune.predict import main, predict
 
+pytestmark = pytest.mark.floors  # every test here also runs at the declared floors (.ci/floors)
+
 LABELS = ["cat", "dog", "ship"]
 TEST_PIPELINE = [{"type": "Resize", "scale": 32}, {"type": "PackClsInputs"}]
 # Mixed sizes, PNG and JPEG; same-size files share a batch in both paths.

@@ -35,6 +35,7 @@ def jpeg_folder(tmp_path_factory):
     return root
 
 
+@pytest.mark.floors
 def test_imagefolder_recipe_on_a_jpeg_folder(jpeg_folder, tmp_path):
     work_dir = tmp_path / "run"
     code = main([

@@ -63,6 +63,7 @@ def finished_run(tmp_path_factory):
     return tmp, work_dir
 
 
+@pytest.mark.floors
 def test_single_process_run_writes_the_work_dir(finished_run):
     _, work_dir = finished_run
     for name in ("model.safetensors", "config.json", "recipe.json", "all_results.json",
@@ -112,6 +113,7 @@ def test_frozen_stages_do_not_change(finished_run):
     assert any(not torch.equal(trained[k], initial[k]) for k in trainable)
 
 
+@pytest.mark.floors
 def test_eval_only_reproduces_the_test_metrics(finished_run, capsys):
     tmp, work_dir = finished_run
     results = read_json(os.path.join(work_dir, "all_results.json"))
@@ -129,6 +131,7 @@ def test_eval_only_reproduces_the_test_metrics(finished_run, capsys):
     assert "no such file" in capsys.readouterr().err
 
 
+@pytest.mark.floors
 def test_resume_continues_exactly(finished_run, tmp_path):
     tmp, work_dir = finished_run
     resumed = str(tmp_path / "resumed")
@@ -177,6 +180,7 @@ def test_unwritable_work_dir(tmp_path, capsys):
     assert "not writable" in capsys.readouterr().err
 
 
+@pytest.mark.floors
 def test_nan_loss_stops_with_the_step_and_keeps_good_checkpoints(tmp_path, capsys):
     work_dir = str(tmp_path / "nan")
     code = main([tiny_recipe(tmp_path), "--work-dir", work_dir, "--cfg-options",
@@ -333,6 +337,7 @@ def test_the_private_trainer_method_overridden_is_unchanged():
     assert "grad_norm = None\n" in source and "grad_norm = self._get_grad_norm(model, grad_norm=grad_norm)" in source
 
 
+@pytest.mark.floors
 def test_speed_knobs_bf16_and_channels_last_run_on_cpu(tmp_path):
     work_dir = str(tmp_path / "fast")
     assert main([tiny_recipe(tmp_path), "--work-dir", work_dir, "--cfg-options",
