@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 from .errors import RecipeError
-from .metrics import metric_key
+from .metrics import metric_key, reported_names
 from .recipe import check_size, did_you_mean, excerpt, json_type, load_recipe, show_path
 
 REQUIRED = object()  # default of a key the recipe must set
@@ -736,6 +736,17 @@ class Config:
             ks.update(topk_list(topk))
         return sorted(ks)
 
+    def single_label_metrics(self):
+        """The distinct SingleLabelMetric options (thrs, items, average) of both evaluator
+        lists: validation and test report the metrics of both."""
+        options = []
+        for evaluator in self.val_evaluator + self.test_evaluator:
+            if evaluator.type == "SingleLabelMetric":
+                entry = {"thrs": evaluator.thrs, "items": evaluator.items, "average": evaluator.average}
+                if entry not in options:
+                    options.append(entry)
+        return options
+
     def multi_label_decision(self):
         """(thr, topk) that turn multi-label scores into predicted classes: the validation
         MultiLabelMetric's, else the head's thr; MULTI_LABEL_THR when neither is set."""
@@ -808,6 +819,9 @@ def _check_config(cfg, error):
     if loss.type == "LabelSmoothLoss" and loss.label_smooth_val is None:
         raise error(("model", "head", "loss", "label_smooth_val"), "required for LabelSmoothLoss")
     _check_batch_augments(cfg.model.train_cfg, head, error)
+    if cfg.default_hooks.checkpoint.save_best is not None:
+        _check_metric_name(cfg, ("default_hooks", "checkpoint", "save_best"),
+                           cfg.default_hooks.checkpoint.save_best, error, auto=True)
     best = cfg.best_metric()
     if best and best[1] is None:
         raise error(("default_hooks", "checkpoint", "rule"), f"cannot infer it from save_best "
@@ -883,6 +897,16 @@ def _check_batch_augments(train, head, error):
         raise error(where + ("probs",), f"the probabilities sum to {sum(probs):g}; at most 1 is allowed")
 
 
+def _check_metric_name(cfg, where, name, error, auto=False):
+    """A best-checkpoint metric must be one the evaluations report: the Trainer would raise a
+    KeyError at the first one. auto: "auto" (the head's main metric) is allowed too."""
+    known = ["auto"] * auto + reported_names(cfg.topk(), cfg.model.head.multi_label, cfg.single_label_metrics())
+    if metric_key(name) not in {metric_key(k) for k in known}:
+        per_class = "; per-class values (average null) are lists, not one metric" if "_classwise" in name else ""
+        raise error(where, f"{excerpt(name)} is not a metric the evaluators report{did_you_mean(name, known)}"
+                           f"{per_class}; known: {', '.join(known)}")
+
+
 def _check_custom_hooks(cfg, best, error):
     """best: (metric, rule) of the best checkpoint, or None."""
     for i, hook in enumerate(cfg.custom_hooks):
@@ -895,6 +919,7 @@ def _check_custom_hooks(cfg, best, error):
             continue
         # EarlyStoppingHook: transformers' EarlyStoppingCallback, which compares each
         # evaluation with the Trainer's best value of metric_for_best_model.
+        _check_metric_name(cfg, where + ("monitor",), hook.monitor, error)
         rule = hook.rule or infer_rule(hook.monitor)
         if rule is None:
             raise error(where + ("rule",), f"cannot infer it from monitor {hook.monitor!r}; "

@@ -216,13 +216,7 @@ def evaluation_metrics(cfg, num_classes):
         thr, topk = cfg.multi_label_decision()
         return MultiLabelMetrics(thr=thr, topk=topk), multilabel_scores
     topk, rank_k = topk_of(cfg, num_classes)
-    single_label = []  # validation and test report the metrics of both evaluator lists
-    for evaluator in cfg.val_evaluator + cfg.test_evaluator:
-        if evaluator.type == "SingleLabelMetric":
-            options = {"thrs": evaluator.thrs, "items": evaluator.items, "average": evaluator.average}
-            if options not in single_label:
-                single_label.append(options)
-    return SingleLabelMetrics(topk, num_classes, single_label), ranked_classes(rank_k)
+    return SingleLabelMetrics(topk, num_classes, cfg.single_label_metrics()), ranked_classes(rank_k)
 
 
 def build_trainer(cfg, datasets=None, model=None, callbacks=None):
