@@ -23,6 +23,7 @@ from typing import Any, Optional, Union
 
 from .errors import RecipeError
 from .metrics import metric_key, reported_names
+from .models.configuration_finetune_resnet import LOSS_TYPES, RESNET_ARCH, STYLES, stage_widths
 from .recipe import check_size, did_you_mean, excerpt, json_type, load_recipe, show_path
 
 REQUIRED = object()  # default of a key the recipe must set
@@ -60,11 +61,11 @@ def _last_stage(value):
 @dataclass
 class ResNetBackbone:
     type: str = knob("ResNet", "backbone type", choices=("ResNet",))
-    depth: int = knob(50, "ResNet depth", choices=(18, 34, 50, 101, 152))
+    depth: int = knob(50, "ResNet depth", choices=tuple(RESNET_ARCH))
     num_stages: int = knob(4, "mmcls key; only 4 stages are built", choices=(4,))
     out_indices: Union[int, list[int]] = knob([3], "stage outputs; the last stage feeds the head",
                                               check=_last_stage)
-    style: str = knob("pytorch", "where the stride-2 conv sits", choices=("pytorch", "caffe"))
+    style: str = knob("pytorch", "where the stride-2 conv sits", choices=STYLES)
     frozen_stages: int = knob(-1, "-1 nothing, 0 the stem, k the stem and stages 1..k",
                               min=-1, max=4)
     norm_eval: bool = knob(False, "keep every BatchNorm in eval mode while training")
@@ -76,9 +77,6 @@ class ResNetBackbone:
     zero_init_residual: bool = knob(True, "zero the last BN of each block (from scratch only)")
     with_cp: bool = knob(False, "gradient checkpointing of each residual block")
     init_cfg: Optional[PretrainedInit] = knob(None, "pretrained backbone weights")
-
-
-LOSS_TYPES = ("CrossEntropyLoss", "LabelSmoothLoss", "FocalLoss", "AsymmetricLoss")
 
 
 @dataclass
@@ -786,8 +784,6 @@ def _check_config(cfg, error):
     if None not in (pre.num_classes, head.num_classes) and pre.num_classes != head.num_classes:
         raise error(("data_preprocessor", "num_classes"),
                     f"{pre.num_classes} differs from model.head.num_classes={head.num_classes}")
-    from .models.configuration_finetune_resnet import RESNET_ARCH, stage_widths
-
     channels = stage_widths(RESNET_ARCH[cfg.model.backbone.depth][0])[-1]  # the last stage's
     if head.in_channels not in (None, channels):
         raise error(("model", "head", "in_channels"),
