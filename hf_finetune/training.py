@@ -104,13 +104,15 @@ def check_integrations(report_to):
                               f"pip install {package}")
 
 
-def resolve_seed(cfg, state):
+def resolve_seed(cfg, state, recorded=None):
     """cfg with a seed: the recipe's, or, as mmengine does when none is set, one drawn by the
     main process and sent to the others (its sync_random_seed), so every rank trains with it
-    and the saved recipe records it. Call it once per run, on every process."""
+    and the saved recipe records it. recorded: the seed of the run being resumed (outputs.
+    recorded_seed), used instead of drawing one, as mmengine restores it from its checkpoint,
+    so data order and augmentation continue that run's. Call it once per run, on every process."""
     if cfg.randomness.seed is not None:
         return cfg
-    seed = broadcast_object_list([random.SystemRandom().randrange(2**31)])[0]
+    seed = broadcast_object_list([random.SystemRandom().randrange(2**31) if recorded is None else recorded])[0]
     return dataclasses.replace(cfg, randomness=dataclasses.replace(cfg.randomness, seed=seed))
 
 
