@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 from .errors import RecipeError
-from .metrics import metric_key
+from .metrics import metric_key, reported_names
+from .models.configuration_finetune_resnet import LOSS_TYPES, RESNET_ARCH, STYLES, stage_widths
 from .recipe import check_size, did_you_mean, excerpt, json_type, load_recipe, show_path
 
 REQUIRED = object()  # default of a key the recipe must set
@@ -60,11 +61,11 @@ def _last_stage(value):
 @dataclass
 class ResNetBackbone:
     type: str = knob("ResNet", "backbone type", choices=("ResNet",))
-    depth: int = knob(50, "ResNet depth", choices=(18, 34, 50, 101, 152))
+    depth: int = knob(50, "ResNet depth", choices=tuple(RESNET_ARCH))
     num_stages: int = knob(4, "mmcls key; only 4 stages are built", choices=(4,))
     out_indices: Union[int, list[int]] = knob([3], "stage outputs; the last stage feeds the head",
                                               check=_last_stage)
-    style: str = knob("pytorch", "where the stride-2 conv sits", choices=("pytorch", "caffe"))
+    style: str = knob("pytorch", "where the stride-2 conv sits", choices=STYLES)
     frozen_stages: int = knob(-1, "-1 nothing, 0 the stem, k the stem and stages 1..k",
                               min=-1, max=4)
     norm_eval: bool = knob(False, "keep every BatchNorm in eval mode while training")
@@ -76,9 +77,6 @@ class ResNetBackbone:
     zero_init_residual: bool = knob(True, "zero the last BN of each block (from scratch only)")
     with_cp: bool = knob(False, "gradient checkpointing of each residual block")
     init_cfg: Optional[PretrainedInit] = knob(None, "pretrained backbone weights")
-
-
-LOSS_TYPES = ("CrossEntropyLoss", "LabelSmoothLoss", "FocalLoss", "AsymmetricLoss")
 
 
 @dataclass
@@ -736,6 +734,17 @@ class Config:
             ks.update(topk_list(topk))
         return sorted(ks)
 
+    def single_label_metrics(self):
+        """The distinct SingleLabelMetric options (thrs, items, average) of both evaluator
+        lists: validation and test report the metrics of both."""
+        options = []
+        for evaluator in self.val_evaluator + self.test_evaluator:
+            if evaluator.type == "SingleLabelMetric":
+                entry = {"thrs": evaluator.thrs, "items": evaluator.items, "average": evaluator.average}
+                if entry not in options:
+                    options.append(entry)
+        return options
+
     def multi_label_decision(self):
         """(thr, topk) that turn multi-label scores into predicted classes: the validation
         MultiLabelMetric's, else the head's thr; MULTI_LABEL_THR when neither is set."""
@@ -775,8 +784,6 @@ def _check_config(cfg, error):
     if None not in (pre.num_classes, head.num_classes) and pre.num_classes != head.num_classes:
         raise error(("data_preprocessor", "num_classes"),
                     f"{pre.num_classes} differs from model.head.num_classes={head.num_classes}")
-    from .models.configuration_finetune_resnet import RESNET_ARCH, stage_widths
-
     channels = stage_widths(RESNET_ARCH[cfg.model.backbone.depth][0])[-1]  # the last stage's
     if head.in_channels not in (None, channels):
         raise error(("model", "head", "in_channels"),
@@ -816,6 +823,9 @@ def _check_config(cfg, error):
     if loss.type == "LabelSmoothLoss" and loss.label_smooth_val is None:
         raise error(("model", "head", "loss", "label_smooth_val"), "required for LabelSmoothLoss")
     _check_batch_augments(cfg.model.train_cfg, head, error)
+    if cfg.default_hooks.checkpoint.save_best is not None:
+        _check_metric_name(cfg, ("default_hooks", "checkpoint", "save_best"),
+                           cfg.default_hooks.checkpoint.save_best, error, auto=True)
     best = cfg.best_metric()
     if best and best[1] is None:
         raise error(("default_hooks", "checkpoint", "rule"), f"cannot infer it from save_best "
@@ -891,6 +901,16 @@ def _check_batch_augments(train, head, error):
         raise error(where + ("probs",), f"the probabilities sum to {sum(probs):g}; at most 1 is allowed")
 
 
+def _check_metric_name(cfg, where, name, error, auto=False):
+    """A best-checkpoint metric must be one the evaluations report: the Trainer would raise a
+    KeyError at the first one. auto: "auto" (the head's main metric) is allowed too."""
+    known = ["auto"] * auto + reported_names(cfg.topk(), cfg.model.head.multi_label, cfg.single_label_metrics())
+    if metric_key(name) not in {metric_key(k) for k in known}:
+        per_class = "; per-class values (average null) are lists, not one metric" if "_classwise" in name else ""
+        raise error(where, f"{excerpt(name)} is not a metric the evaluators report{did_you_mean(name, known)}"
+                           f"{per_class}; known: {', '.join(known)}")
+
+
 def _check_custom_hooks(cfg, best, error):
     """best: (metric, rule) of the best checkpoint, or None."""
     for i, hook in enumerate(cfg.custom_hooks):
@@ -903,6 +923,7 @@ def _check_custom_hooks(cfg, best, error):
             continue
         # EarlyStoppingHook: transformers' EarlyStoppingCallback, which compares each
         # evaluation with the Trainer's best value of metric_for_best_model.
+        _check_metric_name(cfg, where + ("monitor",), hook.monitor, error)
         rule = hook.rule or infer_rule(hook.monitor)
         if rule is None:
             raise error(where + ("rule",), f"cannot infer it from monitor {hook.monitor!r}; "

@@ -17,6 +17,29 @@ def save_metrics(work_dir, split, metrics):
     dump_json(dict(sorted(metrics.items())), os.path.join(work_dir, f"{split}_results.json"))
 
 
+def save_recipe(work_dir, cfg):
+    """recipe.json: the merged recipe with the seed the run uses. Written when training starts
+    too, so a run killed before its end leaves the seed it drew for --resume."""
+    dump_json(cfg.to_dict(), os.path.join(work_dir, "recipe.json"))
+
+
+def recorded_seed(checkpoint):
+    """The seed of the run that wrote `checkpoint` (a checkpoint-N folder): its work dir's
+    recipe.json records it. None, with a warning, when that file does not say."""
+    path = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "recipe.json")
+    try:
+        with open(path) as f:
+            seed = json.load(f)["randomness"]["seed"]
+    except (OSError, ValueError, KeyError, TypeError):
+        seed = None
+    if isinstance(seed, int) and not isinstance(seed, bool):
+        return seed
+    logger.warning("--resume: %s does not record the seed of the run that wrote %s; drawing a new one, so the "
+                   "data order and augmentation differ from that run's (set randomness.seed to repeat a run)",
+                   path, checkpoint)
+    return None
+
+
 def save_outputs(trainer, cfg, results, confusion=None):
     """Final weights, config, recipe, metrics, trainer state and the confusion matrix
     (evaluate_splits' {"split", "matrix"}, single-label only) in the work dir."""
@@ -27,7 +50,7 @@ def save_outputs(trainer, cfg, results, confusion=None):
     # complete or absent, and a full disk is one clear line.
     with disk_full_guard(work_dir):
         save_model_atomically(trainer.accelerator.unwrap_model(trainer.model), work_dir)
-        dump_json(cfg.to_dict(), os.path.join(work_dir, "recipe.json"))
+        save_recipe(work_dir, cfg)
         save_metrics(work_dir, "all", results)
         dump_json(dataclasses.asdict(trainer.state), os.path.join(work_dir, "trainer_state.json"))
         if confusion is not None:

@@ -89,7 +89,7 @@ def train(cfg, resume=None, overwrite=False):
     """The main job, top to bottom."""
     from hf_finetune.data import build_datasets, label_names
     from hf_finetune.models import build_model
-    from hf_finetune.outputs import check_resume_compatible, save_outputs
+    from hf_finetune.outputs import check_resume_compatible, recorded_seed, save_outputs, save_recipe
     from hf_finetune.training import (build_trainer, evaluate_splits, hub_repo_id, process_state,
                                       resolve_seed)
     from transformers import set_seed
@@ -99,14 +99,22 @@ def train(cfg, resume=None, overwrite=False):
     work_dir = resolved_work_dir(cfg)
     resume = resume or cfg.resume
     state = process_state()
-    cfg = resolve_seed(cfg, state)  # one seed for every rank, recorded in recipe.json
     with WorkDirLock(work_dir, is_main=state.is_main_process):  # one run per work dir
-        with state.main_process_first():  # the main process cleans, downloads and converts first
+        with state.main_process_first():  # the main process cleans first
             if state.is_main_process:
                 remove_interrupted_saves(work_dir)
             check_fresh_start(work_dir, resume=resume, overwrite=overwrite)
             checkpoint = resume_checkpoint(work_dir, resume)
 
+        # One seed for every rank: the recipe's, the resumed run's, or one drawn now and
+        # recorded at once, so a run killed later resumes with it.
+        cfg = resolve_seed(cfg, state, recorded_seed(checkpoint)
+                           if checkpoint and cfg.randomness.seed is None else None)
+        if state.is_main_process:
+            with disk_full_guard(work_dir):
+                save_recipe(work_dir, cfg)
+
+        with state.main_process_first():  # the main process downloads and converts first
             # Datasets and their labels.
             datasets = build_datasets(cfg)
             id2label = dict(enumerate(label_names(datasets)))

@@ -104,13 +104,15 @@ def check_integrations(report_to):
                               f"pip install {package}")
 
 
-def resolve_seed(cfg, state):
+def resolve_seed(cfg, state, recorded=None):
     """cfg with a seed: the recipe's, or, as mmengine does when none is set, one drawn by the
     main process and sent to the others (its sync_random_seed), so every rank trains with it
-    and the saved recipe records it. Call it once per run, on every process."""
+    and the saved recipe records it. recorded: the seed of the run being resumed (outputs.
+    recorded_seed), used instead of drawing one, as mmengine restores it from its checkpoint,
+    so data order and augmentation continue that run's. Call it once per run, on every process."""
     if cfg.randomness.seed is not None:
         return cfg
-    seed = broadcast_object_list([random.SystemRandom().randrange(2**31)])[0]
+    seed = broadcast_object_list([random.SystemRandom().randrange(2**31) if recorded is None else recorded])[0]
     return dataclasses.replace(cfg, randomness=dataclasses.replace(cfg.randomness, seed=seed))
 
 
@@ -216,13 +218,7 @@ def evaluation_metrics(cfg, num_classes):
         thr, topk = cfg.multi_label_decision()
         return MultiLabelMetrics(thr=thr, topk=topk), multilabel_scores
     topk, rank_k = topk_of(cfg, num_classes)
-    single_label = []  # validation and test report the metrics of both evaluator lists
-    for evaluator in cfg.val_evaluator + cfg.test_evaluator:
-        if evaluator.type == "SingleLabelMetric":
-            options = {"thrs": evaluator.thrs, "items": evaluator.items, "average": evaluator.average}
-            if options not in single_label:
-                single_label.append(options)
-    return SingleLabelMetrics(topk, num_classes, single_label), ranked_classes(rank_k)
+    return SingleLabelMetrics(topk, num_classes, cfg.single_label_metrics()), ranked_classes(rank_k)
 
 
 def build_trainer(cfg, datasets=None, model=None, callbacks=None):

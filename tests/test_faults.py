@@ -475,3 +475,40 @@ def test_a_corrupt_file_in_an_image_folder_names_its_class_folder(tmp_path):
                                 "pipeline": [{"type": "PackClsInputs"}]}}})
     with pytest.raises(BatchDataError, match=r"1\.png in class folder 'dog'"):
         build_datasets(cfg)["train"][[0, 1, 2, 3]]
+
+
+def test_resume_reuses_the_seed_the_interrupted_run_drew(tmp_path, monkeypatch, caplog):
+    """randomness.seed null: the seed is drawn once and recorded when training starts; --resume
+    continues with it (as mmengine restores it from the checkpoint), so data order and
+    augmentation go on as the interrupted run's would have. A recipe's own seed stays."""
+    import re
+
+    from hf_finetune import outputs
+    from hf_finetune.config import config_from_dict
+    from hf_finetune.run import main
+    from hf_finetune.training import process_state, resolve_seed
+
+    recipe = tiny_run_recipe(tmp_path, train_images=8, total_batch=4)
+    work_dir = tmp_path / "run"
+    null_seed = ["--cfg-options", "randomness.seed=null"]
+
+    def interrupted(*args, **kwargs):  # killed after training, before the final outputs are written
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(outputs, "save_outputs", interrupted)
+    with caplog.at_level(logging.INFO, logger="hf_finetune"):
+        assert main([recipe, "--work-dir", str(work_dir), *null_seed]) == 130
+    assert (work_dir / "checkpoint-2").is_dir() and not (work_dir / "model.safetensors").exists()
+    first = json.loads((work_dir / "recipe.json").read_text())["randomness"]["seed"]
+    assert re.findall(r"seed (\d+)", caplog.text) == [str(first)]
+
+    monkeypatch.undo()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="hf_finetune"):
+        assert main([recipe, "--work-dir", str(work_dir), "--resume", *null_seed, "train_cfg.max_epochs=2"]) == 0
+    assert "resuming from" in caplog.text and re.findall(r"seed (\d+)", caplog.text) == [str(first)]
+    assert json.loads((work_dir / "recipe.json").read_text())["randomness"]["seed"] == first
+    assert json.loads((work_dir / "trainer_state.json").read_text())["global_step"] == 4
+
+    seeded = config_from_dict({"model": {"head": {"num_classes": 10}}, "randomness": {"seed": 3}})
+    assert resolve_seed(seeded, process_state(), recorded=first + 1).randomness.seed == 3

@@ -316,6 +316,11 @@ def test_custom_hooks_take_mmpretrain_configs():
     assert early.check_finite and hooks([]) == []
 
 
+# A metric the evaluators report whose name says no rule (mmengine's greater / less keys).
+RECALL = {"val_evaluator": [{"type": "Accuracy"}, {"type": "SingleLabelMetric"}],
+          "default_hooks": {"checkpoint": {"save_best": "single-label/recall"}}}
+
+
 @pytest.mark.parametrize("custom_hooks, key, sections", [
     ([{"type": "EMAHok"}], "custom_hooks.0.type", {}),
     ([{"type": "EMAHook", "momentum": 1.5}], "custom_hooks.0.momentum", {}),
@@ -327,7 +332,8 @@ def test_custom_hooks_take_mmpretrain_configs():
     ([{"type": "EMAHook", "ema_type": "StochasticWeightAverage"}], "custom_hooks.0.ema_type", {}),
     ([{"type": "EMAHook", "update_buffers": 1}], "custom_hooks.0.update_buffers", {}),
     ([{"type": "EarlyStoppingHook"}], "custom_hooks.0.monitor", {}),
-    ([{"type": "EarlyStoppingHook", "monitor": "f1_macro"}], "custom_hooks.0.rule", {}),
+    ([{"type": "EarlyStoppingHook", "monitor": "single-label/recall"}], "custom_hooks.0.rule",
+     {**RECALL, "default_hooks": {"checkpoint": {"save_best": "single-label/recall", "rule": "greater"}}}),
     ([{"type": "EarlyStoppingHook", "monitor": "accuracy/top1", "patience": 0}], "custom_hooks.0.patience", {}),
     ([{"type": "EarlyStoppingHook", "monitor": "accuracy/top1", "check_finite": "yes"}],
      "custom_hooks.0.check_finite", {}),
@@ -338,7 +344,9 @@ def test_custom_hooks_take_mmpretrain_configs():
     ([{"type": "EarlyStoppingHook", "monitor": "loss"}], "default_hooks.checkpoint.save_best",
      {"default_hooks": {"checkpoint": {"save_best": None}}}),
     ([{"type": "EarlyStoppingHook", "monitor": "loss"}], "custom_hooks.0.type", {"val_dataloader": None}),
-    ([], "default_hooks.checkpoint.rule", {"default_hooks": {"checkpoint": {"save_best": "f1_macro"}}}),
+    ([], "default_hooks.checkpoint.rule", RECALL),
+    ([], "default_hooks.checkpoint.save_best", {"default_hooks": {"checkpoint": {"save_best": "f1_macro"}}}),
+    ([{"type": "EarlyStoppingHook", "monitor": "acc/top1"}], "custom_hooks.0.monitor", {}),
 ])
 def test_invalid_hooks_name_the_key(custom_hooks, key, sections):
     with pytest.raises(RecipeError) as error:

@@ -598,3 +598,63 @@ def test_reentrant_checkpointing_of_a_frozen_stem_is_refused():
     load_config(CIFAR10, ["model.backbone.with_cp=true", "model.backbone.frozen_stages=-1", kwargs])
     load_config(CIFAR10, ["model.backbone.with_cp=true", "model.backbone.frozen_stages=2",
                           'training_args.gradient_checkpointing_kwargs={"use_reentrant": false}'])
+
+
+# --- the best-checkpoint metric is one the evaluators report -------------------------------------
+
+SINGLE_LABEL = {"val_evaluator": [{"type": "Accuracy", "topk": [1, 5]},
+                                  {"type": "SingleLabelMetric", "items": ["precision", "f1-score"]}],
+                "test_evaluator": [{"type": "Accuracy"}, {"type": "SingleLabelMetric", "average": "micro",
+                                                          "thrs": [None, 0.5]},
+                                   {"type": "SingleLabelMetric", "average": None}]}
+
+
+def _best(name, sections=SINGLE_LABEL, **hook):
+    return config_from_dict({**MODEL_BASE, **sections, "default_hooks": {"checkpoint": {"save_best": name, **hook}}})
+
+
+@pytest.mark.parametrize("name, hint", [
+    ("accuracy/top9", "(did you mean 'accuracy/top"), ("acc/top1", "(did you mean 'accuracy/top1'?)"),
+    ("single-label/recall", ""),  # an item this recipe's SingleLabelMetric does not report
+    ("single-label/precision_micro", ""),  # with several thrs, each key names its threshold
+    ("single-label/precision_classwise", "per-class values (average null) are lists"),
+    ("multilabel/mAP", ""),  # a single-label head
+])
+def test_a_best_metric_the_evaluators_do_not_report_is_refused(name, hint):
+    with pytest.raises(RecipeError) as error:
+        _best(name)
+    message = str(error.value)
+    assert message.startswith(f"recipe: default_hooks.checkpoint.save_best: {name!r} is not a metric the "
+                              f"evaluators report") and hint in message and "\n" not in message
+    assert message.endswith("known: auto, loss, accuracy/top1, accuracy/top5, single-label/precision, "
+                            "single-label/f1-score, single-label/precision_no-thr_micro, "
+                            "single-label/recall_no-thr_micro, single-label/f1-score_no-thr_micro, "
+                            "single-label/precision_thr-0.50_micro, single-label/recall_thr-0.50_micro, "
+                            "single-label/f1-score_thr-0.50_micro")
+    with pytest.raises(RecipeError, match=r"^recipe: custom_hooks\.0\.monitor: 'acc/top1' is not a metric"):
+        config_from_dict({**MODEL_BASE, "custom_hooks": [{"type": "EarlyStoppingHook", "monitor": "acc/top1"}],
+                          "val_dataloader": {"batch_size": 2, "dataset": {"type": "SyntheticCIFAR10"}}})
+
+
+def test_every_metric_the_evaluators_report_can_pick_the_best_checkpoint():
+    """The names the config accepts are the keys the metric modules report (but per-class lists)."""
+    from hf_finetune.metrics import SingleLabelMetrics, load_multilabel, mmpretrain_name, reported_names
+    from transformers import EvalPrediction
+    import numpy as np
+
+    cfg = _best("auto")
+    metrics = SingleLabelMetrics(cfg.topk(), 10, cfg.single_label_metrics())
+    ranked = np.tile(np.arange(5), (4, 1))
+    keys = metrics(EvalPrediction(predictions=(ranked, np.full(4, 0.7)), label_ids=np.array([0, 1, 2, 3])))
+    reported = {mmpretrain_name(k) for k, v in keys.items() if k != "num_samples" and not isinstance(v, list)}
+    assert sorted(reported_names(cfg.topk(), False, cfg.single_label_metrics())) == sorted(reported | {"loss"})
+    for name in ["auto", "loss", "accuracy_top5", *reported]:  # accuracy_top5: the key as reported
+        assert _best(name, rule="greater").default_hooks.checkpoint.save_best == name
+    multi = {"model": {"head": {"type": "MultiLabelLinearClsHead", "num_classes": 5}},
+             "val_evaluator": {"type": "AveragePrecision"}, "test_evaluator": {"type": "MultiLabelMetric"}}
+    multilabel = load_multilabel().compute(predictions=[[0.9, 0.1]], references=[[1, 0]], thr=0.5, topk=None)
+    assert reported_names([1], True) == ["loss", *multilabel]
+    for name in reported_names([1], True):
+        config_from_dict({**multi, "default_hooks": {"checkpoint": {"save_best": name, "rule": "greater"}}})
+    with pytest.raises(RecipeError, match="'accuracy/top1' is not a metric the evaluators report"):
+        config_from_dict({**multi, "default_hooks": {"checkpoint": {"save_best": "accuracy/top1"}}})

@@ -438,3 +438,21 @@ def test_sync_bn_converts_batchnorm_and_keeps_frozen_stages_frozen():
     converted(pixel_values=torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)).logits.sum().backward()
     for m, mean in zip(norms, before):
         assert torch.equal(m.running_mean, mean) == (id(m) in frozen)
+
+
+def test_a_single_label_metric_picks_the_best_checkpoint(tmp_path):
+    """save_best names a SingleLabelMetric key: the Trainer finds it in every validation."""
+    data = {"type": "SyntheticCIFAR10", "num_samples": 16, "seed": 0, "pipeline": PIPE_TEST}
+    evaluators = [{"type": "Accuracy"}, {"type": "SingleLabelMetric", "average": "micro"}]
+    recipe = tiny_recipe(tmp_path, train_dataloader={"num_workers": 0, "dataset": data},
+                         val_dataloader={"num_workers": 0, "dataset": data}, test_dataloader=None,
+                         val_evaluator=evaluators, test_evaluator=evaluators,
+                         train_cfg={"max_epochs": 2, "total_batch_size": 8}, param_scheduler=[],
+                         default_hooks={"checkpoint": {"save_best": "single-label/precision_micro"}})
+    work_dir = str(tmp_path / "work")
+    assert main([recipe, "--work-dir", work_dir]) == 0
+    state = read_json(os.path.join(work_dir, "trainer_state.json"))
+    validations = [e["eval_single-label/precision_micro"] for e in state["log_history"]
+                   if "eval_single-label/precision_micro" in e]
+    assert len(validations) == 2 and state["best_metric"] == max(validations)
+    assert os.path.isdir(state["best_model_checkpoint"])

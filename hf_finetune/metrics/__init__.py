@@ -21,6 +21,28 @@ def mmpretrain_name(key: str) -> str:
     return f"accuracy/top{match['k']}" if match else key
 
 
+def reported_names(topk, multi_label, single_label=()):
+    """The metric names (as recipes write them) that an evaluation reports as one number each,
+    so that can pick the best checkpoint: the loss, then the multi-label metrics, or the top-k
+    accuracies and each SingleLabelMetric's averaged items. topk: the ks reported;
+    single_label: the SingleLabelMetric options (thrs, items, average), as SingleLabelMetrics
+    takes them. Per-class values (average None) are lists, never a best metric."""
+    if multi_label:  # MultiLabelMetrics reports all four for either evaluator type
+        return ["loss"] + [f"multilabel/{item}" for item in ("mAP", "precision", "recall", "f1-score")]
+    names = ["loss"] + [f"accuracy/top{k}" for k in topk]
+    for options in single_label:
+        if options["average"] is None:
+            continue
+        # The keys single_label/single_label.py writes (see its docstring); that module is
+        # loaded by `evaluate` and imports it, too heavy to parse a recipe.
+        thrs = options["thrs"] if isinstance(options["thrs"], (list, tuple)) else [options["thrs"]]
+        average = "" if options["average"] == "macro" else "_micro"
+        for thr in thrs:
+            thr_suffix = "" if len(thrs) == 1 else "_no-thr" if thr is None else f"_thr-{thr:.2f}"
+            names += [f"single-label/{item}{thr_suffix}{average}" for item in options["items"]]
+    return names
+
+
 def in_percent(name: str) -> bool:
     """Whether mmpretrain reports the metric in percent (ours are fractions): all but the loss."""
     return metric_key(name) != "loss"
