@@ -9,6 +9,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from .errors import TrainingError
+from .metrics import CONFUSION_KEY
 from .optim import build_lr_scheduler, build_optimizer
 
 
@@ -89,6 +90,7 @@ class FinetuneTrainer(Trainer):
         self.flops_per_value = 6 * self.model.num_parameters(exclude_embeddings=True)
         self._window = None  # (time, samples) at the last log, for images/s
         self._eval_loaders = {}
+        self._evaluations = {}  # metric_key_prefix -> (update, metrics) of the last evaluate()
 
     def train(self, resume_from_checkpoint=None, **kwargs):
         if resume_from_checkpoint is True:  # the Trainer's "latest checkpoint of output_dir"
@@ -135,8 +137,16 @@ class FinetuneTrainer(Trainer):
     # that split's section; the Trainer then evaluates the loader handed over (get_eval_dataloader).
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
         dataset = self.eval_dataset if eval_dataset is None else eval_dataset
-        return super().evaluate(self._eval_loader(dataset, _split(metric_key_prefix)), ignore_keys,
-                                metric_key_prefix)
+        metrics = super().evaluate(self._eval_loader(dataset, _split(metric_key_prefix)), ignore_keys,
+                                   metric_key_prefix)
+        self._evaluations[metric_key_prefix] = (self.state.global_step, metrics)
+        return metrics
+
+    def evaluation_at_last_update(self, metric_key_prefix="eval"):
+        """The metrics, confusion matrix included, of an evaluate() at the current update (the
+        one the Trainer ran at the end of training), or None. The log history keeps no matrix."""
+        step, metrics = self._evaluations.get(metric_key_prefix, (None, None))
+        return dict(metrics) if step == self.state.global_step else None
 
     def predict(self, test_dataset, ignore_keys=None, metric_key_prefix="test"):
         return super().predict(self._eval_loader(test_dataset, _split(metric_key_prefix)), ignore_keys,
@@ -205,6 +215,7 @@ class FinetuneTrainer(Trainer):
         return self.flops_per_value * inputs["pixel_values"].numel()
 
     def log(self, logs, start_time=None):
+        logs = {k: v for k, v in logs.items() if not k.endswith(CONFUSION_KEY)}
         if "loss" in logs:
             now = time.perf_counter()
             seen = self.state.global_step * self.plan.total

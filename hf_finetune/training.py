@@ -305,48 +305,36 @@ def evaluate_splits(trainer, cfg, datasets):
     single-label model the confusion matrix of the test split (else val): (results, confusion),
     confusion = {"split", "matrix"} or None.
 
-    Each split is evaluated at most once after training: a validation that evaluated the final
-    weights (last_validation) is reused, and a test split that is the val split (CIFAR-10's
-    case) reuses freshly computed val numbers. A reused validation left no predictions behind,
-    so the split the confusion matrix comes from is evaluated again."""
-    from .metrics import confusion_matrix
+    Each split is evaluated at most once after training: the validation the Trainer ran at the
+    last update is reused unless an older best checkpoint was loaded since, and a test split
+    that is the val split (CIFAR-10's case) reuses the val numbers."""
+    from .metrics import CONFUSION_KEY
 
-    single_label = not cfg.model.head.multi_label
-    matrix_split = "test" if "test" in datasets else "val"
-    results, predictions = {}, None
-    if best_reloaded(trainer):
+    reloaded = best_reloaded(trainer)
+    if reloaded:
         logger.info("the final weights are the best checkpoint, %s (%s %.4f): evaluating them",
                     trainer.state.best_model_checkpoint, trainer.args.metric_for_best_model, trainer.state.best_metric)
+    results = {}
     if "val" in datasets:
-        val = last_validation(trainer)
-        if val is None or (single_label and matrix_split == "val"):
-            # A point of the validation curve only when no validation of the last update exists.
-            log = val is None and not best_reloaded(trainer)
-            val, predictions = final_evaluation(trainer, datasets["val"], "eval", log=log)
-        results.update(val)
+        val = None if reloaded else trainer.evaluation_at_last_update("eval")
+        # A point of the validation curve only for the weights of the last update.
+        results.update(val or final_evaluation(trainer, datasets["val"], "eval", log=not reloaded))
     if "test" in datasets:
-        if "val" in datasets and same_data(cfg.val_dataloader, cfg.test_dataloader) and (
-                predictions is not None or not single_label):
-            results.update({"test_" + k.removeprefix("eval_"): v for k, v in val.items()})
+        if "val" in datasets and same_data(cfg.val_dataloader, cfg.test_dataloader):
+            results.update({"test_" + k.removeprefix("eval_"): v for k, v in results.items()})
         else:
-            test, predictions = final_evaluation(trainer, datasets["test"], "test")
-            results.update(test)
-    if not single_label or predictions is None:
-        return results, None
-    (ranked, _), labels = predictions
-    return results, {"split": matrix_split,
-                     "matrix": confusion_matrix(ranked[:, 0], labels, trainer.model.config.num_labels)}
+            results.update(final_evaluation(trainer, datasets["test"], "test"))
+    split = "test" if "test" in datasets else "val"
+    matrices = {prefix: results.pop(f"{prefix}_{CONFUSION_KEY}", None) for prefix in ("eval", "test")}
+    matrix = matrices["test" if split == "test" else "eval"]
+    return results, (None if matrix is None else {"split": split, "matrix": matrix})
 
 
 def final_evaluation(trainer, dataset, prefix, log=True):
-    """Trainer.evaluate that also returns what it predicted: (metrics, (predictions, labels)).
-    log: record the metrics as Trainer.evaluate does (log history, the log line)."""
-    output = trainer.predict(dataset, metric_key_prefix=prefix)
-    metrics = dict(output.metrics)
+    """Trainer.evaluate; log=False evaluates without a log-history entry (Trainer.predict)."""
     if log:
-        trainer.log(metrics)
-        trainer.control = trainer.callback_handler.on_evaluate(trainer.args, trainer.state, trainer.control, metrics)
-    return metrics, (output.predictions, output.label_ids)
+        return trainer.evaluate(dataset, metric_key_prefix=prefix)
+    return dict(trainer.predict(dataset, metric_key_prefix=prefix).metrics)
 
 
 def best_reloaded(trainer):
@@ -355,18 +343,6 @@ def best_reloaded(trainer):
     state = trainer.state
     return bool(trainer.args.load_best_model_at_end and state.best_model_checkpoint is not None
                 and state.best_global_step != state.global_step)
-
-
-def last_validation(trainer):
-    """The metrics of the validation that evaluated the final weights, from the Trainer's log
-    history: the one at the last update, unless an older best checkpoint was loaded since."""
-    if best_reloaded(trainer):
-        return None
-    step = trainer.state.global_step
-    for entry in reversed(trainer.state.log_history):
-        if entry.get("step") == step and "eval_loss" in entry:
-            return {k: v for k, v in entry.items() if k.startswith("eval_")}
-    return None
 
 
 def same_data(a, b):

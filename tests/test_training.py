@@ -347,16 +347,21 @@ def test_speed_knobs_bf16_and_channels_last_run_on_cpu(tmp_path):
 
 
 def test_the_final_evaluations_are_logged_once(finished_run):
-    """The last update's validation is reused (no second entry); the test split is evaluated
-    once after training, logged, and gives the confusion matrix."""
+    """The last update's validation is reused, confusion matrix included (no second entry, no
+    second pass), and the test split, the same images, reuses its numbers."""
     _, work_dir = finished_run
     history = read_json(os.path.join(work_dir, "trainer_state.json"))["log_history"]
     assert [e["step"] for e in history if "eval_loss" in e] == [6, 12, 18]
-    assert [e["step"] for e in history if "test_loss" in e] == [18]
+    assert not any("test_loss" in e or any(k.endswith("confusion_matrix") for k in e) for e in history)
     logs = sorted(os.path.join(root, name) for root, _, names in os.walk(work_dir) for name in names
                   if name.endswith(".log"))
-    assert open(logs[0]).read().count("Epoch(test)") == 1  # the training's (--eval-only runs log after it)
-    assert read_json(os.path.join(work_dir, "confusion_matrix.json"))["split"] == "test"
+    assert open(logs[0]).read().count("Epoch(test)") == 0  # the training's (--eval-only runs log after it)
+    results = read_json(os.path.join(work_dir, "all_results.json"))
+    assert results["test_accuracy_top1"] == results["eval_accuracy_top1"] == history[-2]["eval_accuracy_top1"]
+    confusion = read_json(os.path.join(work_dir, "confusion_matrix.json"))
+    matrix = confusion["matrix"]
+    assert confusion["split"] == "test" and sum(map(sum, matrix)) == 37
+    assert sum(matrix[i][i] for i in range(len(matrix))) / 37 == pytest.approx(results["test_accuracy_top1"])
 
 
 def test_load_best_model_at_end_results_describe_the_saved_weights(tmp_path):

@@ -76,6 +76,9 @@ def load_single_label():
     return evaluate.load(SINGLE_LABEL_PATH)
 
 
+CONFUSION_KEY = "confusion_matrix"  # [true class][predicted class] counts, in evaluate()'s results
+
+
 def confusion_matrix(predicted, references, num_classes):
     """[true class][predicted class] counts."""
     cells = np.asarray(references, dtype=np.int64) * num_classes + np.asarray(predicted, dtype=np.int64)
@@ -102,6 +105,9 @@ class SingleLabelMetrics:
                 predictions=ranked[:, 0].tolist(), references=labels.tolist(), scores=top_score.tolist(),
                 num_classes=self.num_classes, **options))
         results["num_samples"] = int(len(labels))
+        # Returned with the metrics so evaluate() hands it over; FinetuneTrainer.log keeps it out
+        # of the log history (a million numbers per evaluation at 1,000 classes).
+        results[CONFUSION_KEY] = confusion_matrix(ranked[:, 0], labels, self.num_classes)
         return results
 
 
