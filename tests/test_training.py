@@ -221,25 +221,35 @@ def test_two_process_ddp_on_cpu_matches_the_single_process_schedule(finished_run
 
 
 def test_killed_mid_epoch_then_resume(tmp_path):
-    """SIGKILL during epoch 2: the epoch-1 checkpoint survives and --resume finishes the run."""
+    """SIGKILL during epoch 2 (as the OOM killer sends it): the epoch-1 checkpoint survives, the
+    loader workers it leaves running for seconds do not hold the work dir, and --resume at once
+    finishes the run."""
     import signal
     import time
 
+    from hf_finetune.workdir import WorkDirLock
+
     recipe = tiny_recipe(tmp_path)
     work_dir = str(tmp_path / "killed")
-    proc = subprocess.Popen([sys.executable, "-m", "hf_finetune.run", recipe, "--work-dir", work_dir],
+    options = ["--cfg-options", "train_dataloader.num_workers=2", "train_dataloader.persistent_workers=true"]
+    proc = subprocess.Popen([sys.executable, "-m", "hf_finetune.run", recipe, "--work-dir", work_dir, *options],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     first = os.path.join(work_dir, "checkpoint-6", "trainer_state.json")
     deadline = time.time() + 240
     while not os.path.exists(first) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     time.sleep(0.3)  # into epoch 2
+    workers = [int(pid) for task in os.listdir(f"/proc/{proc.pid}/task")
+               for pid in open(f"/proc/{proc.pid}/task/{task}/children").read().split()]
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert os.path.exists(first)
     assert not os.path.exists(os.path.join(work_dir, "model.safetensors"))  # it did not finish
+    assert any(os.path.exists(f"/proc/{pid}") for pid in workers), "the workers outlive the run"
+    with WorkDirLock(work_dir, wait_s=0):  # free at once, while the orphaned workers still run
+        pass
 
-    assert main([recipe, "--work-dir", work_dir, "--resume"]) == 0
+    assert main([recipe, "--work-dir", work_dir, "--resume", *options]) == 0
     state = read_json(os.path.join(work_dir, "trainer_state.json"))
     assert state["global_step"] == 18
     assert os.path.isfile(os.path.join(work_dir, "model.safetensors"))
