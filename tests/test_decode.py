@@ -214,3 +214,75 @@ def test_damaged_png_leaves_the_fast_path_for_pillows_error(damage):
     assert _decode_png_rgb8(data) is None
     with pytest.raises((OSError, ValueError, SyntaxError)):
         decode_image({"bytes": data, "path": None})
+
+
+# ---------------------------------------------------------------- EXIF orientation, as exif_transpose applies it
+
+def quadrants(height, width) -> np.ndarray:
+    """Four flat colours, none mapped onto another by any flip or rotation."""
+    rgb = np.zeros((height, width, 3), dtype=np.uint8)
+    rgb[: height // 2, : width // 2] = (220, 30, 30)
+    rgb[: height // 2, width // 2:] = (30, 30, 220)
+    rgb[height // 2:, : width // 2] = (30, 200, 30)
+    rgb[height // 2:, width // 2:] = (240, 240, 240)
+    return rgb
+
+
+def with_orientation(rgb, orientation, fmt="JPEG", **save) -> dict:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return encoded(Image.fromarray(rgb), fmt, exif=exif, **save)
+
+
+def upright(item) -> np.ndarray:
+    """What datasets' Image feature and transformers' load_image show."""
+    from PIL import ImageOps
+
+    with Image.open(io.BytesIO(item["bytes"])) as im:
+        return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])  # an RGB PNG would otherwise take the fast path
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_is_applied_like_exif_transpose(orientation, fmt):
+    item = with_orientation(quadrants(32, 64), orientation, fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+    expected = upright(item)
+    assert expected.shape == ((64, 32, 3) if orientation >= 5 else (32, 64, 3))
+    np.testing.assert_array_equal(decoded(item), expected)
+    image = LazyImage(item)
+    assert (image.height, image.width) == expected.shape[:2]
+    box = (5, 3, 20, 14)  # (top, left, height, width) on the upright image
+    np.testing.assert_array_equal(image.pixels(box), expected[5:25, 3:17])
+    np.testing.assert_array_equal(image.pixels(box, min_size=(20, 14)), expected[5:25, 3:17])
+
+
+@pytest.fixture(scope="module")
+def sideways_photo():
+    """A smooth 800x600 photo, no two corners alike, stored with each orientation (JPEG)."""
+    y, x = np.mgrid[0:600, 0:800].astype(np.float64)
+    rgb = np.stack([x / 800 * 230, y / 600 * 230, 128 + 90 * np.sin(x / 90)], -1).astype(np.uint8)
+    return {o: with_orientation(rgb, o, quality=95) for o in (1, 3, 6, 8)}
+
+
+@pytest.mark.parametrize("orientation", [1, 3, 6, 8])
+def test_reduced_scale_region_of_a_sideways_jpeg(sideways_photo, orientation):
+    item = sideways_photo[orientation]
+    full = upright(item)
+    image = LazyImage(item)
+    assert (image.height, image.width) == full.shape[:2]
+    box = (40, 100, 240, 360)  # wide on the upright image, whatever the stored layout
+    region = image.pixels(box, min_size=(56, 84))  # 1/4 scale still gives enough pixels
+    assert region.shape == (60, 90, 3)
+    reference = torch.nn.functional.interpolate(torch.from_numpy(full[40:280, 100:460].copy()).permute(2, 0, 1)[None].float(),
+                                                size=region.shape[:2], mode="area")[0].permute(1, 2, 0).numpy()
+    assert np.abs(region.astype(float) - reference).mean() < 4
+
+
+def test_transformers_load_image_agrees_on_a_sideways_photo(tmp_path):
+    from transformers.image_utils import load_image
+
+    path = tmp_path / "phone.jpg"
+    path.write_bytes(with_orientation(quadrants(32, 64), 6, quality=95)["bytes"])
+    ours = decode_image({"bytes": None, "path": str(path)})
+    assert ours.shape == (64, 32, 3)
+    np.testing.assert_array_equal(ours, np.asarray(load_image(str(path))))

@@ -254,3 +254,22 @@ def test_single_label_scores_are_a_softmax_and_nothing_is_marked(work_dir, image
     assert main([str(work_dir), str(image_root / "test" / "cat" / "b.jpg")]) == 0
     out = capsys.readouterr().out
     assert "*" not in out and "multi-label" not in out
+
+
+def test_a_phone_photo_stored_sideways_is_predicted_upright(work_dir, tmp_path):
+    """EXIF orientation 6 (as load_image and datasets apply it): the same scores as the upright pixels."""
+    from hf_finetune.data.decode import decode_image
+
+    stored = np.random.default_rng(1).integers(0, 256, (40, 48, 3), dtype=np.uint8)  # too small for reduced decoding
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(stored).save(tmp_path / "sideways.jpg", exif=exif, quality=95)
+    upright = decode_image({"bytes": None, "path": str(tmp_path / "sideways.jpg")})
+    assert upright.shape == (48, 40, 3)
+    Image.fromarray(upright).save(tmp_path / "upright.png")
+    Image.fromarray(np.rot90(upright)).save(tmp_path / "wrong.png")  # the pixels as stored
+    sideways, straight, wrong = predict(str(work_dir), [str(tmp_path / n) for n in ("sideways.jpg", "upright.png",
+                                                                                 "wrong.png")], topk=3)
+    sideways, straight, wrong = (dict(row["predictions"]) for row in (sideways, straight, wrong))
+    assert sideways == pytest.approx(straight, abs=1e-5)
+    assert sideways != pytest.approx(wrong, abs=1e-5)  # the orientation matters to this model

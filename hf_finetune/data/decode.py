@@ -5,7 +5,10 @@ control conversion and errors. Two formats get a fast path because they are
 what our sources hold: 8-bit RGB PNG (the Hub's CIFAR-10, synthetic data) and
 binary PPM (our Arrow cache of local CIFAR copies: raw pixels behind a tiny
 header, so decoding is a copy). Everything else goes through PIL and is
-converted to 8-bit RGB by ``to_rgb8`` (every Pillow mode, see there).
+converted to 8-bit RGB by ``to_rgb8`` (every Pillow mode, see there). The EXIF
+orientation is applied, as ``datasets``' Image feature and transformers'
+``load_image`` do (``PIL.ImageOps.exif_transpose``): a phone photo stored
+sideways is upright in training, evaluation, ``predict`` and ``pipeline()``.
 
 ``LazyImage`` defers decoding until a pipeline step knows which region it needs
 and at what size: a JPEG is then decoded at a reduced scale (libjpeg's DCT
@@ -27,6 +30,16 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PPM_HEADER = re.compile(rb"P6\s+(\d+)\s+(\d+)\s+255\s")
 _CHUNK_HEAD = struct.Struct(">I4s")
 _IHDR = struct.Struct(">IIBBBBB")
+# Where Pillow's getexif() finds an orientation in a PNG (eXIf, or text chunks with these keywords)
+_PNG_TEXT = (b"tEXt", b"zTXt", b"iTXt")
+_PNG_EXIF_KEYWORDS = (b"Raw profile type exif", b"XML:com.adobe.xmp")
+
+# EXIF orientation -> (transpose, flip rows, flip columns) taking the stored pixels to the upright
+# image: exif_transpose's table (2: FLIP_LEFT_RIGHT, 3: ROTATE_180, 4: FLIP_TOP_BOTTOM,
+# 5: TRANSPOSE, 6: ROTATE_270, 7: TRANSVERSE, 8: ROTATE_90) split into a transpose then flips,
+# because LazyImage must also map a crop box back onto the stored pixels, which no library does.
+_ORIENTATIONS = {2: (False, False, True), 3: (False, True, True), 4: (False, True, False),
+                 5: (True, False, False), 6: (True, False, True), 7: (True, True, True), 8: (True, True, False)}
 
 
 def encode_ppm(image: np.ndarray) -> bytes:
@@ -67,6 +80,8 @@ def _decode_png_rgb8(data: bytes) -> np.ndarray | None:
             size = (width, height)
         elif kind == b"IDAT":
             idat.append(data[start:stop])
+        elif kind == b"eXIf" or (kind in _PNG_TEXT and data[start:stop].split(b"\0", 1)[0] in _PNG_EXIF_KEYWORDS):
+            return None  # may hold an orientation: Image.open's path applies it
         elif kind == b"IEND":
             break
         pos = stop + 4
@@ -112,10 +127,28 @@ def to_rgb8(im: Image.Image) -> np.ndarray:
     return np.asarray(im.convert("RGB"))
 
 
+def _orientation(im: Image.Image) -> int:
+    """The EXIF (or XMP) orientation exif_transpose applies, read from the header: a JPEG's
+    pixels stay undecoded (a PNG's are loaded when its eXIf chunk may follow the image data)."""
+    return im.getexif().get(0x0112, 1)
+
+
+def _upright(pixels: np.ndarray, orientation: int) -> np.ndarray:
+    """Stored [H, W, 3] pixels (the whole image or a region) as exif_transpose shows them."""
+    transpose, flip_rows, flip_columns = _ORIENTATIONS.get(orientation, (False, False, False))
+    if transpose:
+        pixels = pixels.transpose(1, 0, 2)
+    if flip_rows:
+        pixels = pixels[::-1]
+    if flip_columns:
+        pixels = pixels[:, ::-1]
+    return np.ascontiguousarray(pixels)
+
+
 def _decode_with_pil(data: bytes) -> np.ndarray:
     with Image.open(io.BytesIO(data)) as im:
         im.load()
-        return to_rgb8(im)
+        return _upright(to_rgb8(im), _orientation(im))
 
 
 def image_bytes(item) -> bytes:
@@ -158,7 +191,9 @@ class LazyImage:
 
     ``pixels(box, min_size)`` decodes the region ``box`` = (top, left, height, width)
     at a resolution of at least ``min_size`` = (height, width) for that region: a
-    JPEG is decoded at 1/2, 1/4 or 1/8 scale when that is still enough. Raises
+    JPEG is decoded at 1/2, 1/4 or 1/8 scale when that is still enough. Sizes and
+    boxes are the upright image's (EXIF orientation applied); a box is mapped onto
+    the stored pixels, and only that region is decoded and turned upright. Raises
     ValueError (or OSError) on undecodable data, like decode_image.
     """
 
@@ -166,12 +201,16 @@ class LazyImage:
         data = image_bytes(item)
         self._array = _decode_fast(data)
         self._pil = None
+        self._orientation = 1
         self.failed = False  # set when pixels() raised: tells the batch which file it was
         if self._array is not None:
             self.height, self.width = self._array.shape[:2]
         else:
             self._pil = Image.open(io.BytesIO(data))
-            self.width, self.height = self._pil.size
+            self._orientation = _orientation(self._pil)
+            self._stored_size = self.width, self.height = self._pil.size  # draft() changes im.size
+            if _ORIENTATIONS.get(self._orientation, (False,))[0]:  # stored sideways
+                self.width, self.height = self.height, self.width
         if self.height == 0 or self.width == 0:
             raise ValueError(f"image of size {self.width}x{self.height}")
 
@@ -179,21 +218,32 @@ class LazyImage:
         top, left, height, width = box or (0, 0, self.height, self.width)
         if self._array is not None:
             return self._array[top:top + height, left:left + width]
+        transpose, flip_rows, flip_columns = _ORIENTATIONS.get(self._orientation, (False, False, False))
+        # The box on the stored pixels: undo the flips, then the transpose.
+        if flip_rows:
+            top = self.height - top - height
+        if flip_columns:
+            left = self.width - left - width
+        if transpose:
+            top, left, height, width = left, top, width, height
+            min_size = min_size and min_size[::-1]
         try:
-            return self._decode_region(top, left, height, width, min_size)
+            return _upright(self._decode_region(top, left, height, width, min_size), self._orientation)
         except Exception:
             self.failed = True
             raise
 
     def _decode_region(self, top, left, height, width, min_size) -> np.ndarray:
+        """The region of the stored (not yet upright) pixels."""
         im = self._pil
+        stored_width, stored_height = self._stored_size
         if min_size is not None and im.format == "JPEG":
             # Ask for the whole image at the size that gives the region min_size pixels.
-            wanted = (math.ceil(self.width * min_size[1] / width), math.ceil(self.height * min_size[0] / height))
+            wanted = (math.ceil(stored_width * min_size[1] / width), math.ceil(stored_height * min_size[0] / height))
             im.draft("RGB", wanted)
         im.load()
-        if im.size != (self.width, self.height):  # the region on the reduced grid, never below min_size
-            scale_x, scale_y = im.size[0] / self.width, im.size[1] / self.height
+        if im.size != (stored_width, stored_height):  # the region on the reduced grid, never below min_size
+            scale_x, scale_y = im.size[0] / stored_width, im.size[1] / stored_height
             left, top = int(left * scale_x), int(top * scale_y)
             width = min(max(math.ceil(width * scale_x), min_size[1]), im.size[0] - left)
             height = min(max(math.ceil(height * scale_y), min_size[0]), im.size[1] - top)
