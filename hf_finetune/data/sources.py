@@ -35,7 +35,7 @@ from .synthetic import synthetic_dataset
 
 logger = logging.getLogger(__name__)
 
-CACHE_VERSION = 1  # bump when the converted layout changes
+CACHE_VERSION = 2  # bump when the converted layout or pixels change (2: EXIF orientation applied)
 HUB_PROBE_TIMEOUT_S = 5.0
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".ppm", ".pgm", ".pbm", ".tif", ".tiff", ".webp"}
 ACCEPTED_FORMATS = (
