@@ -1,6 +1,8 @@
-"""Which accelerator this machine offers: one answer for training, predict and the model card."""
+"""Which accelerator this machine offers (one answer for training, predict and the model card),
+and this process's rank."""
 
 import torch
+from accelerate.utils import get_int_from_env
 
 
 def accelerator():
@@ -32,3 +34,11 @@ def describe_device() -> str:
     if kind == "xpu":
         return f"{torch.xpu.get_device_name(0)} (XPU)"
     return {"mps": "Apple MPS"}.get(kind, "CPU")
+
+
+def process_rank() -> int:
+    """Global rank of this process: torch.distributed's once initialised, else the launcher's
+    $RANK / $LOCAL_RANK, else 0. The one place the package reads it."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return get_int_from_env(["RANK", "LOCAL_RANK"], 0)

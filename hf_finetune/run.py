@@ -213,7 +213,7 @@ def _report(error):
     """One line on stderr; a recipe error is identical on every rank, so rank 0 says it."""
     from accelerate.utils import get_int_from_env
 
-    from hf_finetune.data.runtime import process_rank
+    from hf_finetune.devices import process_rank
 
     rank = process_rank()
     world = get_int_from_env(["WORLD_SIZE"], 1)

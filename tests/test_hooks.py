@@ -3,7 +3,6 @@ both inside a real Trainer (evaluation and checkpoints on the averaged weights, 
 resume), and the recipe's custom_hooks checked by the config."""
 
 import json
-import math
 from types import SimpleNamespace
 
 import pytest

@@ -1,6 +1,5 @@
 """SingleLabelMetric (mmpretrain's precision / recall / F1 / support) as a shipped evaluate module and in compute_metrics."""
 
-import numpy as np
 import pytest
 import torch
 from transformers import EvalPrediction

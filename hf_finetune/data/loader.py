@@ -30,7 +30,8 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
 
 from .ring import BatchRing
-from .runtime import mix_seed, process_rank
+from ..devices import process_rank
+from .runtime import mix_seed
 from .transforms import BatchTransform
 
 logger = logging.getLogger("hf_finetune")

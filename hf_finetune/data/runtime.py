@@ -10,10 +10,7 @@ batch into are not shared here: the loader hands both to the transform with each
 from __future__ import annotations
 
 import hashlib
-import os
 
-import torch
-from accelerate.utils import get_int_from_env
 
 from ..errors import DataError
 
@@ -45,14 +42,6 @@ def _strip_worker_traceback(message: str, cls: type) -> str:
     if start < 0:
         return message
     return message[start + len(marker):].rstrip("\n")
-
-
-def process_rank() -> int:
-    """Global rank of this process: torch.distributed's once initialised, else the launcher's
-    $RANK / $LOCAL_RANK, else 0. The one place the package reads it."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank()
-    return get_int_from_env(["RANK", "LOCAL_RANK"], 0)
 
 
 def mix_seed(*parts: int) -> int:

@@ -27,6 +27,7 @@ import torch
 from huggingface_hub import is_offline_mode
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
+from hf_finetune.devices import process_rank
 from hf_finetune.errors import CheckpointError
 
 from .configuration_finetune_resnet import RESNET_ARCH
@@ -46,8 +47,6 @@ LAYOUT_HF_MODEL = "transformers ResNetModel"
 
 
 def _is_main_process() -> bool:
-    from hf_finetune.data.runtime import process_rank
-
     return process_rank() == 0
 
 
