@@ -558,7 +558,7 @@ class EMAHookCfg:
     strict_load: bool = knob(False, "--resume only from an ema.safetensors that matches the model")
     priority: Union[str, int] = knob("NORMAL", "mmengine key; callbacks run in list order (EMAHook "
                                      "swaps its weights in before any evaluation or save)",
-                                     check=_priority)
+                                     check=_priority, compat=True)
 
 
 @dataclass
@@ -581,7 +581,7 @@ class EarlyStoppingHookCfg:
     stopping_threshold: Optional[float] = knob(None, "stop at once when the monitor beats this "
                                                "(accuracies in percent)")
     priority: Union[str, int] = knob("NORMAL", "mmengine key; callbacks run in list order",
-                                     check=_priority)
+                                     check=_priority, compat=True)
 
 
 HOOK_TYPES = {"EMAHook": EMAHookCfg, "EarlyStoppingHook": EarlyStoppingHookCfg}
@@ -1220,9 +1220,11 @@ def compat_keys():
                 found.append(prefix + f.name)
             elif dataclasses.is_dataclass(inner[0]) and inner[0] is not Step:
                 walk(inner[0], prefix + f.name + ".")
+            for entry in f.metadata.get("types", {}).values():  # typed list entries (custom_hooks)
+                walk(entry, prefix + f.name + ".N.")
 
     walk(Config, "")
-    return found
+    return list(dict.fromkeys(found))
 
 
 # --- messages ------------------------------------------------------------------------------
