@@ -73,10 +73,18 @@ class FinetuneTrainer(Trainer):
     cfg: the Config; plan: the BatchPlan; loaders: {split: DataloaderCfg}, how each split is
     loaded ("train"; "test" for evaluate(metric_key_prefix="test"), "val" for other evaluations);
     updates_per_epoch: optimizer updates per epoch, the LR schedule's epoch; batch_augments:
-    Mixup / CutMix (augments.BatchAugments), applied to training batches."""
+    Mixup / CutMix (augments.BatchAugments), applied to training batches; loss_fn: the recipe's
+    loss on (logits, labels) for a model that does not compute it itself (a Hub model), else None."""
 
-    def __init__(self, *args, cfg, plan, loaders, updates_per_epoch, batch_augments=None, **kwargs):
+    def __init__(self, *args, cfg, plan, loaders, updates_per_epoch, batch_augments=None, loss_fn=None,
+                 **kwargs):
         super().__init__(*args, **kwargs)
+        self.loss_fn = loss_fn
+        if loss_fn is not None:
+            # Our loss is a mean over the batch, as the ResNet's: the Trainer scales it for gradient
+            # accumulation and passes no loss kwargs (a ViT's forward would count as taking them).
+            self.model_accepts_loss_kwargs = False
+            self.loss_is_scaled_for_ga = False
         self.cfg = cfg
         self.plan = plan
         self.loaders = loaders
@@ -182,6 +190,10 @@ class FinetuneTrainer(Trainer):
         if self.batch_augments is not None and model.training:
             pixel_values, targets = self.batch_augments(inputs["pixel_values"], inputs["labels"])
             inputs = {**inputs, "pixel_values": pixel_values, "labels": targets}
+        if self.loss_fn is not None and inputs.get("labels") is not None:
+            outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
+            loss = self.loss_fn(outputs.logits, inputs["labels"])
+            return (loss, outputs) if return_outputs else loss
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     def create_scheduler(self, num_training_steps, optimizer=None):

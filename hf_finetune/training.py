@@ -162,7 +162,7 @@ def build_training_args(cfg, plan, steps_per_epoch=1, validate=True):
         save_steps=max(checkpoint.interval, 1) * (steps_per_epoch if ckpt_by_epoch else 1),
         save_total_limit=None if checkpoint.max_keep_ckpts < 0 else checkpoint.max_keep_ckpts,
     )
-    if cfg.model.backbone.with_cp:
+    if cfg.model.with_cp:
         args["gradient_checkpointing"] = True  # the Trainer calls model.gradient_checkpointing_enable()
     if train.by_epoch:
         args["num_train_epochs"] = train.max_epochs
@@ -214,7 +214,7 @@ def evaluation_metrics(cfg, num_classes):
     SingleLabelMetric evaluators, or mmpretrain's multi-label metrics."""
     from .metrics import MultiLabelMetrics, SingleLabelMetrics, multilabel_scores, ranked_classes
 
-    if cfg.model.head.multi_label:
+    if cfg.model.multi_label:
         thr, topk = cfg.multi_label_decision()
         return MultiLabelMetrics(thr=thr, topk=topk), multilabel_scores
     topk, rank_k = topk_of(cfg, num_classes)
@@ -228,6 +228,7 @@ def build_trainer(cfg, datasets=None, model=None, callbacks=None):
 
     state = process_state()
     cfg = resolve_seed(cfg, state)
+    cfg = with_model_preprocessing(cfg)
     plan = plan_batches(cfg, state.num_processes)
     set_seed(cfg.randomness.seed)  # model initialisation and data order repeat per seed
     # One process downloads and converts first; the others then read its cache.
@@ -245,6 +246,12 @@ def build_trainer(cfg, datasets=None, model=None, callbacks=None):
     steps = updates_per_epoch(len(datasets["train"]), plan, cfg.train_dataloader.drop_last) \
         if "train" in datasets else 1
     args = build_training_args(cfg, plan, steps, validate="val" in datasets)
+    loss_fn = None
+    if cfg.model.type != "ImageClassifier":
+        from .models.hub_classifier import loss_function
+
+        check_hub_model(model, args, datasets)
+        loss_fn = loss_function(cfg.model, model.config.num_labels)
     model = sync_batchnorm(model, cfg.sync_bn, state.num_processes, accelerator())
     if cfg.env_cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -276,6 +283,7 @@ def build_trainer(cfg, datasets=None, model=None, callbacks=None):
         loaders=cfg.dataloaders(),
         updates_per_epoch=steps,
         batch_augments=batch_augments,
+        loss_fn=loss_fn,
     )
     logs.install(trainer, resolved_work_dir(cfg), dict_lines=cfg.log_level.lower() == "debug")
     if cfg.hub.push and cfg.hub.strategy != "end":
@@ -286,6 +294,34 @@ def build_trainer(cfg, datasets=None, model=None, callbacks=None):
     if "train" in datasets:
         log_plan(plan, args, steps, len(datasets["train"]))
     return trainer
+
+
+def with_model_preprocessing(cfg):
+    """cfg whose data_preprocessor mean / std are the model's where the recipe leaves them null
+    (a Hub model's image processor), so the saved recipe and image processor record them."""
+    from .models import resolve_preprocessor
+
+    pre = cfg.data_preprocessor
+    if pre.mean is not None and pre.std is not None:
+        return cfg
+    return dataclasses.replace(cfg, data_preprocessor=resolve_preprocessor(cfg.model, pre))
+
+
+def check_hub_model(model, args, datasets):
+    """Before training: gradient checkpointing is supported, and each split's image size runs."""
+    from .models.hub_classifier import check_input_size
+
+    if args.gradient_checkpointing and not model.supports_gradient_checkpointing:
+        raise RecipeError(f"training_args.gradient_checkpointing: {type(model).__name__} has no gradient "
+                          f"checkpointing in transformers; remove it")
+    seen = set()
+    for split, dataset in datasets.items():
+        if len(dataset) == 0:
+            continue
+        height, width = dataset[:1]["pixel_values"].shape[-2:]
+        if (height, width) not in seen:
+            seen.add((height, width))
+            check_input_size(model, int(height), int(width), f"{split}_dataloader.dataset.pipeline")
 
 
 def sync_batchnorm(model, sync_bn, num_processes, device):
