@@ -26,6 +26,7 @@ import types
 
 import torch
 from torch import nn
+from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING
 
 from hf_finetune.errors import CheckpointError, RecipeError
 
@@ -136,6 +137,11 @@ def load_model_config(model_cfg):
                           f"HuggingFaceClassifier, or a timm model (timm/<name>)")
     if model_cfg.type == "HuggingFaceClassifier" and config.model_type == TIMM_TYPE:
         raise RecipeError(f"{key}: a timm model; use model.type TimmClassifier")
+    if type(config) not in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING and \
+            "AutoModelForImageClassification" not in (getattr(config, "auto_map", None) or {}):
+        raise RecipeError(f"{key}: a {config.model_type!r} model, not an image classifier "
+                          f"(AutoModelForImageClassification has no class for it); expected an "
+                          f"image-classification model such as google/vit-base-patch16-224")
     return config
 
 
@@ -223,13 +229,7 @@ def build_hub_model(model_cfg, preprocessor_cfg, id2label):
         else:
             model = AutoModelForImageClassification.from_config(
                 config, trust_remote_code=model_cfg.trust_remote_code)
-    except ValueError as exc:
-        if "Unrecognized configuration class" in str(exc):
-            raise RecipeError(f"model.model_name {model_cfg.model_name!r}: a {config.model_type!r} model, not an "
-                              f"image classifier (AutoModelForImageClassification has no class for it); expected "
-                              f"an image-classification model such as google/vit-base-patch16-224") from None
-        raise _source_error(model_cfg, exc) from None
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         raise _source_error(model_cfg, exc) from None
     apply_knobs(model, model_cfg)
     prepare_inputs(model, preprocessor_cfg.mean, preprocessor_cfg.std, preprocessor_cfg.to_rgb,
