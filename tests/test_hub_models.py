@@ -46,6 +46,28 @@ def convnext(tmp_path_factory):
         hidden_sizes=[8, 16, 32, 64], depths=[1, 1, 1, 1], image_size=32))
 
 
+@pytest.fixture(scope="module")
+def timm_vit(tmp_path_factory):
+    """A tiny timm ViT as transformers' TimmWrapper saves it (config.json model_type timm_wrapper)."""
+    pytest.importorskip("timm", reason="timm is not installed (the timm test venv has it)")
+    path = tmp_path_factory.mktemp("timm")
+    config = transformers.TimmWrapperConfig(
+        architecture="vit_tiny_patch16_224", num_labels=10,
+        model_args={"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2},
+        pretrained_cfg={"input_size": [3, 32, 32], "mean": MEAN, "std": STD, "crop_pct": 1.0,
+                        "interpolation": "bilinear", "num_classes": 10})
+    torch.manual_seed(0)
+    transformers.TimmWrapperForImageClassification(config).save_pretrained(path)
+    return str(path)
+
+
+# Per family: the model type and the parameter names frozen_stages=1 freezes.
+FROZEN_1 = {"vit": ("HuggingFaceClassifier", ("vit.embeddings.", "vit.layers.0.")),
+            "convnext": ("HuggingFaceClassifier", ("convnext.embeddings.", "convnext.encoder.stages.0.")),
+            "timm_vit": ("TimmClassifier", ("timm_model.cls_token", "timm_model.pos_embed",
+                                            "timm_model.patch_embed.", "timm_model.blocks.0."))}
+
+
 def recipe(tmp_path, model, **overrides):
     def dataset(n, seed):
         return {"type": "SyntheticCIFAR10", "num_samples": n, "seed": seed, "pipeline": PIPE}
@@ -74,11 +96,12 @@ def read_json(path):
         return json.load(f)
 
 
-@pytest.mark.parametrize("family", ["vit", "convnext"])
+@pytest.mark.parametrize("family", ["vit", "convnext", "timm_vit"])
 def test_two_steps_save_reload_predict(family, request, tmp_path):
     source = request.getfixturevalue(family)
     work = str(tmp_path / "work")
-    model = {"type": "HuggingFaceClassifier", "model_name": source, "pretrained": True, "frozen_stages": 1,
+    model_type, prefix = FROZEN_1[family]
+    model = {"type": model_type, "model_name": source, "pretrained": True, "frozen_stages": 1,
              "loss": {"type": "CrossEntropyLoss", "label_smoothing": 0.1}}
     assert main([recipe(tmp_path, model), "--work-dir", work]) == 0
 
@@ -86,17 +109,15 @@ def test_two_steps_save_reload_predict(family, request, tmp_path):
     saved = read_json(os.path.join(work, "recipe.json"))["data_preprocessor"]
     assert saved["mean"] == pytest.approx([m * 255 for m in MEAN])
     assert saved["std"] == pytest.approx([s * 255 for s in STD])
-    config = read_json(os.path.join(work, "config.json"))
-    assert len(config["id2label"]) == 10 and config["id2label"]["0"] == "airplane"
-    assert "auto_map" not in config  # plain transformers: no remote code
+    config = transformers.AutoConfig.from_pretrained(work)
+    assert config.num_labels == 10 and config.id2label[0] == "airplane"
+    assert "auto_map" not in read_json(os.path.join(work, "config.json"))  # plain transformers: no remote code
 
     # Frozen: the embeddings and the first block/stage kept the source's weights; the rest trained.
     before, after = load_file(os.path.join(source, "model.safetensors")), \
         load_file(os.path.join(work, "model.safetensors"))
-    prefix = {"vit": ("vit.embeddings.", "vit.layers.0."), "convnext": ("convnext.embeddings.",
-                                                                       "convnext.encoder.stages.0.")}[family]
     frozen = [k for k in after if k.startswith(prefix)]
-    trained = [k for k in after if k.startswith(family + ".") and not k.startswith(prefix)]
+    trained = [k for k in after if not k.startswith(prefix)]
     assert frozen and trained
     assert all(torch.equal(before[k], after[k]) for k in frozen)
     assert any(not torch.equal(before[k], after[k]) for k in trained)
@@ -163,31 +184,37 @@ def test_norm_eval_keeps_batchnorm_statistics(tmp_path):
     assert not norm.training and torch.equal(norm.running_mean, before)
 
 
-@pytest.mark.parametrize("family, layers", [("vit", 4), ("convnext", 6)])
+def _expected_layer(family, name):
+    """The documented layer of a parameter (models.hub_classifier.FAMILIES; timm: its group_matcher)."""
+    blocks = {"vit": "vit.layers.", "convnext": "convnext.encoder.stages.", "timm_vit": "timm_model.blocks."}[family]
+    if ".embeddings." in name or name.startswith(("timm_model.cls_token", "timm_model.pos_embed",
+                                                  "timm_model.patch_embed.")):
+        return 0
+    if name.startswith(blocks):
+        return int(name[len(blocks):].split(".")[0]) + 1
+    if name.startswith("timm_model.norm."):
+        return 2  # timm groups the final norm with the last block
+    return None  # final norm and classifier: the last layer, at the base LR
+
+
+@pytest.mark.parametrize("family, layers", [("vit", 4), ("convnext", 6), ("timm_vit", 4)])
 def test_layer_decay_groups(family, layers, request):
-    """FAMILIES: embeddings layer 0, each encoder layer / stage one layer, then the head at the
-    base LR; lr = base * rate ** (num_layers - 1 - layer)."""
+    """lr = base * rate ** (num_layers - 1 - layer): the head at the base LR."""
+    from hf_finetune.models import build_model
     from hf_finetune.optim import build_optimizer
 
-    cfg = hub_config({"type": "HuggingFaceClassifier", "model_name": request.getfixturevalue(family)},
+    cfg = hub_config({"type": FROZEN_1[family][0], "model_name": request.getfixturevalue(family)},
                      optim_wrapper={"optimizer": {"type": "AdamW", "lr": 1.0},
                                     "constructor": "LearningRateDecayOptimWrapperConstructor",
                                     "paramwise_cfg": {"layer_decay_rate": 0.5}})
-    from hf_finetune.models import build_model
-
     model = build_model(cfg.model, cfg.data_preprocessor, {i: str(i) for i in range(3)})
     groups = build_optimizer(model, cfg.optim_wrapper).param_groups
     names = {id(p): n for n, p in model.named_parameters()}
     layer_of = {names[id(p)]: g["layer_id"] for g in groups for p in g["params"]}
     assert all(g["lr"] == 0.5 ** (layers - 1 - g["layer_id"]) for g in groups)
-    blocks = {"vit": "vit.layers.", "convnext": "convnext.encoder.stages."}[family]
     for name, layer in layer_of.items():
-        if ".embeddings." in name:
-            assert layer == 0, name
-        elif name.startswith(blocks):
-            assert layer == int(name[len(blocks):].split(".")[0]) + 1, name
-        else:
-            assert layer == layers - 1, name  # final norm and classifier at the base LR
+        expected = _expected_layer(family, name)
+        assert layer == (layers - 1 if expected is None else expected), name
     assert sorted(set(layer_of.values())) == list(range(layers))
 
 
