@@ -46,6 +46,28 @@ def convnext(tmp_path_factory):
         hidden_sizes=[8, 16, 32, 64], depths=[1, 1, 1, 1], image_size=32))
 
 
+@pytest.fixture(scope="module")
+def timm_vit(tmp_path_factory):
+    """A tiny timm ViT as transformers' TimmWrapper saves it (config.json model_type timm_wrapper)."""
+    pytest.importorskip("timm", reason="timm is not installed (the timm test venv has it)")
+    path = tmp_path_factory.mktemp("timm")
+    config = transformers.TimmWrapperConfig(
+        architecture="vit_tiny_patch16_224", num_labels=10,
+        model_args={"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2},
+        pretrained_cfg={"input_size": [3, 32, 32], "mean": MEAN, "std": STD, "crop_pct": 1.0,
+                        "interpolation": "bilinear", "num_classes": 10})
+    torch.manual_seed(0)
+    transformers.TimmWrapperForImageClassification(config).save_pretrained(path)
+    return str(path)
+
+
+# Per family: the model type and the parameter names frozen_stages=1 freezes.
+FROZEN_1 = {"vit": ("HuggingFaceClassifier", ("vit.embeddings.", "vit.layers.0.")),
+            "convnext": ("HuggingFaceClassifier", ("convnext.embeddings.", "convnext.encoder.stages.0.")),
+            "timm_vit": ("TimmClassifier", ("timm_model.cls_token", "timm_model.pos_embed",
+                                            "timm_model.patch_embed.", "timm_model.blocks.0."))}
+
+
 def recipe(tmp_path, model, **overrides):
     def dataset(n, seed):
         return {"type": "SyntheticCIFAR10", "num_samples": n, "seed": seed, "pipeline": PIPE}
@@ -74,11 +96,12 @@ def read_json(path):
         return json.load(f)
 
 
-@pytest.mark.parametrize("family", ["vit", "convnext"])
+@pytest.mark.parametrize("family", ["vit", "convnext", "timm_vit"])
 def test_two_steps_save_reload_predict(family, request, tmp_path):
     source = request.getfixturevalue(family)
     work = str(tmp_path / "work")
-    model = {"type": "HuggingFaceClassifier", "model_name": source, "pretrained": True, "frozen_stages": 1,
+    model_type, prefix = FROZEN_1[family]
+    model = {"type": model_type, "model_name": source, "pretrained": True, "frozen_stages": 1,
              "loss": {"type": "CrossEntropyLoss", "label_smoothing": 0.1}}
     assert main([recipe(tmp_path, model), "--work-dir", work]) == 0
 
@@ -86,17 +109,15 @@ def test_two_steps_save_reload_predict(family, request, tmp_path):
     saved = read_json(os.path.join(work, "recipe.json"))["data_preprocessor"]
     assert saved["mean"] == pytest.approx([m * 255 for m in MEAN])
     assert saved["std"] == pytest.approx([s * 255 for s in STD])
-    config = read_json(os.path.join(work, "config.json"))
-    assert len(config["id2label"]) == 10 and config["id2label"]["0"] == "airplane"
-    assert "auto_map" not in config  # plain transformers: no remote code
+    config = transformers.AutoConfig.from_pretrained(work)
+    assert config.num_labels == 10 and config.id2label[0] == "airplane"
+    assert "auto_map" not in read_json(os.path.join(work, "config.json"))  # plain transformers: no remote code
 
     # Frozen: the embeddings and the first block/stage kept the source's weights; the rest trained.
     before, after = load_file(os.path.join(source, "model.safetensors")), \
         load_file(os.path.join(work, "model.safetensors"))
-    prefix = {"vit": ("vit.embeddings.", "vit.layers.0."), "convnext": ("convnext.embeddings.",
-                                                                       "convnext.encoder.stages.0.")}[family]
     frozen = [k for k in after if k.startswith(prefix)]
-    trained = [k for k in after if k.startswith(family + ".") and not k.startswith(prefix)]
+    trained = [k for k in after if not k.startswith(prefix)]
     assert frozen and trained
     assert all(torch.equal(before[k], after[k]) for k in frozen)
     assert any(not torch.equal(before[k], after[k]) for k in trained)
@@ -122,3 +143,159 @@ def test_two_steps_save_reload_predict(family, request, tmp_path):
         torch.testing.assert_close(plain(pixel_values=(images.float() - mean) / std).logits, logits)
     results = read_json(os.path.join(work, "all_results.json"))
     assert results["test_num_samples"] == 8 and "eval_accuracy_top1" in results
+
+
+def hub_config(model, **sections):
+    body = {"model": model, "data_preprocessor": {"mean": [0, 0, 0], "std": [1, 1, 1]}}
+    body.update(sections)
+    return config_from_dict(body)
+
+
+def build(model, **sections):
+    from hf_finetune.models import build_model
+
+    cfg = hub_config(model, **sections)
+    return build_model(cfg.model, cfg.data_preprocessor, {i: str(i) for i in range(3)})
+
+
+def test_frozen_parameters_get_no_gradient(vit):
+    model = build({"type": "HuggingFaceClassifier", "model_name": vit, "pretrained": True, "frozen_stages": 1})
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen == {n for n, _ in model.named_parameters()
+                      if n.startswith(("vit.embeddings.", "vit.layers.0."))}
+    model.train()
+    out = model(pixel_values=torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8))
+    out.logits.sum().backward()
+    assert all(p.grad is None for n, p in model.named_parameters() if n in frozen)
+    assert all(p.grad is not None for n, p in model.named_parameters() if n not in frozen)
+    # Frozen blocks stay in eval mode (dropout off) through the Trainer's model.train().
+    assert not model.vit.layers[0].training and model.vit.layers[1].training
+
+
+def test_norm_eval_keeps_batchnorm_statistics(tmp_path):
+    source = save_tiny(tmp_path / "resnet", transformers.ResNetConfig(
+        embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1]))
+    model = build({"type": "HuggingFaceClassifier", "model_name": source, "pretrained": True,
+                   "norm_eval": True})
+    norm = model.resnet.embedder.embedder.normalization
+    before = norm.running_mean.clone()
+    model.train()
+    model(pixel_values=torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8))
+    assert not norm.training and torch.equal(norm.running_mean, before)
+
+
+def _expected_layer(family, name):
+    """The documented layer of a parameter (models.hub_classifier.FAMILIES; timm: its group_matcher)."""
+    blocks = {"vit": "vit.layers.", "convnext": "convnext.encoder.stages.", "timm_vit": "timm_model.blocks."}[family]
+    if ".embeddings." in name or name.startswith(("timm_model.cls_token", "timm_model.pos_embed",
+                                                  "timm_model.patch_embed.")):
+        return 0
+    if name.startswith(blocks):
+        return int(name[len(blocks):].split(".")[0]) + 1
+    if name.startswith("timm_model.norm."):
+        return 2  # timm groups the final norm with the last block
+    return None  # final norm and classifier: the last layer, at the base LR
+
+
+@pytest.mark.parametrize("family, layers", [("vit", 4), ("convnext", 6), ("timm_vit", 4)])
+def test_layer_decay_groups(family, layers, request):
+    """lr = base * rate ** (num_layers - 1 - layer): the head at the base LR."""
+    from hf_finetune.models import build_model
+    from hf_finetune.optim import build_optimizer
+
+    cfg = hub_config({"type": FROZEN_1[family][0], "model_name": request.getfixturevalue(family)},
+                     optim_wrapper={"optimizer": {"type": "AdamW", "lr": 1.0},
+                                    "constructor": "LearningRateDecayOptimWrapperConstructor",
+                                    "paramwise_cfg": {"layer_decay_rate": 0.5}})
+    model = build_model(cfg.model, cfg.data_preprocessor, {i: str(i) for i in range(3)})
+    groups = build_optimizer(model, cfg.optim_wrapper).param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    layer_of = {names[id(p)]: g["layer_id"] for g in groups for p in g["params"]}
+    assert all(g["lr"] == 0.5 ** (layers - 1 - g["layer_id"]) for g in groups)
+    for name, layer in layer_of.items():
+        expected = _expected_layer(family, name)
+        assert layer == (layers - 1 if expected is None else expected), name
+    assert sorted(set(layer_of.values())) == list(range(layers))
+
+
+def test_frozen_stages_refused_where_undefined(tmp_path, vit):
+    source = save_tiny(tmp_path / "effnet", transformers.EfficientNetConfig(
+        image_size=32, width_coefficient=0.1, depth_coefficient=0.1))
+    with pytest.raises(RecipeError, match=r"model.frozen_stages: 'efficientnet' models have no stages"):
+        build({"type": "HuggingFaceClassifier", "model_name": source, "frozen_stages": 0})
+    with pytest.raises(RecipeError, match=r"model.frozen_stages: 3 is more than the model has \(2\)"):
+        build({"type": "HuggingFaceClassifier", "model_name": vit, "frozen_stages": 3})
+
+
+def run_fails(tmp_path, capsys, model, **overrides):
+    """The CLI's exit code and its one error line; the work dir keeps what it held."""
+    work = tmp_path / "work"
+    work.mkdir(exist_ok=True)
+    (work / "keep.txt").write_text("mine")
+    code = main([recipe(tmp_path, model, **overrides), "--work-dir", str(work)])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert (work / "keep.txt").read_text() == "mine"
+    assert code != 0 and len(err) == 1, err
+    return err[0]
+
+
+def test_bad_model_names(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hub = {"type": "HuggingFaceClassifier", "pretrained": True}
+    line = run_fails(tmp_path, capsys, {**hub, "model_name": str(tmp_path / "missing" / "folder")})
+    assert "model.model_name" in line and "no such folder" in line and "Hub model id" in line
+    line = run_fails(tmp_path, capsys, {**hub, "model_name": "nobody/no-such-model"})
+    assert "'nobody/no-such-model': not a local folder, offline mode is on" in line
+    # A folder holding no image classifier (a text model).
+    bert = tmp_path / "bert"
+    transformers.BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=1,
+                            intermediate_size=8).save_pretrained(bert)
+    line = run_fails(tmp_path, capsys, {**hub, "model_name": str(bert)})
+    assert "a 'bert' model, not an image classifier" in line
+    # A folder with no model at all.
+    (tmp_path / "empty").mkdir()
+    line = run_fails(tmp_path, capsys, {**hub, "model_name": str(tmp_path / "empty")})
+    assert "not a saved transformers model" in line
+
+
+def test_family_without_image_processor(tmp_path, capsys, vit):
+    bare = tmp_path / "bare"
+    transformers.AutoModelForImageClassification.from_pretrained(vit).save_pretrained(bare)
+    line = run_fails(tmp_path, capsys, {"type": "HuggingFaceClassifier", "model_name": str(bare)})
+    assert "has no image processor" in line and "data_preprocessor.mean" in line
+
+
+def test_remote_code_is_refused_unless_trusted(tmp_path, capsys):
+    """A model whose code lives in its repo: refused in one line, its code never run."""
+    repo = tmp_path / "remote"
+    repo.mkdir()
+    marker = tmp_path / "code_ran"
+    (repo / "configuration_evil.py").write_text(
+        f"open({str(marker)!r}, 'w').write('ran')\n"
+        "from transformers import PretrainedConfig\n"
+        "class EvilConfig(PretrainedConfig):\n    model_type = 'evil'\n")
+    (repo / "config.json").write_text(json.dumps({
+        "model_type": "evil", "auto_map": {"AutoConfig": "configuration_evil.EvilConfig",
+                                           "AutoModelForImageClassification": "modeling_evil.Evil"}}))
+    line = run_fails(tmp_path, capsys, {"type": "HuggingFaceClassifier", "model_name": str(repo)})
+    assert "model.trust_remote_code=true" in line
+    assert not marker.exists()
+
+
+@pytest.mark.skipif(transformers.utils.is_timm_available(), reason="timm is installed here")
+def test_timm_classifier_without_timm(tmp_path, capsys):
+    line = run_fails(tmp_path, capsys, {"type": "TimmClassifier", "model_name": "timm/resnet18.a1_in1k"})
+    assert line == 'error: model.type TimmClassifier needs timm, which is not installed: ' \
+                   'pip install "hf_finetune[timm]"'
+
+
+def test_input_size_checked_before_training(tmp_path, capsys, convnext, vit):
+    """A ViT at another size interpolates its position embeddings; a size a model cannot
+    take is refused before training, in one line."""
+    model = build({"type": "HuggingFaceClassifier", "model_name": vit})
+    assert model(pixel_values=torch.zeros(1, 3, 48, 48, dtype=torch.uint8)).logits.shape == (1, 3)
+    small = [{"type": "Resize", "scale": 4}, {"type": "PackClsInputs"}]
+    line = run_fails(tmp_path, capsys, {"type": "HuggingFaceClassifier", "model_name": convnext},
+                     train_dataloader={"num_workers": 0, "dataset": {
+                         "type": "SyntheticCIFAR10", "num_samples": 16, "seed": 0, "pipeline": small}})
+    assert "train_dataloader.dataset.pipeline: the pipeline makes 4x4 images" in line

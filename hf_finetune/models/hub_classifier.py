@@ -26,6 +26,7 @@ import types
 
 import torch
 from torch import nn
+from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING
 
 from hf_finetune.errors import CheckpointError, RecipeError
 
@@ -136,6 +137,11 @@ def load_model_config(model_cfg):
                           f"HuggingFaceClassifier, or a timm model (timm/<name>)")
     if model_cfg.type == "HuggingFaceClassifier" and config.model_type == TIMM_TYPE:
         raise RecipeError(f"{key}: a timm model; use model.type TimmClassifier")
+    if type(config) not in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING and \
+            "AutoModelForImageClassification" not in (getattr(config, "auto_map", None) or {}):
+        raise RecipeError(f"{key}: a {config.model_type!r} model, not an image classifier "
+                          f"(AutoModelForImageClassification has no class for it); expected an "
+                          f"image-classification model such as google/vit-base-patch16-224")
     return config
 
 
@@ -214,6 +220,10 @@ def build_hub_model(model_cfg, preprocessor_cfg, id2label):
     config.id2label = dict(id2label)
     config.label2id = {name: index for index, name in id2label.items()}
     config.problem_type = "multi_label_classification" if model_cfg.multi_label else "single_label_classification"
+    # TimmWrapperConfig saves these in place of id2label when the loaded config had them.
+    for attr, value in (("label_names", [id2label[i] for i in range(len(id2label))]), ("num_classes", len(id2label))):
+        if hasattr(config, attr):
+            setattr(config, attr, value)
     kwargs = _load_kwargs(model_cfg)
     try:
         if model_cfg.pretrained:
@@ -223,27 +233,18 @@ def build_hub_model(model_cfg, preprocessor_cfg, id2label):
         else:
             model = AutoModelForImageClassification.from_config(
                 config, trust_remote_code=model_cfg.trust_remote_code)
-    except ValueError as exc:
-        if "Unrecognized configuration class" in str(exc):
-            raise RecipeError(f"model.model_name {model_cfg.model_name!r}: a {config.model_type!r} model, not an "
-                              f"image classifier (AutoModelForImageClassification has no class for it); expected "
-                              f"an image-classification model such as google/vit-base-patch16-224") from None
+    except (OSError, ValueError) as exc:
         raise _source_error(model_cfg, exc) from None
-    except OSError as exc:
-        raise _source_error(model_cfg, exc) from None
-    apply_knobs(model, model_cfg)
-    prepare_inputs(model, preprocessor_cfg.mean, preprocessor_cfg.std, preprocessor_cfg.to_rgb,
-                   frozen=frozen_modules(model, model_cfg.frozen_stages, model_cfg.key("frozen_stages")),
-                   norm_eval=model_cfg.norm_eval)
-    return model
-
-
-def apply_knobs(model, model_cfg):
-    """frozen_stages (requires_grad off) and with_cp (the model's own gradient checkpointing)."""
-    for module in frozen_modules(model, model_cfg.frozen_stages, model_cfg.key("frozen_stages")):
-        module.requires_grad_(False)
+    # frozen_stages: no gradient, and (prepare_inputs) eval mode while training, as mmpretrain's.
+    frozen, frozen_modules = frozen_layers(model, model_cfg.frozen_stages, model_cfg.key("frozen_stages"))
+    for name, param in model.named_parameters():
+        if frozen(name):
+            param.requires_grad_(False)
     if model_cfg.with_cp:
         enable_checkpointing(model, model_cfg.key("with_cp"))
+    prepare_inputs(model, preprocessor_cfg.mean, preprocessor_cfg.std, preprocessor_cfg.to_rgb,
+                   frozen=frozen_modules, norm_eval=model_cfg.norm_eval)
+    return model
 
 
 def enable_checkpointing(model, key):
@@ -391,11 +392,12 @@ def _timm_layers(model):
     return (lambda name: ids.get(name, last)), last + 1
 
 
-def frozen_modules(model, frozen_stages, key):
-    """The modules frozen_stages freezes: layers 0..frozen_stages of layer_map (whole
-    embeddings and blocks, so their dropout and norms are in eval mode too)."""
+def frozen_layers(model, frozen_stages, key):
+    """(is_frozen(parameter name), the modules to keep in eval mode) for frozen_stages: layers
+    0..frozen_stages of layer_map, and the modules lying wholly in them (whole embeddings and
+    blocks, so their dropout and norms are in eval mode too)."""
     if frozen_stages < 0:
-        return []
+        return (lambda name: False), []
     layers = layer_map(model)
     if layers is None:
         raise RecipeError(f"{key}: {model.config.model_type!r} models have no stages to freeze here (known: "
@@ -404,13 +406,11 @@ def frozen_modules(model, frozen_stages, key):
     if frozen_stages > num_layers - 2:
         raise RecipeError(f"{key}: {frozen_stages} is more than the model has ({num_layers - 2}); "
                           f"expected -1..{num_layers - 2}")
-    family = FAMILIES.get(model.config.model_type)
-    if family is not None:
-        return [model.get_submodule(family.embeddings)] + list(model.get_submodule(family.blocks))[:frozen_stages]
-    # timm: the modules whose parameters all lie in the frozen groups.
-    modules = []
+    frozen = lambda name: layer_id(name) <= frozen_stages  # noqa: E731
+    modules = {}  # outermost first (named_modules walks parents before children)
     for name, module in model.named_modules():
-        params = [f"{name}.{p}" for p, _ in module.named_parameters(recurse=False)]
-        if params and all(layer_id(p) <= frozen_stages for p in params):
-            modules.append(module)
-    return modules
+        params = [f"{name}.{p}" for p, _ in module.named_parameters()]
+        inside = any(name.startswith(outer + ".") for outer in modules)
+        if params and not inside and all(map(frozen, params)):
+            modules[name] = module
+    return frozen, list(modules.values())
