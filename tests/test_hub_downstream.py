@@ -200,9 +200,9 @@ json.dump({"model_module": type(model).__module__, "rows": rows}, open(out, "w")
 """
 
 
-def load_elsewhere(folder, paths, tmp_path):
+def load_elsewhere(folder, paths, tmp_path, family="vit"):
     """Top-1 (label, score) per image from plain transformers in a fresh `python -I` (no PYTHONPATH,
-    no user site; hf_finetune refused)."""
+    no user site; hf_finetune refused); the model class must be transformers' own for `family`."""
     script, out = tmp_path / "load.py", tmp_path / "rows.json"
     script.write_text(LOAD_WITHOUT_HF_FINETUNE)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
@@ -210,7 +210,7 @@ def load_elsewhere(folder, paths, tmp_path):
                             env=dict(env, HF_HUB_OFFLINE="1"), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     loaded = json.loads(out.read_text())
-    assert loaded["model_module"].startswith("transformers.models.vit.")
+    assert loaded["model_module"].startswith(f"transformers.models.{family}."), loaded["model_module"]
     return [(row["label"], row["score"]) for row in loaded["rows"]]
 
 

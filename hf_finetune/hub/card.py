@@ -513,14 +513,15 @@ def _environment_lines(environment: dict | None, all_results: dict | None) -> li
     return lines
 
 
-def _usage(repo_id: str | None, work_dir: str, native_subfolder: str | None, hub_model: bool) -> list[str]:
+def _usage(repo_id: str | None, work_dir: str, native_subfolder: str | None, hub_type: str | None) -> list[str]:
+    """hub_type: a Hub model's model_type (None: our ResNet)."""
     target = repo_id or work_dir
-    if hub_model:
+    if hub_type:
         return [
             "## How to use",
             "",
             "A plain transformers model (no remote code; needs only `transformers` and `torch`"
-            + (", and `timm` for a timm model" if "timm" in target else "") + "):",
+            + (", and `timm`" if hub_type == "timm_wrapper" else "") + "):",
             "",
             "```python",
             "from transformers import pipeline",
@@ -667,7 +668,7 @@ def write_model_card(work_dir: str, *, repo_id: str | None = None, native_subfol
         body.append("Not available (confusion_matrix.json missing).")
 
     body += ["", "## Training environment", ""] + _environment_lines(environment, all_results)
-    body += [""] + _usage(repo_id, work_dir, native_subfolder, is_hub_model(config)) + [""]
+    body += [""] + _usage(repo_id, work_dir, native_subfolder, config["model_type"] if is_hub_model(config) else None) + [""]
     card_data = _metadata(facts, config, results, repo_id, model_name, license)
     card = ModelCard("---\n" + card_data.to_yaml() + "\n---\n\n" + "\n".join(body))
     path = os.path.join(work_dir, CARD_FILE)
