@@ -128,7 +128,7 @@ def build_recipe(folder: str, args, work_dir: str):
     from hf_finetune import load_config
 
     mean, std = normalisation(folder)
-    recipe = Path(work_dir) / "hub_model.json"
+    recipe = Path(folder) / "recipe.json"  # beside the model, outside the work dir
     recipe.write_text(json.dumps({
         "_base_": [str(RECIPE)],
         "model": {"_delete_": True, "type": "HuggingFaceClassifier", "model_name": folder, "pretrained": False},
