@@ -860,8 +860,9 @@ def _check_config(cfg, error):
     elif cfg.load_from is not None:
         raise error(("load_from",), f"not used with {model.type}: its weights come from model.model_name "
                                     f"(a Hub id or a saved folder); set model.model_name instead")
-    checkpointing = cfg.training_args.get("gradient_checkpointing_kwargs") or {}
-    with_cp = model.with_cp or cfg.training_args.get("gradient_checkpointing")
+    args = cfg.training_args  # transformers 5 names them activation_checkpointing*, the old names still work
+    checkpointing = args.get("activation_checkpointing_kwargs") or args.get("gradient_checkpointing_kwargs") or {}
+    with_cp = model.with_cp or args.get("activation_checkpointing") or args.get("gradient_checkpointing")
     if with_cp and model.frozen_stages >= 0 and checkpointing.get("use_reentrant"):
         # A reentrant checkpoint whose input needs no gradient (the frozen stem's output) passes
         # none back, so every block before the head would silently stop learning.

@@ -163,7 +163,9 @@ def build_training_args(cfg, plan, steps_per_epoch=1, validate=True):
         save_total_limit=None if checkpoint.max_keep_ckpts < 0 else checkpoint.max_keep_ckpts,
     )
     if cfg.model.with_cp:
-        args["gradient_checkpointing"] = True  # the Trainer calls model.gradient_checkpointing_enable()
+        # The Trainer calls model.gradient_checkpointing_enable(); transformers 5 renames the field.
+        renamed = "activation_checkpointing" in {f.name for f in dataclasses.fields(TrainingArguments)}
+        args["activation_checkpointing" if renamed else "gradient_checkpointing"] = True
     if train.by_epoch:
         args["num_train_epochs"] = train.max_epochs
     else:

@@ -299,3 +299,67 @@ def test_input_size_checked_before_training(tmp_path, capsys, convnext, vit):
                      train_dataloader={"num_workers": 0, "dataset": {
                          "type": "SyntheticCIFAR10", "num_samples": 16, "seed": 0, "pipeline": small}})
     assert "train_dataloader.dataset.pipeline: the pipeline makes 4x4 images" in line
+
+
+def test_resume_eval_only_ema_mixup_checkpointing(vit, tmp_path):
+    """Downstream as for the ResNet: EMA, Mixup / CutMix and gradient checkpointing train; --resume
+    from a checkpoint ends on the same weights; --eval-only gives the saved model's metrics."""
+    import shutil
+
+    model = {"type": "HuggingFaceClassifier", "model_name": vit, "pretrained": True, "with_cp": True,
+             "train_cfg": {"augments": [{"type": "Mixup", "alpha": 0.8}, {"type": "CutMix", "alpha": 1.0}]}}
+    path = recipe(tmp_path, model, custom_hooks=[{"type": "EMAHook", "momentum": 0.1}],
+                  train_cfg={"by_epoch": False, "max_iters": 4, "val_interval": 2, "total_batch_size": 8})
+    full = str(tmp_path / "full")
+    assert main([path, "--work-dir", full]) == 0
+    resumed = str(tmp_path / "resumed")
+    shutil.copytree(os.path.join(full, "checkpoint-2"), os.path.join(resumed, "checkpoint-2"))
+    assert main([path, "--work-dir", resumed, "--resume"]) == 0
+    expected, again = (load_file(os.path.join(d, "model.safetensors")) for d in (full, resumed))
+    assert all(torch.equal(again[name], tensor) for name, tensor in expected.items())
+    assert main([path, "--work-dir", resumed, "--eval-only"]) == 0
+    assert read_json(os.path.join(resumed, "test_results.json"))["test_accuracy_top1"] == \
+        read_json(os.path.join(full, "all_results.json"))["test_accuracy_top1"]
+
+
+def test_two_process_ddp_on_cpu(convnext, tmp_path):
+    """2 processes (gloo): the total batch splits across them, frozen embeddings included."""
+    import subprocess
+    import sys
+
+    path = recipe(tmp_path, {"type": "HuggingFaceClassifier", "model_name": convnext, "pretrained": True,
+                             "frozen_stages": 0})
+    work = str(tmp_path / "ddp")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", "29537", os.path.join(REPO, "hf_finetune", "run.py"), path, "--work-dir", work]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=400, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "batch: 8 total = 4 per device x 2 process(es)" in proc.stderr
+    assert read_json(os.path.join(work, "trainer_state.json"))["global_step"] == 2
+    assert read_json(os.path.join(work, "all_results.json"))["test_num_samples"] == 8
+
+
+def test_the_private_trainer_methods_overridden_are_unchanged():
+    """FinetuneTrainer reads checkpoints of Hub models through from_pretrained by overriding
+    Trainer._load_from_checkpoint and _load_best_model (private): this fails when they change."""
+    import inspect
+
+    from transformers import Trainer
+
+    assert list(inspect.signature(Trainer._load_from_checkpoint).parameters) == \
+        ["self", "resume_from_checkpoint", "model"]
+    assert list(inspect.signature(Trainer._load_best_model).parameters) == ["self"]
+    source = inspect.getsource(Trainer._inner_training_loop if hasattr(Trainer, "_inner_training_loop")
+                               else Trainer.train) + inspect.getsource(Trainer.train)
+    assert "_load_from_checkpoint(" in source and "_load_best_model()" in inspect.getsource(Trainer)
+
+
+def test_checkpointing_refused_where_the_family_has_none(tmp_path, capsys, convnext):
+    with pytest.raises(RecipeError, match="model.with_cp: ConvNextForImageClassification has no gradient "
+                                          "checkpointing in transformers"):
+        build({"type": "HuggingFaceClassifier", "model_name": convnext, "with_cp": True})
+    line = run_fails(tmp_path, capsys, {"type": "HuggingFaceClassifier", "model_name": convnext},
+                     training_args={"gradient_checkpointing": True})
+    assert "training_args.gradient_checkpointing: ConvNextForImageClassification has no gradient" in line
