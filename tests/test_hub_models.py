@@ -363,3 +363,22 @@ def test_checkpointing_refused_where_the_family_has_none(tmp_path, capsys, convn
     line = run_fails(tmp_path, capsys, {"type": "HuggingFaceClassifier", "model_name": convnext},
                      training_args={"gradient_checkpointing": True})
     assert "training_args.gradient_checkpointing: ConvNextForImageClassification has no gradient" in line
+
+
+def test_unset_preprocessing_comes_from_the_model(tmp_path, vit):
+    """mean / std null and a pipeline that fixes no size take the image processor's; what the
+    recipe sets stays."""
+    from hf_finetune.config import load_config
+    from hf_finetune.training import with_model_preprocessing
+
+    sized = [{"type": "RandomResizedCrop", "scale": 24}, {"type": "PackClsInputs"}]
+    cfg = load_config(recipe(tmp_path, {"type": "HuggingFaceClassifier", "model_name": vit},
+                             train_dataloader={"num_workers": 0, "dataset": {
+                                 "type": "SyntheticCIFAR10", "num_samples": 16, "pipeline": sized}},
+                             data_preprocessor={"_delete_": True, "std": [2, 2, 2]}))
+    resolved = with_model_preprocessing(cfg).to_dict()
+    assert resolved["data_preprocessor"]["mean"] == pytest.approx([m * 255 for m in MEAN])
+    assert resolved["data_preprocessor"]["std"] == [2, 2, 2]
+    assert resolved["train_dataloader"]["dataset"]["pipeline"] == sized
+    assert resolved["test_dataloader"]["dataset"]["pipeline"] == [{"type": "Resize", "scale": [32, 32]}] + PIPE
+    assert with_model_preprocessing(with_model_preprocessing(cfg)).to_dict() == resolved
