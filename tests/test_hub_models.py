@@ -382,3 +382,27 @@ def test_unset_preprocessing_comes_from_the_model(tmp_path, vit):
     assert resolved["train_dataloader"]["dataset"]["pipeline"] == sized
     assert resolved["test_dataloader"]["dataset"]["pipeline"] == [{"type": "Resize", "scale": [32, 32]}] + PIPE
     assert with_model_preprocessing(with_model_preprocessing(cfg)).to_dict() == resolved
+
+
+def test_multi_label_focal_loss(vit, tmp_path):
+    """A sigmoid loss makes the Hub model multi-label: mmpretrain's metrics, predict's labels."""
+    from hf_finetune.predict import Classifier
+
+    def dataset(n, seed):
+        return {"num_workers": 0, "dataset": {"type": "SyntheticMultiLabel", "num_samples": n, "seed": seed,
+                                              "pipeline": [{"type": "Resize", "scale": 32}] + PIPE}}
+
+    body = {"_base_": [os.path.join(REPO, "recipes", "multilabel_smoke.json")],
+            "model": {"_delete_": True, "type": "HuggingFaceClassifier", "model_name": vit, "pretrained": True,
+                      "loss": {"type": "FocalLoss"}},
+            "data_preprocessor": {"_delete_": True},
+            "train_dataloader": dataset(16, 0), "val_dataloader": dataset(8, 1), "test_dataloader": dataset(8, 1),
+            "param_scheduler": [],
+            "train_cfg": {"by_epoch": False, "max_iters": 2, "val_interval": 2, "total_batch_size": 8}}
+    path = tmp_path / "multilabel.json"
+    path.write_text(json.dumps(body))
+    work = str(tmp_path / "work")
+    assert main([str(path), "--work-dir", work]) == 0
+    assert "test_multilabel/mAP" in read_json(os.path.join(work, "all_results.json"))
+    classifier = Classifier.load(work)
+    assert classifier.multi_label and len(classifier.labels) == 5
