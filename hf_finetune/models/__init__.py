@@ -1,4 +1,5 @@
-"""The model: recipe `model` + `data_preprocessor` sections -> FinetuneResNetForImageClassification.
+"""The model: recipe `model` + `data_preprocessor` sections -> FinetuneResNetForImageClassification
+(model.type ImageClassifier), or a transformers image classifier from the Hub (hub_classifier.py).
 
 Importing this package registers the model with AutoConfig / AutoModelForImageClassification
 (locally) and for `auto_map` (so save_pretrained ships the two self-contained code files).

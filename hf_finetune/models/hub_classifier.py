@@ -313,7 +313,8 @@ def prepare_inputs(model, mean, std, to_rgb=False, frozen=(), norm_eval=False):
                 stats[pixel_values.device] = tuple(torch.tensor(v, dtype=torch.float32, device=pixel_values.device)
                                                    .view(1, 3, 1, 1) for v in (mean, std))
             m, s = stats[pixel_values.device]
-            pixel_values = (pixel_values.float() - m) / s
+            # In the model's dtype, as the ResNet's normalize (a bf16 evaluation casts the model).
+            pixel_values = ((pixel_values.float() - m) / s).to(module.dtype)
         if interpolates and tuple(pixel_values.shape[-2:]) != image_size:
             kwargs = {**kwargs, "interpolate_pos_encoding": True}
         if "pixel_values" in kwargs:
