@@ -337,8 +337,8 @@ def check_hub_model(model, args, datasets):
                           f"checkpointing in transformers; remove it")
     seen = set()
     for split, dataset in datasets.items():
-        if len(dataset) == 0:
-            continue
+        if not hasattr(dataset, "__len__") or len(dataset) == 0:
+            continue  # a stream: no first batch to look at before training
         height, width = dataset[:1]["pixel_values"].shape[-2:]
         if (height, width) not in seen:
             seen.add((height, width))

@@ -406,3 +406,11 @@ def test_multi_label_focal_loss(vit, tmp_path):
     assert "test_multilabel/mAP" in read_json(os.path.join(work, "all_results.json"))
     classifier = Classifier.load(work)
     assert classifier.multi_label and len(classifier.labels) == 5
+
+
+def test_load_from_is_refused_for_hub_models(vit):
+    with pytest.raises(RecipeError, match="load_from: not used with HuggingFaceClassifier: its weights come from "
+                                          "model.model_name"):
+        hub_config({"type": "HuggingFaceClassifier", "model_name": vit}, load_from="weights.safetensors")
+    with pytest.raises(RecipeError, match="unknown key for HuggingFaceClassifier 'backbone'"):
+        hub_config({"type": "HuggingFaceClassifier", "model_name": vit, "backbone": {}})
