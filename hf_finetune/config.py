@@ -1303,10 +1303,12 @@ def compat_keys():
             inner = [a for a in typing.get_args(hints[f.name]) if a is not type(None)] or [hints[f.name]]
             if f.metadata.get("compat"):
                 found.append(prefix + f.name)
+            elif f.metadata.get("types"):  # typed sections (model) and list entries (custom_hooks)
+                item = ".N." if typing.get_origin(hints[f.name]) is list else "."
+                for entry in dict.fromkeys(f.metadata["types"].values()):
+                    walk(entry, prefix + f.name + item)
             elif dataclasses.is_dataclass(inner[0]) and inner[0] is not Step:
                 walk(inner[0], prefix + f.name + ".")
-            for entry in f.metadata.get("types", {}).values():  # typed list entries (custom_hooks)
-                walk(entry, prefix + f.name + ".N.")
 
     walk(Config, "")
     return list(dict.fromkeys(found))
