@@ -860,8 +860,9 @@ def _check_config(cfg, error):
     elif cfg.load_from is not None:
         raise error(("load_from",), f"not used with {model.type}: its weights come from model.model_name "
                                     f"(a Hub id or a saved folder); set model.model_name instead")
-    checkpointing = cfg.training_args.get("gradient_checkpointing_kwargs") or {}
-    with_cp = model.with_cp or cfg.training_args.get("gradient_checkpointing")
+    args = cfg.training_args  # transformers 5 names them activation_checkpointing*, the old names still work
+    checkpointing = args.get("activation_checkpointing_kwargs") or args.get("gradient_checkpointing_kwargs") or {}
+    with_cp = model.with_cp or args.get("activation_checkpointing") or args.get("gradient_checkpointing")
     if with_cp and model.frozen_stages >= 0 and checkpointing.get("use_reentrant"):
         # A reentrant checkpoint whose input needs no gradient (the frozen stem's output) passes
         # none back, so every block before the head would silently stop learning.
@@ -1302,10 +1303,12 @@ def compat_keys():
             inner = [a for a in typing.get_args(hints[f.name]) if a is not type(None)] or [hints[f.name]]
             if f.metadata.get("compat"):
                 found.append(prefix + f.name)
+            elif f.metadata.get("types"):  # typed sections (model) and list entries (custom_hooks)
+                item = ".N." if typing.get_origin(hints[f.name]) is list else "."
+                for entry in dict.fromkeys(f.metadata["types"].values()):
+                    walk(entry, prefix + f.name + item)
             elif dataclasses.is_dataclass(inner[0]) and inner[0] is not Step:
                 walk(inner[0], prefix + f.name + ".")
-            for entry in f.metadata.get("types", {}).values():  # typed list entries (custom_hooks)
-                walk(entry, prefix + f.name + ".N.")
 
     walk(Config, "")
     return list(dict.fromkeys(found))

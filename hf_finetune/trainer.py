@@ -113,6 +113,26 @@ class FinetuneTrainer(Trainer):
             if restore is not None:
                 self.remove_callback(restore)
 
+    # Two private Trainer methods overridden: the Trainer reads a checkpoint's weights as a raw state
+    # dict, but transformers 5 saves some families (ViT, DeiT, ...) under their former key names
+    # (save_pretrained's save_original_format), which only from_pretrained maps back; the raw load
+    # then leaves those weights untrained with a warning. Any model but our ResNet (whose keys
+    # are its own) is read through from_pretrained. Checked on transformers 5.24;
+    # tests/test_hub_models.py fails when their signatures change or resuming stops being exact.
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        target = self.accelerator.unwrap_model(model if model is not None else self.model)
+        if _keys_are_its_own(target) or self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        saved = type(target).from_pretrained(resume_from_checkpoint, config=target.config)
+        target.load_state_dict(saved.state_dict())
+        return None
+
+    def _load_best_model(self):
+        if _keys_are_its_own(self.accelerator.unwrap_model(self.model)) or self.is_fsdp_enabled or \
+                self.is_deepspeed_enabled:
+            return super()._load_best_model()
+        return self._load_from_checkpoint(self.state.best_model_checkpoint)
+
     # Data: the pipeline builds each batch tensor itself; the DataLoader only fetches it.
     def _loader(self, dataset, split, batch_size, shuffle, drop_last, train=False):
         from .data import build_dataloader  # datasets is imported only when data is needed
@@ -235,6 +255,12 @@ class FinetuneTrainer(Trainer):
                 logs["images_per_sec"] = round((seen - self._window[1]) / (now - self._window[0]), 1)
             self._window = (now, seen)
         super().log(logs, start_time)
+
+
+def _keys_are_its_own(model):
+    from .models import FinetuneResNetForImageClassification
+
+    return isinstance(model, FinetuneResNetForImageClassification)
 
 
 def topk_of(cfg, num_classes):

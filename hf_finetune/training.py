@@ -17,7 +17,7 @@ from accelerate.utils import broadcast_object_list, get_int_from_env
 from transformers import TrainingArguments, set_seed
 
 from . import logs
-from .config import report_to, resolved_work_dir, to_data
+from .config import Step, report_to, resolved_work_dir, to_data
 from .devices import accelerator
 from .errors import RecipeError, TrainingError
 from .metrics import metric_key
@@ -163,7 +163,9 @@ def build_training_args(cfg, plan, steps_per_epoch=1, validate=True):
         save_total_limit=None if checkpoint.max_keep_ckpts < 0 else checkpoint.max_keep_ckpts,
     )
     if cfg.model.with_cp:
-        args["gradient_checkpointing"] = True  # the Trainer calls model.gradient_checkpointing_enable()
+        # The Trainer calls model.gradient_checkpointing_enable(); transformers 5 renames the field.
+        renamed = "activation_checkpointing" in {f.name for f in dataclasses.fields(TrainingArguments)}
+        args["activation_checkpointing" if renamed else "gradient_checkpointing"] = True
     if train.by_epoch:
         args["num_train_epochs"] = train.max_epochs
     else:
@@ -297,14 +299,33 @@ def build_trainer(cfg, datasets=None, model=None, callbacks=None):
 
 
 def with_model_preprocessing(cfg):
-    """cfg whose data_preprocessor mean / std are the model's where the recipe leaves them null
-    (a Hub model's image processor), so the saved recipe and image processor record them."""
-    from .models import resolve_preprocessor
+    """cfg with what a Hub model's image processor says where the recipe leaves it unset: the
+    data_preprocessor mean / std (null), and the model's size for every pipeline that fixes
+    no size (a Resize before PackClsInputs). The saved recipe and image processor record it."""
+    from .data.transforms import PIPELINE_STEPS
+    from .hub.processor import pipeline_geometry
 
-    pre = cfg.data_preprocessor
-    if pre.mean is not None and pre.std is not None:
+    if cfg.model.type == "ImageClassifier":
         return cfg
-    return dataclasses.replace(cfg, data_preprocessor=resolve_preprocessor(cfg.model, pre))
+    pre = cfg.data_preprocessor
+    sizeless = {split: section for split, section in cfg.dataloaders().items()
+                if pipeline_geometry(section.dataset.pipeline) is None}
+    if pre.mean is not None and pre.std is not None and not sizeless:
+        return cfg
+    from .models import model_preprocessing
+
+    pre, size = model_preprocessing(cfg.model, pre)
+    cfg = dataclasses.replace(cfg, data_preprocessor=pre)
+    if size is None:
+        return cfg
+    for split, section in sizeless.items():
+        key = f"{split}_dataloader.dataset.pipeline"
+        resize = Step("Resize", {"scale": list(size)},
+                      PIPELINE_STEPS["Resize"].from_config({"type": "Resize", "scale": list(size)}, key))
+        steps = section.dataset.pipeline
+        dataset = dataclasses.replace(section.dataset, pipeline=steps[:-1] + [resize] + steps[-1:])
+        cfg = dataclasses.replace(cfg, **{f"{split}_dataloader": dataclasses.replace(section, dataset=dataset)})
+    return cfg
 
 
 def check_hub_model(model, args, datasets):
@@ -316,8 +337,8 @@ def check_hub_model(model, args, datasets):
                           f"checkpointing in transformers; remove it")
     seen = set()
     for split, dataset in datasets.items():
-        if len(dataset) == 0:
-            continue
+        if not hasattr(dataset, "__len__") or len(dataset) == 0:
+            continue  # a stream: no first batch to look at before training
         height, width = dataset[:1]["pixel_values"].shape[-2:]
         if (height, width) not in seen:
             seen.add((height, width))

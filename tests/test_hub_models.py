@@ -299,3 +299,118 @@ def test_input_size_checked_before_training(tmp_path, capsys, convnext, vit):
                      train_dataloader={"num_workers": 0, "dataset": {
                          "type": "SyntheticCIFAR10", "num_samples": 16, "seed": 0, "pipeline": small}})
     assert "train_dataloader.dataset.pipeline: the pipeline makes 4x4 images" in line
+
+
+def test_resume_eval_only_ema_mixup_checkpointing(vit, tmp_path):
+    """Downstream as for the ResNet: EMA, Mixup / CutMix and gradient checkpointing train; --resume
+    from a checkpoint ends on the same weights; --eval-only gives the saved model's metrics."""
+    import shutil
+
+    model = {"type": "HuggingFaceClassifier", "model_name": vit, "pretrained": True, "with_cp": True,
+             "train_cfg": {"augments": [{"type": "Mixup", "alpha": 0.8}, {"type": "CutMix", "alpha": 1.0}]}}
+    path = recipe(tmp_path, model, custom_hooks=[{"type": "EMAHook", "momentum": 0.1}],
+                  train_cfg={"by_epoch": False, "max_iters": 4, "val_interval": 2, "total_batch_size": 8})
+    full = str(tmp_path / "full")
+    assert main([path, "--work-dir", full]) == 0
+    resumed = str(tmp_path / "resumed")
+    shutil.copytree(os.path.join(full, "checkpoint-2"), os.path.join(resumed, "checkpoint-2"))
+    assert main([path, "--work-dir", resumed, "--resume"]) == 0
+    expected, again = (load_file(os.path.join(d, "model.safetensors")) for d in (full, resumed))
+    assert all(torch.equal(again[name], tensor) for name, tensor in expected.items())
+    assert main([path, "--work-dir", resumed, "--eval-only"]) == 0
+    assert read_json(os.path.join(resumed, "test_results.json"))["test_accuracy_top1"] == \
+        read_json(os.path.join(full, "all_results.json"))["test_accuracy_top1"]
+
+
+def test_two_process_ddp_on_cpu(convnext, tmp_path):
+    """2 processes (gloo): the total batch splits across them, frozen embeddings included."""
+    import subprocess
+    import sys
+
+    path = recipe(tmp_path, {"type": "HuggingFaceClassifier", "model_name": convnext, "pretrained": True,
+                             "frozen_stages": 0})
+    work = str(tmp_path / "ddp")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", "29537", os.path.join(REPO, "hf_finetune", "run.py"), path, "--work-dir", work]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=400, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "batch: 8 total = 4 per device x 2 process(es)" in proc.stderr
+    assert read_json(os.path.join(work, "trainer_state.json"))["global_step"] == 2
+    assert read_json(os.path.join(work, "all_results.json"))["test_num_samples"] == 8
+
+
+def test_the_private_trainer_methods_overridden_are_unchanged():
+    """FinetuneTrainer reads checkpoints of Hub models through from_pretrained by overriding
+    Trainer._load_from_checkpoint and _load_best_model (private): this fails when they change."""
+    import inspect
+
+    from transformers import Trainer
+
+    assert list(inspect.signature(Trainer._load_from_checkpoint).parameters) == \
+        ["self", "resume_from_checkpoint", "model"]
+    assert list(inspect.signature(Trainer._load_best_model).parameters) == ["self"]
+    source = inspect.getsource(Trainer._inner_training_loop if hasattr(Trainer, "_inner_training_loop")
+                               else Trainer.train) + inspect.getsource(Trainer.train)
+    assert "_load_from_checkpoint(" in source and "_load_best_model()" in inspect.getsource(Trainer)
+
+
+def test_checkpointing_refused_where_the_family_has_none(tmp_path, capsys, convnext):
+    with pytest.raises(RecipeError, match="model.with_cp: ConvNextForImageClassification has no gradient "
+                                          "checkpointing in transformers"):
+        build({"type": "HuggingFaceClassifier", "model_name": convnext, "with_cp": True})
+    line = run_fails(tmp_path, capsys, {"type": "HuggingFaceClassifier", "model_name": convnext},
+                     training_args={"gradient_checkpointing": True})
+    assert "training_args.gradient_checkpointing: ConvNextForImageClassification has no gradient" in line
+
+
+def test_unset_preprocessing_comes_from_the_model(tmp_path, vit):
+    """mean / std null and a pipeline that fixes no size take the image processor's; what the
+    recipe sets stays."""
+    from hf_finetune.config import load_config
+    from hf_finetune.training import with_model_preprocessing
+
+    sized = [{"type": "RandomResizedCrop", "scale": 24}, {"type": "PackClsInputs"}]
+    cfg = load_config(recipe(tmp_path, {"type": "HuggingFaceClassifier", "model_name": vit},
+                             train_dataloader={"num_workers": 0, "dataset": {
+                                 "type": "SyntheticCIFAR10", "num_samples": 16, "pipeline": sized}},
+                             data_preprocessor={"_delete_": True, "std": [2, 2, 2]}))
+    resolved = with_model_preprocessing(cfg).to_dict()
+    assert resolved["data_preprocessor"]["mean"] == pytest.approx([m * 255 for m in MEAN])
+    assert resolved["data_preprocessor"]["std"] == [2, 2, 2]
+    assert resolved["train_dataloader"]["dataset"]["pipeline"] == sized
+    assert resolved["test_dataloader"]["dataset"]["pipeline"] == [{"type": "Resize", "scale": [32, 32]}] + PIPE
+    assert with_model_preprocessing(with_model_preprocessing(cfg)).to_dict() == resolved
+
+
+def test_multi_label_focal_loss(vit, tmp_path):
+    """A sigmoid loss makes the Hub model multi-label: mmpretrain's metrics, predict's labels."""
+    from hf_finetune.predict import Classifier
+
+    def dataset(n, seed):
+        return {"num_workers": 0, "dataset": {"type": "SyntheticMultiLabel", "num_samples": n, "seed": seed,
+                                              "pipeline": [{"type": "Resize", "scale": 32}] + PIPE}}
+
+    body = {"_base_": [os.path.join(REPO, "recipes", "multilabel_smoke.json")],
+            "model": {"_delete_": True, "type": "HuggingFaceClassifier", "model_name": vit, "pretrained": True,
+                      "loss": {"type": "FocalLoss"}},
+            "data_preprocessor": {"_delete_": True},
+            "train_dataloader": dataset(16, 0), "val_dataloader": dataset(8, 1), "test_dataloader": dataset(8, 1),
+            "param_scheduler": [],
+            "train_cfg": {"by_epoch": False, "max_iters": 2, "val_interval": 2, "total_batch_size": 8}}
+    path = tmp_path / "multilabel.json"
+    path.write_text(json.dumps(body))
+    work = str(tmp_path / "work")
+    assert main([str(path), "--work-dir", work]) == 0
+    assert "test_multilabel/mAP" in read_json(os.path.join(work, "all_results.json"))
+    classifier = Classifier.load(work)
+    assert classifier.multi_label and len(classifier.labels) == 5
+
+
+def test_load_from_is_refused_for_hub_models(vit):
+    with pytest.raises(RecipeError, match="load_from: not used with HuggingFaceClassifier: its weights come from "
+                                          "model.model_name"):
+        hub_config({"type": "HuggingFaceClassifier", "model_name": vit}, load_from="weights.safetensors")
+    with pytest.raises(RecipeError, match="unknown key for HuggingFaceClassifier 'backbone'"):
+        hub_config({"type": "HuggingFaceClassifier", "model_name": vit, "backbone": {}})

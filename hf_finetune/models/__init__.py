@@ -1,4 +1,5 @@
-"""The model: recipe `model` + `data_preprocessor` sections -> FinetuneResNetForImageClassification.
+"""The model: recipe `model` + `data_preprocessor` sections -> FinetuneResNetForImageClassification
+(model.type ImageClassifier), or a transformers image classifier from the Hub (hub_classifier.py).
 
 Importing this package registers the model with AutoConfig / AutoModelForImageClassification
 (locally) and for `auto_map` (so save_pretrained ships the two self-contained code files).
@@ -16,7 +17,7 @@ from hf_finetune.errors import CheckpointError, RecipeError
 
 from .checkpoints import LoadReport, load_checkpoint_file, load_pretrained, to_transformers_state_dict, verify_weights
 from .configuration_finetune_resnet import FinetuneResNetConfig
-from .hub_classifier import build_hub_model, load_hub_folder, resolve_preprocessor
+from .hub_classifier import build_hub_model, load_hub_folder, model_preprocessing
 from .modeling_finetune_resnet import FinetuneResNetForImageClassification
 
 AutoConfig.register(FinetuneResNetConfig.model_type, FinetuneResNetConfig, exist_ok=True)
@@ -75,8 +76,7 @@ def build_model(model_cfg, preprocessor_cfg, id2label=None, load_from=None, load
             if model_cfg.num_classes is None:
                 raise RecipeError("model.num_classes: needed to build the model without a dataset")
             id2label = {i: str(i) for i in range(model_cfg.num_classes)}
-        return build_hub_model(model_cfg, resolve_preprocessor(model_cfg, preprocessor_cfg),
-                               {int(k): str(v) for k, v in id2label.items()})
+        return build_hub_model(model_cfg, preprocessor_cfg, {int(k): str(v) for k, v in id2label.items()})
     model = FinetuneResNetForImageClassification(build_config(model_cfg, preprocessor_cfg, id2label))
     init_cfg = model_cfg.backbone.init_cfg
     if init_cfg is not None:
@@ -121,7 +121,7 @@ __all__ = [
     "build_config",
     "build_model",
     "load_saved_model",
-    "resolve_preprocessor",
+    "model_preprocessing",
     "load_checkpoint_file",
     "load_pretrained",
     "to_transformers_state_dict",

@@ -192,28 +192,33 @@ def processor_size(processor):
     return None
 
 
-def resolve_preprocessor(model_cfg, preprocessor_cfg):
-    """data_preprocessor with mean / std from the model's image processor where the recipe
-    leaves them null (config: null means "the model's")."""
-    if preprocessor_cfg.mean is not None and preprocessor_cfg.std is not None:
-        return preprocessor_cfg
+def model_preprocessing(model_cfg, preprocessor_cfg):
+    """(data_preprocessor with mean / std from the model's image processor where the recipe
+    leaves them null (config: null means "the model's"), the processor's evaluation size
+    (height, width) or None)."""
     load_model_config(model_cfg)  # a bad model_name says so before "no image processor"
     processor = image_processor(model_cfg)
     if processor is None:
-        raise RecipeError(f"model.model_name {model_cfg.model_name!r} has no image processor "
-                          f"(preprocessor_config.json) to take the normalisation from; set "
-                          f"data_preprocessor.mean and data_preprocessor.std (0-255 scale)")
+        if preprocessor_cfg.mean is None or preprocessor_cfg.std is None:
+            raise RecipeError(f"model.model_name {model_cfg.model_name!r} has no image processor "
+                              f"(preprocessor_config.json) to take the normalisation from; set "
+                              f"data_preprocessor.mean and data_preprocessor.std (0-255 scale)")
+        return preprocessor_cfg, None
     mean, std = processor_statistics(processor)
-    return dataclasses.replace(preprocessor_cfg, mean=preprocessor_cfg.mean or mean,
-                               std=preprocessor_cfg.std or std)
+    resolved = dataclasses.replace(preprocessor_cfg, mean=preprocessor_cfg.mean or mean,
+                                   std=preprocessor_cfg.std or std)
+    return resolved, processor_size(processor)
 
 
 # ----------------------------------------------------------------------------- build
 def build_hub_model(model_cfg, preprocessor_cfg, id2label):
     """AutoModelForImageClassification from model_cfg.model_name, the head resized to
-    id2label, the knobs applied and the uint8 input preparation registered.
-    preprocessor_cfg: mean / std resolved (resolve_preprocessor)."""
+    id2label, the knobs applied and the uint8 input preparation registered (mean / std null:
+    the model's, see model_preprocessing)."""
     from transformers import AutoModelForImageClassification
+
+    if preprocessor_cfg.mean is None or preprocessor_cfg.std is None:
+        preprocessor_cfg = model_preprocessing(model_cfg, preprocessor_cfg)[0]
 
     config = load_model_config(model_cfg)
     config.num_labels = len(id2label)
@@ -308,7 +313,8 @@ def prepare_inputs(model, mean, std, to_rgb=False, frozen=(), norm_eval=False):
                 stats[pixel_values.device] = tuple(torch.tensor(v, dtype=torch.float32, device=pixel_values.device)
                                                    .view(1, 3, 1, 1) for v in (mean, std))
             m, s = stats[pixel_values.device]
-            pixel_values = (pixel_values.float() - m) / s
+            # In the model's dtype, as the ResNet's normalize (a bf16 evaluation casts the model).
+            pixel_values = ((pixel_values.float() - m) / s).to(module.dtype)
         if interpolates and tuple(pixel_values.shape[-2:]) != image_size:
             kwargs = {**kwargs, "interpolate_pos_encoding": True}
         if "pixel_values" in kwargs:
