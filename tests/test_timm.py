@@ -1,8 +1,9 @@
 """A TimmClassifier run downstream, where timm is installed (.ci/timm's venv; skipped elsewhere):
 a tiny random timm model saved as transformers' TimmWrapper saves it trains 2 updates from a
-recipe, and its work dir and export load in plain transformers (pipeline(), no remote code,
-no hf_finetune) with `hf-finetune predict`'s predictions. The core's timm cases (frozen
-parameters, layer-decay groups, reload) are in test_hub_models.py; .ci/timm runs them too."""
+recipe (its stem frozen), and its work dir and export load in plain transformers (pipeline(),
+no remote code, no hf_finetune) with `hf-finetune predict`'s predictions. The core's timm
+cases (reload, frozen_stages 1, layer-decay groups) are in test_hub_models.py; .ci/timm runs
+them too."""
 
 import json
 import os
@@ -67,6 +68,20 @@ def test_timm_work_dir_is_a_timm_wrapper_with_the_data_s_labels_and_the_source_s
     assert config["label_names"][0] == "airplane" and "auto_map" not in config
     recipe = json.load(open(os.path.join(work_dir, "recipe.json")))
     assert recipe["data_preprocessor"]["mean"] == pytest.approx([127.5, 102.0, 76.5])  # pretrained_cfg's, 0-255
+
+
+def test_timm_frozen_stem_kept_its_weights_and_the_blocks_trained(trained):
+    from safetensors.torch import load_file
+
+    source, work_dir, _ = trained
+    before = load_file(os.path.join(source, "model.safetensors"))
+    after = load_file(os.path.join(work_dir, "model.safetensors"))
+    stem_prefixes = ("timm_model.cls_token", "timm_model.pos_embed", "timm_model.patch_embed.")
+    stem = [k for k in after if k.startswith(stem_prefixes)]
+    blocks = [k for k in after if k.startswith("timm_model.blocks.")]
+    assert stem and blocks
+    assert all(after[k].equal(before[k]) for k in stem)  # frozen_stages 0: timm's stem group
+    assert any(not after[k].equal(before[k]) for k in blocks)
 
 
 def test_timm_work_dir_and_export_load_without_hf_finetune_with_predict_s_predictions(trained, tmp_path):
