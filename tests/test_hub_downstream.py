@@ -157,7 +157,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # both resize (down, antialiased) and crop to 32. (Square: on a 40x48 image mmcv's CenterCrop,
 # which rounds the offset of an odd margin up, and transformers', which rounds it down, take
 # crops one pixel apart.)
-TEST_PIPELINE = [{"type": "ResizeEdge", "scale": 36, "edge": "short", "backend": "pillow"}, {"type": "CenterCrop", "crop_size": 32},
+TEST_PIPELINE = [{"type": "ResizeEdge", "scale": 36, "edge": "short", "backend": "pillow"},
+                 {"type": "CenterCrop", "crop_size": 32},
                  {"type": "PackClsInputs"}]
 
 

@@ -428,7 +428,8 @@ def _settings_table(facts: dict, processor: dict) -> list[str]:
     height, width = input_size(processor)
     rows = facts["settings"] + [("input size", f"{height}x{width}")]
     if not any(name.startswith("normalisation") for name, _ in rows):  # a Hub model's: its image processor's
-        rows.append(("normalisation (0-1 scale)", f"mean={processor.get('image_mean')}, std={processor.get('image_std')}"))
+        rows.append(("normalisation (0-1 scale)",
+                     f"mean={processor.get('image_mean')}, std={processor.get('image_std')}"))
     return ["| setting | value |", "|---|---|"] + [f"| {name} | {fmt(value)} |" for name, value in rows]
 
 
@@ -668,7 +669,8 @@ def write_model_card(work_dir: str, *, repo_id: str | None = None, native_subfol
         body.append("Not available (confusion_matrix.json missing).")
 
     body += ["", "## Training environment", ""] + _environment_lines(environment, all_results)
-    body += [""] + _usage(repo_id, work_dir, native_subfolder, config["model_type"] if is_hub_model(config) else None) + [""]
+    hub_type = config["model_type"] if is_hub_model(config) else None
+    body += [""] + _usage(repo_id, work_dir, native_subfolder, hub_type) + [""]
     card_data = _metadata(facts, config, results, repo_id, model_name, license)
     card = ModelCard("---\n" + card_data.to_yaml() + "\n---\n\n" + "\n".join(body))
     path = os.path.join(work_dir, CARD_FILE)

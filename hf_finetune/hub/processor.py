@@ -174,7 +174,7 @@ def timm_preprocessing(processor: dict) -> dict:
     size = processor["size"]
     if "shortest_edge" in size:
         mode, target = "center", size["shortest_edge"]  # timm resizes the short side when the crop is square
-        exact = height == width
+        exact = height == width and processor["do_center_crop"]  # timm always crops
     else:
         mode, target = "squash", size["height"]  # timm resizes to (height, width) / crop_pct
         exact = size["height"] * width == size["width"] * height
