@@ -152,6 +152,7 @@ def build_recipe(folder: str, args, work_dir: str):
         "default_hooks.checkpoint.interval=-1",
         "default_hooks.logger.interval=1000000",
         "randomness.seed=0",
+        "env_cfg.channels_last=false",  # the bare loop's layout (as train_throughput.py on the CPU)
         "log_level=warning",
     ])
 
