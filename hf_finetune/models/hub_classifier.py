@@ -189,6 +189,8 @@ def processor_size(processor):
         size = getattr(processor, "size", None) or {}
     if "height" in size:
         return size["height"], size["width"]
+    if "shortest_edge" in size and getattr(processor, "crop_pct", None):
+        return size["shortest_edge"], size["shortest_edge"]  # ConvNeXt's: resize, then a square crop
     return None
 
 
