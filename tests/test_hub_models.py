@@ -227,12 +227,12 @@ def test_frozen_stages_refused_where_undefined(tmp_path, vit):
         build({"type": "HuggingFaceClassifier", "model_name": vit, "frozen_stages": 3})
 
 
-def run_fails(tmp_path, capsys, model, **overrides):
+def run_fails(tmp_path, capsys, model, flags=(), **overrides):
     """The CLI's exit code and its one error line; the work dir keeps what it held."""
     work = tmp_path / "work"
     work.mkdir(exist_ok=True)
     (work / "keep.txt").write_text("mine")
-    code = main([recipe(tmp_path, model, **overrides), "--work-dir", str(work)])
+    code = main([recipe(tmp_path, model, **overrides), "--work-dir", str(work), *flags])
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert (work / "keep.txt").read_text() == "mine"
     assert code != 0 and len(err) == 1, err
@@ -414,3 +414,18 @@ def test_load_from_is_refused_for_hub_models(vit):
         hub_config({"type": "HuggingFaceClassifier", "model_name": vit}, load_from="weights.safetensors")
     with pytest.raises(RecipeError, match="unknown key for HuggingFaceClassifier 'backbone'"):
         hub_config({"type": "HuggingFaceClassifier", "model_name": vit, "backbone": {}})
+
+
+def test_resume_with_another_model_is_one_line(vit, tmp_path, capsys):
+    import shutil
+
+    work = str(tmp_path / "work")
+    assert main([recipe(tmp_path, {"type": "HuggingFaceClassifier", "model_name": vit}), "--work-dir", work]) == 0
+    wider = save_tiny(tmp_path / "wider", transformers.ViTConfig(
+        image_size=32, patch_size=8, hidden_size=48, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64))
+    other = tmp_path / "other"
+    shutil.copytree(os.path.join(work, "checkpoint-2"), other / "work" / "checkpoint-2")
+    capsys.readouterr()
+    line = run_fails(other, capsys, {"type": "HuggingFaceClassifier", "model_name": wider}, flags=["--resume"])
+    assert "checkpoint-2: its weights do not load into this model" in line
