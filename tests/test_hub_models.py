@@ -429,3 +429,10 @@ def test_resume_with_another_model_is_one_line(vit, tmp_path, capsys):
     capsys.readouterr()
     line = run_fails(other, capsys, {"type": "HuggingFaceClassifier", "model_name": wider}, flags=["--resume"])
     assert "checkpoint-2: its weights do not load into this model" in line
+
+
+def test_channels_last_only_for_convolutional_models(vit, convnext):
+    from hf_finetune.training import convolutional
+
+    assert convolutional(build({"type": "HuggingFaceClassifier", "model_name": convnext}))
+    assert not convolutional(build({"type": "HuggingFaceClassifier", "model_name": vit}))
