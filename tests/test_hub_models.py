@@ -223,7 +223,7 @@ def test_frozen_stages_refused_where_undefined(tmp_path, vit):
         image_size=32, width_coefficient=0.1, depth_coefficient=0.1))
     with pytest.raises(RecipeError, match=r"model.frozen_stages: 'efficientnet' models have no stages"):
         build({"type": "HuggingFaceClassifier", "model_name": source, "frozen_stages": 0})
-    with pytest.raises(RecipeError, match=r"model.frozen_stages: 3 is more than the model has \(2\)"):
+    with pytest.raises(RecipeError, match=r"model.frozen_stages: 3 is more than the model has \(2 encoder layers\)"):
         build({"type": "HuggingFaceClassifier", "model_name": vit, "frozen_stages": 3})
 
 

@@ -412,7 +412,9 @@ def frozen_layers(model, frozen_stages, key):
                           f"{', '.join(sorted(FAMILIES))}, timm); set it to -1")
     layer_id, num_layers = layers
     if frozen_stages > num_layers - 2:
-        raise RecipeError(f"{key}: {frozen_stages} is more than the model has ({num_layers - 2}); "
+        family = FAMILIES.get(model.config.model_type)
+        unit = family.unit if family else "layer groups of timm's group_matcher"
+        raise RecipeError(f"{key}: {frozen_stages} is more than the model has ({num_layers - 2} {unit}); "
                           f"expected -1..{num_layers - 2}")
     frozen = lambda name: layer_id(name) <= frozen_stages  # noqa: E731
     modules = {}  # outermost first (named_modules walks parents before children)
