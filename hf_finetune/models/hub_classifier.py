@@ -46,6 +46,8 @@ class Family:
 # layer N+1 everything after them (final norm, pooler, classifier head).
 #   frozen_stages: -1 nothing; 0 the embeddings; k the embeddings and layers 1..k.
 #   layer_decay_rate r: a parameter of layer i trains at lr * r ** (N + 1 - i); the head at lr.
+#   (ViT-like families match mmpretrain's layer ids; for ConvNeXt it is one layer per stage,
+#   where mmpretrain's ConvNeXt splits stage 3 into groups of 3 blocks.)
 # timm models (TimmClassifier) take their layers from timm's own `group_matcher(coarse=False)`,
 # as timm's `param_groups_layer_decay` does: group 0 is the stem, then each block, the head last.
 # A family not listed here (EfficientNet, MobileNet, ...) refuses frozen_stages >= 0 and
