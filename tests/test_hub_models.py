@@ -122,8 +122,8 @@ def test_two_steps_save_reload_predict(family, request, tmp_path):
     assert all(torch.equal(before[k], after[k]) for k in frozen)
     assert any(not torch.equal(before[k], after[k]) for k in trained)
 
-    # Reloaded (plain AutoModelForImageClassification + our uint8 preparation): same predictions
-    # as the Trainer's evaluation, and `hf-finetune predict` gives them too.
+    # Reloaded (plain AutoModelForImageClassification + our uint8 preparation) and as
+    # `hf-finetune predict` loads the work dir: the same predictions.
     from hf_finetune.models import load_saved_model
     from hf_finetune.predict import Classifier
 
@@ -351,9 +351,8 @@ def test_the_private_trainer_methods_overridden_are_unchanged():
     assert list(inspect.signature(Trainer._load_from_checkpoint).parameters) == \
         ["self", "resume_from_checkpoint", "model"]
     assert list(inspect.signature(Trainer._load_best_model).parameters) == ["self"]
-    source = inspect.getsource(Trainer._inner_training_loop if hasattr(Trainer, "_inner_training_loop")
-                               else Trainer.train) + inspect.getsource(Trainer.train)
-    assert "_load_from_checkpoint(" in source and "_load_best_model()" in inspect.getsource(Trainer)
+    source = inspect.getsource(Trainer)
+    assert "self._load_from_checkpoint(resume_from_checkpoint" in source and "self._load_best_model()" in source
 
 
 def test_checkpointing_refused_where_the_family_has_none(tmp_path, capsys, convnext):
