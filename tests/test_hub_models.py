@@ -435,3 +435,23 @@ def test_channels_last_only_for_convolutional_models(vit, convnext):
 
     assert convolutional(build({"type": "HuggingFaceClassifier", "model_name": convnext}))
     assert not convolutional(build({"type": "HuggingFaceClassifier", "model_name": vit}))
+
+
+def test_unreachable_hub_fails_fast(tmp_path, monkeypatch):
+    import socket
+    import time
+
+    from huggingface_hub import constants
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.delenv("HF_ENDPOINT", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    start = time.monotonic()
+    with pytest.raises(RecipeError, match=r"model.model_name 'acme/vit': not a local folder, the Hub "
+                                          r"\(http://127.0.0.1:\d+\) cannot be reached, and the Hub cache"):
+        build({"type": "HuggingFaceClassifier", "model_name": "acme/vit", "pretrained": True})
+    assert time.monotonic() - start < 5

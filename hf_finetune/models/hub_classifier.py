@@ -85,17 +85,22 @@ def _load_kwargs(model_cfg) -> dict:
     return kwargs
 
 
-@functools.lru_cache(maxsize=1)
 def _offline_reason():
     from huggingface_hub import constants, is_offline_mode
 
-    from hf_finetune.data.sources import hub_reachable
-
     if is_offline_mode():
         return "offline mode is on (HF_HUB_OFFLINE)"
-    if not hub_reachable():
+    if not _reachable(os.environ.get("HF_ENDPOINT") or constants.ENDPOINT):
         return f"the Hub ({constants.ENDPOINT}) cannot be reached"
     return None
+
+
+@functools.lru_cache(maxsize=4)
+def _reachable(endpoint):
+    """One probe per endpoint and process: a model is looked up several times per run."""
+    from hf_finetune.data.sources import hub_reachable
+
+    return hub_reachable()
 
 
 def _source_error(model_cfg, exc) -> RecipeError:
