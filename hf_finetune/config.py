@@ -569,8 +569,9 @@ class DefaultHooksCfg:
 @dataclass
 class EnvCfg:
     cudnn_benchmark: bool = knob(False, "let cuDNN pick the fastest convolutions")
-    channels_last: bool = knob(True, "NHWC model and inputs (faster on GPUs and on CPU); false "
-                               "runs NCHW, mmpretrain's float summation order")
+    channels_last: bool = knob(True, "NHWC convolutional models and inputs (faster on GPUs and on CPU; "
+                               "a ViT-like model stays as it is); false runs NCHW, mmpretrain's float "
+                               "summation order")
     mp_cfg: Optional[dict] = knob(None, "mmcls key; processes are started by accelerate", compat=True)
     dist_cfg: Optional[dict] = knob(None, "mmcls key; the backend is chosen by accelerate", compat=True)
 

@@ -8,7 +8,7 @@ from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
-from .errors import TrainingError
+from .errors import CheckpointError, TrainingError
 from .metrics import CONFUSION_KEY
 from .optim import build_lr_scheduler, build_optimizer
 
@@ -123,8 +123,13 @@ class FinetuneTrainer(Trainer):
         target = self.accelerator.unwrap_model(model if model is not None else self.model)
         if _keys_are_its_own(target) or self.is_fsdp_enabled or self.is_deepspeed_enabled:
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        saved = type(target).from_pretrained(resume_from_checkpoint, config=target.config)
-        target.load_state_dict(saved.state_dict())
+        try:
+            target.load_state_dict(type(target).from_pretrained(resume_from_checkpoint, config=target.config)
+                                   .state_dict())
+        except (OSError, ValueError, RuntimeError) as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CheckpointError(f"{resume_from_checkpoint}: its weights do not load into this model ({reason}); "
+                                  f"resume with the recipe that wrote it, or start a new work dir") from None
         return None
 
     def _load_best_model(self):

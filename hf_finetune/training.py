@@ -255,7 +255,7 @@ def build_trainer(cfg, datasets=None, model=None, callbacks=None):
         check_hub_model(model, args, datasets)
         loss_fn = loss_function(cfg.model, model.config.num_labels)
     model = sync_batchnorm(model, cfg.sync_bn, state.num_processes, accelerator())
-    if cfg.env_cfg.channels_last:
+    if cfg.env_cfg.channels_last and convolutional(model):
         model = model.to(memory_format=torch.channels_last)
     if cfg.env_cfg.cudnn_benchmark:
         torch.backends.cudnn.benchmark = True
@@ -343,6 +343,12 @@ def check_hub_model(model, args, datasets):
         if (height, width) not in seen:
             seen.add((height, width))
             check_input_size(model, int(height), int(width), f"{split}_dataloader.dataset.pipeline")
+
+
+def convolutional(model):
+    """Whether channels_last helps: a convolutional network, not a transformer whose only
+    convolution is its patch embedding (ViT, Swin ...)."""
+    return sum(isinstance(m, torch.nn.Conv2d) for m in model.modules()) > 1
 
 
 def sync_batchnorm(model, sync_bn, num_processes, device):

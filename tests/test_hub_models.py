@@ -122,8 +122,8 @@ def test_two_steps_save_reload_predict(family, request, tmp_path):
     assert all(torch.equal(before[k], after[k]) for k in frozen)
     assert any(not torch.equal(before[k], after[k]) for k in trained)
 
-    # Reloaded (plain AutoModelForImageClassification + our uint8 preparation): same predictions
-    # as the Trainer's evaluation, and `hf-finetune predict` gives them too.
+    # Reloaded (plain AutoModelForImageClassification + our uint8 preparation) and as
+    # `hf-finetune predict` loads the work dir: the same predictions.
     from hf_finetune.models import load_saved_model
     from hf_finetune.predict import Classifier
 
@@ -223,16 +223,16 @@ def test_frozen_stages_refused_where_undefined(tmp_path, vit):
         image_size=32, width_coefficient=0.1, depth_coefficient=0.1))
     with pytest.raises(RecipeError, match=r"model.frozen_stages: 'efficientnet' models have no stages"):
         build({"type": "HuggingFaceClassifier", "model_name": source, "frozen_stages": 0})
-    with pytest.raises(RecipeError, match=r"model.frozen_stages: 3 is more than the model has \(2\)"):
+    with pytest.raises(RecipeError, match=r"model.frozen_stages: 3 is more than the model has \(2 encoder layers\)"):
         build({"type": "HuggingFaceClassifier", "model_name": vit, "frozen_stages": 3})
 
 
-def run_fails(tmp_path, capsys, model, **overrides):
+def run_fails(tmp_path, capsys, model, flags=(), **overrides):
     """The CLI's exit code and its one error line; the work dir keeps what it held."""
     work = tmp_path / "work"
     work.mkdir(exist_ok=True)
     (work / "keep.txt").write_text("mine")
-    code = main([recipe(tmp_path, model, **overrides), "--work-dir", str(work)])
+    code = main([recipe(tmp_path, model, **overrides), "--work-dir", str(work), *flags])
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert (work / "keep.txt").read_text() == "mine"
     assert code != 0 and len(err) == 1, err
@@ -351,9 +351,8 @@ def test_the_private_trainer_methods_overridden_are_unchanged():
     assert list(inspect.signature(Trainer._load_from_checkpoint).parameters) == \
         ["self", "resume_from_checkpoint", "model"]
     assert list(inspect.signature(Trainer._load_best_model).parameters) == ["self"]
-    source = inspect.getsource(Trainer._inner_training_loop if hasattr(Trainer, "_inner_training_loop")
-                               else Trainer.train) + inspect.getsource(Trainer.train)
-    assert "_load_from_checkpoint(" in source and "_load_best_model()" in inspect.getsource(Trainer)
+    source = inspect.getsource(Trainer)
+    assert "self._load_from_checkpoint(resume_from_checkpoint" in source and "self._load_best_model()" in source
 
 
 def test_checkpointing_refused_where_the_family_has_none(tmp_path, capsys, convnext):
@@ -414,3 +413,45 @@ def test_load_from_is_refused_for_hub_models(vit):
         hub_config({"type": "HuggingFaceClassifier", "model_name": vit}, load_from="weights.safetensors")
     with pytest.raises(RecipeError, match="unknown key for HuggingFaceClassifier 'backbone'"):
         hub_config({"type": "HuggingFaceClassifier", "model_name": vit, "backbone": {}})
+
+
+def test_resume_with_another_model_is_one_line(vit, tmp_path, capsys):
+    import shutil
+
+    work = str(tmp_path / "work")
+    assert main([recipe(tmp_path, {"type": "HuggingFaceClassifier", "model_name": vit}), "--work-dir", work]) == 0
+    wider = save_tiny(tmp_path / "wider", transformers.ViTConfig(
+        image_size=32, patch_size=8, hidden_size=48, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64))
+    other = tmp_path / "other"
+    shutil.copytree(os.path.join(work, "checkpoint-2"), other / "work" / "checkpoint-2")
+    capsys.readouterr()
+    line = run_fails(other, capsys, {"type": "HuggingFaceClassifier", "model_name": wider}, flags=["--resume"])
+    assert "checkpoint-2: its weights do not load into this model" in line
+
+
+def test_channels_last_only_for_convolutional_models(vit, convnext):
+    from hf_finetune.training import convolutional
+
+    assert convolutional(build({"type": "HuggingFaceClassifier", "model_name": convnext}))
+    assert not convolutional(build({"type": "HuggingFaceClassifier", "model_name": vit}))
+
+
+def test_unreachable_hub_fails_fast(tmp_path, monkeypatch):
+    import socket
+    import time
+
+    from huggingface_hub import constants
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.delenv("HF_ENDPOINT", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    start = time.monotonic()
+    with pytest.raises(RecipeError, match=r"model.model_name 'acme/vit': not a local folder, the Hub "
+                                          r"\(http://127.0.0.1:\d+\) cannot be reached, and the Hub cache"):
+        build({"type": "HuggingFaceClassifier", "model_name": "acme/vit", "pretrained": True})
+    assert time.monotonic() - start < 5

@@ -46,6 +46,8 @@ class Family:
 # layer N+1 everything after them (final norm, pooler, classifier head).
 #   frozen_stages: -1 nothing; 0 the embeddings; k the embeddings and layers 1..k.
 #   layer_decay_rate r: a parameter of layer i trains at lr * r ** (N + 1 - i); the head at lr.
+#   (ViT-like families match mmpretrain's layer ids; for ConvNeXt it is one layer per stage,
+#   where mmpretrain's ConvNeXt splits stage 3 into groups of 3 blocks.)
 # timm models (TimmClassifier) take their layers from timm's own `group_matcher(coarse=False)`,
 # as timm's `param_groups_layer_decay` does: group 0 is the stem, then each block, the head last.
 # A family not listed here (EfficientNet, MobileNet, ...) refuses frozen_stages >= 0 and
@@ -83,17 +85,22 @@ def _load_kwargs(model_cfg) -> dict:
     return kwargs
 
 
-@functools.lru_cache(maxsize=1)
 def _offline_reason():
     from huggingface_hub import constants, is_offline_mode
 
-    from hf_finetune.data.sources import hub_reachable
-
     if is_offline_mode():
         return "offline mode is on (HF_HUB_OFFLINE)"
-    if not hub_reachable():
+    if not _reachable(os.environ.get("HF_ENDPOINT") or constants.ENDPOINT):
         return f"the Hub ({constants.ENDPOINT}) cannot be reached"
     return None
+
+
+@functools.lru_cache(maxsize=4)
+def _reachable(endpoint):
+    """One probe per endpoint and process: a model is looked up several times per run."""
+    from hf_finetune.data.sources import hub_reachable
+
+    return hub_reachable()
 
 
 def _source_error(model_cfg, exc) -> RecipeError:
@@ -189,6 +196,8 @@ def processor_size(processor):
         size = getattr(processor, "size", None) or {}
     if "height" in size:
         return size["height"], size["width"]
+    if "shortest_edge" in size and getattr(processor, "crop_pct", None):
+        return size["shortest_edge"], size["shortest_edge"]  # ConvNeXt's: resize, then a square crop
     return None
 
 
@@ -410,7 +419,9 @@ def frozen_layers(model, frozen_stages, key):
                           f"{', '.join(sorted(FAMILIES))}, timm); set it to -1")
     layer_id, num_layers = layers
     if frozen_stages > num_layers - 2:
-        raise RecipeError(f"{key}: {frozen_stages} is more than the model has ({num_layers - 2}); "
+        family = FAMILIES.get(model.config.model_type)
+        unit = family.unit if family else "layer groups of timm's group_matcher"
+        raise RecipeError(f"{key}: {frozen_stages} is more than the model has ({num_layers - 2} {unit}); "
                           f"expected -1..{num_layers - 2}")
     frozen = lambda name: layer_id(name) <= frozen_stages  # noqa: E731
     modules = {}  # outermost first (named_modules walks parents before children)
