@@ -251,3 +251,20 @@ def test_card_names_the_hub_base_model(trained, tmp_path):
         assert meta.get("base_model") == base, change
         if base:
             assert f"[`{base}`](https://huggingface.co/{base})" in text
+
+
+def test_export_of_a_timm_work_dir_without_timm_says_to_install_the_extra(tmp_path, capsys):
+    from safetensors.torch import save_file as save_weights
+    from transformers.utils import is_timm_available
+
+    if is_timm_available():
+        pytest.skip("timm is installed here")
+    work_dir = tmp_path / "work_dir"
+    work_dir.mkdir()
+    (work_dir / "config.json").write_text(json.dumps({"model_type": "timm_wrapper", "architecture": "test_vit",
+                                                      "num_classes": 3, "label_names": LABELS}))
+    save_weights({"timm_model.head.weight": torch.zeros(3, 8)}, str(work_dir / "model.safetensors"))
+    (work_dir / "preprocessor_config.json").write_text("{}")
+    assert main(["export", str(work_dir), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and 'pip install "hf_finetune[timm]"' in err

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import os
-
 import shutil
 
 from hf_finetune.errors import CheckpointError
@@ -136,11 +135,10 @@ def export_hub_model(work_dir: str, out_dir: str) -> str:
     verify_weights(work_dir, key=work_dir)
     try:
         model = AutoModelForImageClassification.from_pretrained(work_dir)
-    except ImportError as exc:  # a timm model without timm installed
-        raise CheckpointError(f"cannot load the model in {work_dir!r}: {str(exc).strip().splitlines()[0]} "
-                              '(for a timm model: pip install "hf_finetune[timm]")') from None
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"cannot load the model saved in {work_dir!r}: {exc}") from None
+    except (ImportError, OSError, ValueError, RuntimeError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        timm = ' (a timm model needs timm: pip install "hf_finetune[timm]")' if isinstance(exc, ImportError) else ""
+        raise CheckpointError(f"cannot load the model saved in {work_dir!r}: {reason}{timm}") from None
     os.makedirs(out_dir, exist_ok=True)
     model.save_pretrained(out_dir)
     # The file itself, not the class's save_pretrained: the processor class may be one that
