@@ -4,6 +4,7 @@ Public API:
     load_recipe(path, cfg_options=None)  -> Config (typed, every key checked)
     build_datasets(cfg)                  -> datasets.DatasetDict (train / val / test)
     build_model(cfg.model, cfg.data_preprocessor, id2label) -> FinetuneResNetForImageClassification
+                                         (a transformers model for HuggingFaceClassifier / TimmClassifier)
     build_trainer(cfg, datasets=None, model=None) -> transformers.Trainer
 
 Importing the package registers the model with AutoConfig / AutoModelForImageClassification.

@@ -157,21 +157,91 @@ class ModelTrainCfg:
 
 @dataclass
 class ModelCfg:
-    type: str = knob("ImageClassifier", "model type", choices=("ImageClassifier",))
+    """mmcls ImageClassifier: our ResNet backbone, pooling neck and linear head.
+
+    Every model section answers the same questions (num_classes, loss, multi_label, topk, thr,
+    with_cp, frozen_stages, norm_eval, key) so callers need not ask which type it is."""
+
+    type: str = knob("ImageClassifier", "model type")
     backbone: ResNetBackbone = knob(ResNetBackbone, "the backbone")
     neck: Optional[NeckCfg] = knob(NeckCfg, "pooling between backbone and head")
     head: HeadCfg = knob(REQUIRED, "the classification head")
     train_cfg: ModelTrainCfg = knob(ModelTrainCfg, "training-only model settings (batch augments)")
+
+    num_classes = property(lambda self: self.head.num_classes)
+    loss = property(lambda self: self.head.loss)
+    multi_label = property(lambda self: self.head.multi_label)
+    topk = property(lambda self: self.head.topk)
+    thr = property(lambda self: self.head.thr)
+    with_cp = property(lambda self: self.backbone.with_cp)
+    frozen_stages = property(lambda self: self.backbone.frozen_stages)
+    norm_eval = property(lambda self: self.backbone.norm_eval)
+
+    @staticmethod
+    def key(name):
+        """The recipe key of a setting named as the properties above."""
+        where = {"num_classes": "head", "loss": "head", "topk": "head", "thr": "head"}.get(name, "backbone")
+        return f"model.{where}.{name}"
+
+
+def _model_name(value):
+    return None if value.strip() else "must not be empty"
+
+
+@dataclass
+class HuggingFaceClassifierCfg:
+    """mmpretrain's HuggingFaceClassifier: any transformers image classifier
+    (AutoModelForImageClassification), its head resized to the dataset's classes."""
+
+    type: str = "HuggingFaceClassifier"
+    model_name: str = knob(REQUIRED, "Hub model id (e.g. google/vit-base-patch16-224) or a local folder "
+                           "saved with save_pretrained", check=_model_name)
+    pretrained: bool = knob(False, "load the model's weights (false: its architecture with fresh weights)")
+    revision: Optional[str] = knob(None, "Hub revision (branch, tag or commit) of model_name")
+    trust_remote_code: bool = knob(False, "allow a model_name whose code lives in its repo (runs that code)")
+    num_classes: Optional[int] = knob(None, "number of classes (null: the dataset's)", min=1)
+    loss: LossCfg = knob(LossCfg, "the training loss (use_sigmoid, FocalLoss, AsymmetricLoss: multi-label)")
+    train_cfg: ModelTrainCfg = knob(ModelTrainCfg, "training-only model settings (batch augments)")
+    with_cp: bool = knob(False, "gradient checkpointing (the model's gradient_checkpointing_enable())")
+    frozen_stages: int = knob(-1, "-1 nothing; 0 the embeddings; N the embeddings and the first N "
+                              "stages or blocks (per family, see models.hub_classifier.FAMILIES)", min=-1)
+    norm_eval: bool = knob(False, "keep every BatchNorm in eval mode while training")
+
+    topk = property(lambda self: [1])  # no head to declare more: the evaluators' topk adds to it
+    thr = property(lambda self: None)
+
+    @property
+    def multi_label(self):
+        return self.loss.use_sigmoid or self.loss.type in ("FocalLoss", "AsymmetricLoss")
+
+    @staticmethod
+    def key(name):
+        return f"model.{name}"
+
+
+@dataclass
+class TimmClassifierCfg(HuggingFaceClassifierCfg):
+    """mmpretrain's TimmClassifier: a timm model through transformers' TimmWrapper (needs timm)."""
+
+    type: str = "TimmClassifier"
+    model_name: str = knob(REQUIRED, "timm model on the Hub (timm/<name>; a bare <name> means "
+                           "timm/<name>) or a local folder saved with save_pretrained", check=_model_name)
+
+
+MODEL_TYPES = {"ImageClassifier": ModelCfg, "HuggingFaceClassifier": HuggingFaceClassifierCfg,
+               "TimmClassifier": TimmClassifierCfg}
 
 
 @dataclass
 class DataPreprocessorCfg:
     type: str = knob("ClsDataPreprocessor", "preprocessor type", choices=("ClsDataPreprocessor",))
     num_classes: Optional[int] = knob(None, "must equal model.head.num_classes", min=1)
-    mean: list[float] = knob([0.0, 0.0, 0.0], "per-channel mean, 0-255 scale",
-                             check=lambda v: None if len(v) == 3 else "expected 3 numbers")
-    std: list[float] = knob([1.0, 1.0, 1.0], "per-channel std, 0-255 scale", gt=0,
-                            check=lambda v: None if len(v) == 3 else "expected 3 numbers")
+    mean: Optional[list[float]] = knob(None, "per-channel mean, 0-255 scale (null: the model's: its image "
+                                       "processor's for Hub models, 0 for ImageClassifier)",
+                                       check=lambda v: None if len(v) == 3 else "expected 3 numbers")
+    std: Optional[list[float]] = knob(None, "per-channel std, 0-255 scale (null: the model's: its image "
+                                      "processor's for Hub models, 1 for ImageClassifier)", gt=0,
+                                      check=lambda v: None if len(v) == 3 else "expected 3 numbers")
     to_rgb: bool = knob(False, "flip BGR input to RGB")
 
 
@@ -499,8 +569,9 @@ class DefaultHooksCfg:
 @dataclass
 class EnvCfg:
     cudnn_benchmark: bool = knob(False, "let cuDNN pick the fastest convolutions")
-    channels_last: bool = knob(True, "NHWC model and inputs (faster on GPUs and on CPU); false "
-                               "runs NCHW, mmpretrain's float summation order")
+    channels_last: bool = knob(True, "NHWC convolutional models and inputs (faster on GPUs and on CPU; "
+                               "a ViT-like model stays as it is); false runs NCHW, mmpretrain's float "
+                               "summation order")
     mp_cfg: Optional[dict] = knob(None, "mmcls key; processes are started by accelerate", compat=True)
     dist_cfg: Optional[dict] = knob(None, "mmcls key; the backend is chosen by accelerate", compat=True)
 
@@ -643,7 +714,6 @@ OWNED_FIELDS = {
     "resume_from_checkpoint": "resume (or --resume)",
     "label_smoothing_factor": "model.head.loss.label_smoothing",
     "log_level": "log_level",
-    "gradient_checkpointing": "model.backbone.with_cp",
 }
 # TrainingArguments' Hub fields -> HubCfg fields: hf_finetune.hub pushes (its allow-list and
 # token scan), never the Trainer.
@@ -665,7 +735,8 @@ def _check_training_args(value):
 
 @dataclass
 class Config:
-    model: ModelCfg = knob(REQUIRED, "the classifier")
+    model: Union[ModelCfg, HuggingFaceClassifierCfg] = knob(REQUIRED, "the classifier", types=MODEL_TYPES,
+                                                            default_type="ImageClassifier")
     data_preprocessor: DataPreprocessorCfg = knob(DataPreprocessorCfg, "normalisation on the device")
     train_dataloader: Optional[DataloaderCfg] = knob(None, "training data")
     val_dataloader: Optional[DataloaderCfg] = knob(None, "validation data")
@@ -722,14 +793,14 @@ class Config:
         if name is None:
             return None
         if name == "auto":
-            name = "multilabel/mAP" if self.model.head.multi_label else "accuracy/top1"
+            name = "multilabel/mAP" if self.model.multi_label else "accuracy/top1"
         return name, checkpoint.rule or infer_rule(name)
 
     def topk(self):
         """The k of the top-k accuracies reported: the head's (mmcls' heads declare theirs)
         and the evaluators', sorted."""
         ks = set()
-        for topk in [self.model.head.topk] + [e.topk for e in self.val_evaluator + self.test_evaluator
+        for topk in [self.model.topk] + [e.topk for e in self.val_evaluator + self.test_evaluator
                                               if isinstance(e, AccuracyCfg)]:
             ks.update(topk_list(topk))
         return sorted(ks)
@@ -749,7 +820,7 @@ class Config:
         """(thr, topk) that turn multi-label scores into predicted classes: the validation
         MultiLabelMetric's, else the head's thr; MULTI_LABEL_THR when neither is set."""
         evaluator = next((e for e in self.val_evaluator if e.type == "MultiLabelMetric"), None)
-        thr = evaluator.thr if evaluator and evaluator.thr is not None else self.model.head.thr
+        thr = evaluator.thr if evaluator and evaluator.thr is not None else self.model.thr
         topk = evaluator.topk if evaluator else None
         topk = topk[0] if isinstance(topk, list) else topk
         return (MULTI_LABEL_THR if thr is None and topk is None else thr), topk
@@ -780,29 +851,31 @@ def report_to(cfg):
 
 
 def _check_config(cfg, error):
-    head, pre = cfg.model.head, cfg.data_preprocessor
-    if None not in (pre.num_classes, head.num_classes) and pre.num_classes != head.num_classes:
+    model, pre = cfg.model, cfg.data_preprocessor
+    key = lambda name: tuple(model.key(name).split("."))  # noqa: E731 (the dotted key as a path)
+    if None not in (pre.num_classes, model.num_classes) and pre.num_classes != model.num_classes:
         raise error(("data_preprocessor", "num_classes"),
-                    f"{pre.num_classes} differs from model.head.num_classes={head.num_classes}")
-    channels = stage_widths(RESNET_ARCH[cfg.model.backbone.depth][0])[-1]  # the last stage's
-    if head.in_channels not in (None, channels):
-        raise error(("model", "head", "in_channels"),
-                    f"{head.in_channels} does not match the backbone's output ({channels} "
-                    f"channels); remove it or set {channels}")
-    backbone = cfg.model.backbone
-    checkpointing = cfg.training_args.get("gradient_checkpointing_kwargs") or {}
-    if backbone.with_cp and backbone.frozen_stages >= 0 and checkpointing.get("use_reentrant"):
+                    f"{pre.num_classes} differs from {model.key('num_classes')}={model.num_classes}")
+    if isinstance(model, ModelCfg):
+        _check_resnet(model, pre, error)
+    elif cfg.load_from is not None:
+        raise error(("load_from",), f"not used with {model.type}: its weights come from model.model_name "
+                                    f"(a Hub id or a saved folder); set model.model_name instead")
+    args = cfg.training_args  # transformers 5 names them activation_checkpointing*, the old names still work
+    checkpointing = args.get("activation_checkpointing_kwargs") or args.get("gradient_checkpointing_kwargs") or {}
+    with_cp = model.with_cp or args.get("activation_checkpointing") or args.get("gradient_checkpointing")
+    if with_cp and model.frozen_stages >= 0 and checkpointing.get("use_reentrant"):
         # A reentrant checkpoint whose input needs no gradient (the frozen stem's output) passes
         # none back, so every block before the head would silently stop learning.
         raise error(("training_args", "gradient_checkpointing_kwargs", "use_reentrant"),
-                    "true with model.backbone.frozen_stages >= 0 would train no backbone block "
+                    f"true with {model.key('frozen_stages')} >= 0 would train no backbone block "
                     "(a reentrant checkpoint of a frozen input gets no gradient); remove it or set false")
     for name in ("val_evaluator", "test_evaluator"):
         for i, evaluator in enumerate(getattr(cfg, name)):
-            if (evaluator.type in MULTI_LABEL_METRICS) != head.multi_label:
-                wanted = "MultiLabelMetric" if head.multi_label else "Accuracy"
+            if (evaluator.type in MULTI_LABEL_METRICS) != model.multi_label:
+                wanted = "MultiLabelMetric" if model.multi_label else "Accuracy"
                 raise error((name, i, "type"), f"{evaluator.type} does not fit a "
-                            f"{'multi' if head.multi_label else 'single'}-label head; use {wanted}")
+                            f"{'multi' if model.multi_label else 'single'}-label head; use {wanted}")
     single_label = {}  # average -> (list, index, entry): the first SingleLabelMetric reporting its keys
     for name in ("val_evaluator", "test_evaluator"):
         for i, evaluator in enumerate(getattr(cfg, name)):
@@ -812,17 +885,17 @@ def _check_config(cfg, error):
                     raise error((name, i), f"reports the same keys as {first[0]}.{first[1]} (average "
                                 f"{json.dumps(evaluator.average)}) with other settings; validation and test "
                                 f"report every evaluator's metrics: give both the same settings")
-    for where, ks in [(("model", "head", "topk"), head.topk)] + [
+    for where, ks in [(key("topk"), model.topk)] + [
             ((name, i, "topk"), e.topk) for name in ("val_evaluator", "test_evaluator")
             for i, e in enumerate(getattr(cfg, name)) if isinstance(e, AccuracyCfg)]:
         ks = topk_list(ks)
-        if head.num_classes is not None and max(ks) > head.num_classes and not head.multi_label:
-            raise error(where, f"{ks} needs at least {max(ks)} classes but model.head.num_classes "
-                               f"is {head.num_classes}; use [1]")
-    loss = head.loss
+        if model.num_classes is not None and max(ks) > model.num_classes and not model.multi_label:
+            raise error(where, f"{ks} needs at least {max(ks)} classes but {model.key('num_classes')} "
+                               f"is {model.num_classes}; use [1]")
+    loss = model.loss
     if loss.type == "LabelSmoothLoss" and loss.label_smooth_val is None:
-        raise error(("model", "head", "loss", "label_smooth_val"), "required for LabelSmoothLoss")
-    _check_batch_augments(cfg.model.train_cfg, head, error)
+        raise error(key("loss") + ("label_smooth_val",), "required for LabelSmoothLoss")
+    _check_batch_augments(model.train_cfg, model, error)
     if cfg.default_hooks.checkpoint.save_best is not None:
         _check_metric_name(cfg, ("default_hooks", "checkpoint", "save_best"),
                            cfg.default_hooks.checkpoint.save_best, error, auto=True)
@@ -867,6 +940,19 @@ def _check_config(cfg, error):
     _check_load_best(cfg, error)
 
 
+def _check_resnet(model, pre, error):
+    """ImageClassifier's own rules; mean / std unset are mmcls' defaults (no normalisation)."""
+    channels = stage_widths(RESNET_ARCH[model.backbone.depth][0])[-1]  # the last stage's
+    if model.head.in_channels not in (None, channels):
+        raise error(("model", "head", "in_channels"),
+                    f"{model.head.in_channels} does not match the backbone's output ({channels} "
+                    f"channels); remove it or set {channels}")
+    if pre.mean is None:
+        pre.mean = [0.0, 0.0, 0.0]
+    if pre.std is None:
+        pre.std = [1.0, 1.0, 1.0]
+
+
 def _check_load_best(cfg, error):
     """load_best_model_at_end picks the best of the saved checkpoints by their validation:
     every checkpoint must follow one (TrainingArguments' rule, said in recipe terms)."""
@@ -885,9 +971,9 @@ def _check_load_best(cfg, error):
                            f"({train.val_interval})")
 
 
-def _check_batch_augments(train, head, error):
+def _check_batch_augments(train, model, error):
     where = ("model", "train_cfg")
-    if train.augments and head.multi_label:
+    if train.augments and model.multi_label:
         raise error(where + ("augments",), "Mixup / CutMix need a single-label head")
     if train.probs is None:
         return
@@ -904,7 +990,7 @@ def _check_batch_augments(train, head, error):
 def _check_metric_name(cfg, where, name, error, auto=False):
     """A best-checkpoint metric must be one the evaluations report: the Trainer would raise a
     KeyError at the first one. auto: "auto" (the head's main metric) is allowed too."""
-    known = ["auto"] * auto + reported_names(cfg.topk(), cfg.model.head.multi_label, cfg.single_label_metrics())
+    known = ["auto"] * auto + reported_names(cfg.topk(), cfg.model.multi_label, cfg.single_label_metrics())
     if metric_key(name) not in {metric_key(k) for k in known}:
         per_class = "; per-class values (average null) are lists, not one metric" if "_classwise" in name else ""
         raise error(where, f"{excerpt(name)} is not a metric the evaluators report{did_you_mean(name, known)}"
@@ -991,13 +1077,13 @@ class _Parser:
                     kwargs[name] = self.value(default, hints[name], f.metadata, path + (name,))
         return cls(**kwargs)
 
-    def typed(self, types, value, path):
+    def typed(self, types, value, path, default_type=None):
         if not isinstance(value, dict):
             raise self.error(path, f"expected an object with a 'type', got {describe(value)}")
-        name = value.get("type")
+        name = value.get("type", default_type)
         if name not in types:
             raise self.error(path + ("type",), unknown_message("type", name, types))
-        return self.section(types[name], value, path)
+        return self.section(types[name], {"type": name, **value}, path)
 
     def value(self, value, hint, meta, path):
         if meta.get("listify") and isinstance(value, dict):
@@ -1026,7 +1112,7 @@ class _Parser:
         elif hint is Step:
             result = self.step(value, path)
         elif meta.get("types"):
-            result = self.typed(meta["types"], value, path)
+            result = self.typed(meta["types"], value, path, meta.get("default_type"))
         elif dataclasses.is_dataclass(hint):
             result = self.section(hint, value, path)
         else:
@@ -1218,10 +1304,12 @@ def compat_keys():
             inner = [a for a in typing.get_args(hints[f.name]) if a is not type(None)] or [hints[f.name]]
             if f.metadata.get("compat"):
                 found.append(prefix + f.name)
+            elif f.metadata.get("types"):  # typed sections (model) and list entries (custom_hooks)
+                item = ".N." if typing.get_origin(hints[f.name]) is list else "."
+                for entry in dict.fromkeys(f.metadata["types"].values()):
+                    walk(entry, prefix + f.name + item)
             elif dataclasses.is_dataclass(inner[0]) and inner[0] is not Step:
                 walk(inner[0], prefix + f.name + ".")
-            for entry in f.metadata.get("types", {}).values():  # typed list entries (custom_hooks)
-                walk(entry, prefix + f.name + ".N.")
 
     walk(Config, "")
     return list(dict.fromkeys(found))

@@ -66,6 +66,21 @@ def resnet_layer_depth(model):
     return layer_id, stage4 + 2
 
 
+def layer_depth(model):
+    """(layer_id, number of layers): our ResNet's (mmpretrain's table), or a Hub model's per
+    family (models.hub_classifier.FAMILIES: embeddings 0, each stage or block, then the head)."""
+    from .models import FinetuneResNetForImageClassification
+    from .models.hub_classifier import layer_map
+
+    if isinstance(model, FinetuneResNetForImageClassification):
+        return resnet_layer_depth(model)
+    layers = layer_map(model)
+    if layers is None:
+        raise RecipeError(f"optim_wrapper.paramwise_cfg.layer_decay_rate: {model.config.model_type!r} models have "
+                          f"no layers defined for layer-wise LR decay; remove it (and the constructor)")
+    return layers
+
+
 def param_groups(model, base_lr, weight_decay, paramwise_cfg):
     """Trainable parameters grouped by their (layer, lr, weight decay) after paramwise rules.
 
@@ -85,7 +100,7 @@ def param_groups(model, base_lr, weight_decay, paramwise_cfg):
             module_of[full] = (module, param_name)
 
     decay_rate = paramwise_cfg.layer_decay_rate
-    layer_of, num_layers = resnet_layer_depth(model) if decay_rate is not None else (None, None)
+    layer_of, num_layers = layer_depth(model) if decay_rate is not None else (None, None)
 
     groups = {}
     for name, param in model.named_parameters():

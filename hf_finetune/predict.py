@@ -115,8 +115,13 @@ class Classifier:
         steps = _eval_steps(cfg) if cfg is not None else None
         if steps is not None:
             from hf_finetune.hub.export import load_work_dir_model
+            from hf_finetune.models import load_saved_model
 
-            return cls(load_work_dir_model(source), steps=steps, device=device, rule=cfg.multi_label_decision())
+            # Our ResNet as export loads it; any other classifier (a Hub model's fine-tuning)
+            # through transformers, normalised with the recipe's recorded mean / std.
+            model = load_work_dir_model(source) if cfg.model.type == "ImageClassifier" else \
+                load_saved_model(source, f"model {source!r}", preprocessor_cfg=cfg.data_preprocessor)
+            return cls(model, steps=steps, device=device, rule=cfg.multi_label_decision())
         if not os.path.isfile(os.path.join(source, PROCESSOR_FILE)):
             raise CheckpointError(f"model {source!r}: neither {RECIPE_FILE} (here or in the parent folder) nor "
                                   f"{PROCESSOR_FILE}, so the preprocessing it expects is unknown")

@@ -91,7 +91,7 @@ def train(cfg, resume=None, overwrite=False):
     from hf_finetune.models import build_model
     from hf_finetune.outputs import check_resume_compatible, recorded_seed, save_outputs, save_recipe
     from hf_finetune.training import (build_trainer, evaluate_splits, hub_repo_id, process_state,
-                                      resolve_seed)
+                                      resolve_seed, with_model_preprocessing)
     from transformers import set_seed
     from hf_finetune.workdir import (WorkDirLock, check_fresh_start, disk_full_guard,
                                      remove_interrupted_saves, resume_checkpoint)
@@ -110,6 +110,7 @@ def train(cfg, resume=None, overwrite=False):
         # recorded at once, so a run killed later resumes with it.
         cfg = resolve_seed(cfg, state, recorded_seed(checkpoint)
                            if checkpoint and cfg.randomness.seed is None else None)
+        cfg = with_model_preprocessing(cfg)  # the model's mean / std, recorded in recipe.json
         if state.is_main_process:
             with disk_full_guard(work_dir):
                 save_recipe(work_dir, cfg)
@@ -153,7 +154,7 @@ def evaluate_only(cfg, source="auto"):
     from hf_finetune.data import build_datasets, label_names
     from hf_finetune.models import build_model, load_saved_model
     from hf_finetune.outputs import save_metrics
-    from hf_finetune.training import build_trainer, process_state
+    from hf_finetune.training import build_trainer, process_state, with_model_preprocessing
     from hf_finetune.workdir import eval_source
 
     work_dir = resolved_work_dir(cfg)
@@ -164,7 +165,8 @@ def evaluate_only(cfg, source="auto"):
     with process_state().main_process_first():
         datasets = build_datasets(cfg, splits=("test",))
     if os.path.isdir(source):
-        model = load_saved_model(source, key=f"--eval-only {source}")
+        cfg = with_model_preprocessing(cfg)
+        model = load_saved_model(source, key=f"--eval-only {source}", preprocessor_cfg=cfg.data_preprocessor)
         logger.info("evaluating the model saved in %s%s", source, _step_of(source))
     else:
         model = build_model(cfg.model, cfg.data_preprocessor, dict(enumerate(label_names(datasets))),

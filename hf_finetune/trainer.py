@@ -8,7 +8,7 @@ from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
-from .errors import TrainingError
+from .errors import CheckpointError, TrainingError
 from .metrics import CONFUSION_KEY
 from .optim import build_lr_scheduler, build_optimizer
 
@@ -73,10 +73,18 @@ class FinetuneTrainer(Trainer):
     cfg: the Config; plan: the BatchPlan; loaders: {split: DataloaderCfg}, how each split is
     loaded ("train"; "test" for evaluate(metric_key_prefix="test"), "val" for other evaluations);
     updates_per_epoch: optimizer updates per epoch, the LR schedule's epoch; batch_augments:
-    Mixup / CutMix (augments.BatchAugments), applied to training batches."""
+    Mixup / CutMix (augments.BatchAugments), applied to training batches; loss_fn: the recipe's
+    loss on (logits, labels) for a model that does not compute it itself (a Hub model), else None."""
 
-    def __init__(self, *args, cfg, plan, loaders, updates_per_epoch, batch_augments=None, **kwargs):
+    def __init__(self, *args, cfg, plan, loaders, updates_per_epoch, batch_augments=None, loss_fn=None,
+                 **kwargs):
         super().__init__(*args, **kwargs)
+        self.loss_fn = loss_fn
+        if loss_fn is not None:
+            # Our loss is a mean over the batch, as the ResNet's: the Trainer scales it for gradient
+            # accumulation and passes no loss kwargs (a ViT's forward would count as taking them).
+            self.model_accepts_loss_kwargs = False
+            self.loss_is_scaled_for_ga = False
         self.cfg = cfg
         self.plan = plan
         self.loaders = loaders
@@ -104,6 +112,31 @@ class FinetuneTrainer(Trainer):
         finally:
             if restore is not None:
                 self.remove_callback(restore)
+
+    # Two private Trainer methods overridden: the Trainer reads a checkpoint's weights as a raw state
+    # dict, but transformers 5 saves some families (ViT, DeiT, ...) under their former key names
+    # (save_pretrained's save_original_format), which only from_pretrained maps back; the raw load
+    # then leaves those weights untrained with a warning. Any model but our ResNet (whose keys
+    # are its own) is read through from_pretrained. Checked on transformers 5.24;
+    # tests/test_hub_models.py fails when their signatures change or resuming stops being exact.
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        target = self.accelerator.unwrap_model(model if model is not None else self.model)
+        if _keys_are_its_own(target) or self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        try:
+            target.load_state_dict(type(target).from_pretrained(resume_from_checkpoint, config=target.config)
+                                   .state_dict())
+        except (OSError, ValueError, RuntimeError) as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CheckpointError(f"{resume_from_checkpoint}: its weights do not load into this model ({reason}); "
+                                  f"resume with the recipe that wrote it, or start a new work dir") from None
+        return None
+
+    def _load_best_model(self):
+        if _keys_are_its_own(self.accelerator.unwrap_model(self.model)) or self.is_fsdp_enabled or \
+                self.is_deepspeed_enabled:
+            return super()._load_best_model()
+        return self._load_from_checkpoint(self.state.best_model_checkpoint)
 
     # Data: the pipeline builds each batch tensor itself; the DataLoader only fetches it.
     def _loader(self, dataset, split, batch_size, shuffle, drop_last, train=False):
@@ -182,6 +215,10 @@ class FinetuneTrainer(Trainer):
         if self.batch_augments is not None and model.training:
             pixel_values, targets = self.batch_augments(inputs["pixel_values"], inputs["labels"])
             inputs = {**inputs, "pixel_values": pixel_values, "labels": targets}
+        if self.loss_fn is not None and inputs.get("labels") is not None:
+            outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
+            loss = self.loss_fn(outputs.logits, inputs["labels"])
+            return (loss, outputs) if return_outputs else loss
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     def create_scheduler(self, num_training_steps, optimizer=None):
@@ -223,6 +260,12 @@ class FinetuneTrainer(Trainer):
                 logs["images_per_sec"] = round((seen - self._window[1]) / (now - self._window[0]), 1)
             self._window = (now, seen)
         super().log(logs, start_time)
+
+
+def _keys_are_its_own(model):
+    from .models import FinetuneResNetForImageClassification
+
+    return isinstance(model, FinetuneResNetForImageClassification)
 
 
 def topk_of(cfg, num_classes):

@@ -17,7 +17,7 @@ from accelerate.utils import broadcast_object_list, get_int_from_env
 from transformers import TrainingArguments, set_seed
 
 from . import logs
-from .config import report_to, resolved_work_dir, to_data
+from .config import Step, report_to, resolved_work_dir, to_data
 from .devices import accelerator
 from .errors import RecipeError, TrainingError
 from .metrics import metric_key
@@ -162,8 +162,10 @@ def build_training_args(cfg, plan, steps_per_epoch=1, validate=True):
         save_steps=max(checkpoint.interval, 1) * (steps_per_epoch if ckpt_by_epoch else 1),
         save_total_limit=None if checkpoint.max_keep_ckpts < 0 else checkpoint.max_keep_ckpts,
     )
-    if cfg.model.backbone.with_cp:
-        args["gradient_checkpointing"] = True  # the Trainer calls model.gradient_checkpointing_enable()
+    if cfg.model.with_cp:
+        # The Trainer calls model.gradient_checkpointing_enable(); transformers 5 renames the field.
+        renamed = "activation_checkpointing" in {f.name for f in dataclasses.fields(TrainingArguments)}
+        args["activation_checkpointing" if renamed else "gradient_checkpointing"] = True
     if train.by_epoch:
         args["num_train_epochs"] = train.max_epochs
     else:
@@ -214,7 +216,7 @@ def evaluation_metrics(cfg, num_classes):
     SingleLabelMetric evaluators, or mmpretrain's multi-label metrics."""
     from .metrics import MultiLabelMetrics, SingleLabelMetrics, multilabel_scores, ranked_classes
 
-    if cfg.model.head.multi_label:
+    if cfg.model.multi_label:
         thr, topk = cfg.multi_label_decision()
         return MultiLabelMetrics(thr=thr, topk=topk), multilabel_scores
     topk, rank_k = topk_of(cfg, num_classes)
@@ -228,6 +230,7 @@ def build_trainer(cfg, datasets=None, model=None, callbacks=None):
 
     state = process_state()
     cfg = resolve_seed(cfg, state)
+    cfg = with_model_preprocessing(cfg)
     plan = plan_batches(cfg, state.num_processes)
     set_seed(cfg.randomness.seed)  # model initialisation and data order repeat per seed
     # One process downloads and converts first; the others then read its cache.
@@ -245,8 +248,14 @@ def build_trainer(cfg, datasets=None, model=None, callbacks=None):
     steps = updates_per_epoch(len(datasets["train"]), plan, cfg.train_dataloader.drop_last) \
         if "train" in datasets else 1
     args = build_training_args(cfg, plan, steps, validate="val" in datasets)
+    loss_fn = None
+    if cfg.model.type != "ImageClassifier":
+        from .models.hub_classifier import loss_function
+
+        check_hub_model(model, args, datasets)
+        loss_fn = loss_function(cfg.model, model.config.num_labels)
     model = sync_batchnorm(model, cfg.sync_bn, state.num_processes, accelerator())
-    if cfg.env_cfg.channels_last:
+    if cfg.env_cfg.channels_last and convolutional(model):
         model = model.to(memory_format=torch.channels_last)
     if cfg.env_cfg.cudnn_benchmark:
         torch.backends.cudnn.benchmark = True
@@ -276,6 +285,7 @@ def build_trainer(cfg, datasets=None, model=None, callbacks=None):
         loaders=cfg.dataloaders(),
         updates_per_epoch=steps,
         batch_augments=batch_augments,
+        loss_fn=loss_fn,
     )
     logs.install(trainer, resolved_work_dir(cfg), dict_lines=cfg.log_level.lower() == "debug")
     if cfg.hub.push and cfg.hub.strategy != "end":
@@ -286,6 +296,59 @@ def build_trainer(cfg, datasets=None, model=None, callbacks=None):
     if "train" in datasets:
         log_plan(plan, args, steps, len(datasets["train"]))
     return trainer
+
+
+def with_model_preprocessing(cfg):
+    """cfg with what a Hub model's image processor says where the recipe leaves it unset: the
+    data_preprocessor mean / std (null), and the model's size for every pipeline that fixes
+    no size (a Resize before PackClsInputs). The saved recipe and image processor record it."""
+    from .data.transforms import PIPELINE_STEPS
+    from .hub.processor import pipeline_geometry
+
+    if cfg.model.type == "ImageClassifier":
+        return cfg
+    pre = cfg.data_preprocessor
+    sizeless = {split: section for split, section in cfg.dataloaders().items()
+                if pipeline_geometry(section.dataset.pipeline) is None}
+    if pre.mean is not None and pre.std is not None and not sizeless:
+        return cfg
+    from .models import model_preprocessing
+
+    pre, size = model_preprocessing(cfg.model, pre)
+    cfg = dataclasses.replace(cfg, data_preprocessor=pre)
+    if size is None:
+        return cfg
+    for split, section in sizeless.items():
+        key = f"{split}_dataloader.dataset.pipeline"
+        resize = Step("Resize", {"scale": list(size)},
+                      PIPELINE_STEPS["Resize"].from_config({"type": "Resize", "scale": list(size)}, key))
+        steps = section.dataset.pipeline
+        dataset = dataclasses.replace(section.dataset, pipeline=steps[:-1] + [resize] + steps[-1:])
+        cfg = dataclasses.replace(cfg, **{f"{split}_dataloader": dataclasses.replace(section, dataset=dataset)})
+    return cfg
+
+
+def check_hub_model(model, args, datasets):
+    """Before training: gradient checkpointing is supported, and each split's image size runs."""
+    from .models.hub_classifier import check_input_size
+
+    if args.gradient_checkpointing and not model.supports_gradient_checkpointing:
+        raise RecipeError(f"training_args.gradient_checkpointing: {type(model).__name__} has no gradient "
+                          f"checkpointing in transformers; remove it")
+    seen = set()
+    for split, dataset in datasets.items():
+        if not hasattr(dataset, "__len__") or len(dataset) == 0:
+            continue  # a stream: no first batch to look at before training
+        height, width = dataset[:1]["pixel_values"].shape[-2:]
+        if (height, width) not in seen:
+            seen.add((height, width))
+            check_input_size(model, int(height), int(width), f"{split}_dataloader.dataset.pipeline")
+
+
+def convolutional(model):
+    """Whether channels_last helps: a convolutional network, not a transformer whose only
+    convolution is its patch embedding (ViT, Swin ...)."""
+    return sum(isinstance(m, torch.nn.Conv2d) for m in model.modules()) > 1
 
 
 def sync_batchnorm(model, sync_bn, num_processes, device):

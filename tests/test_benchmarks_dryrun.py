@@ -60,3 +60,20 @@ def test_asking_for_cuda_without_one_is_a_clear_error(gpu_throughput, capsys):
         gpu_throughput.parse_args(["--device", "cuda"])
     assert exc.value.code == 2
     assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_hub_models_dry_run_times_both_families_through_both_loops(tmp_path):
+    """benchmarks/hub_models.py --dry-run: tiny ViT and ConvNeXt, ours interleaved with the bare loop."""
+    spec = importlib.util.spec_from_file_location("hub_models", SCRIPT.parent / "hub_models.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "hub_models.json"
+    threads = torch.get_num_threads()
+    report = module.main(["--dry-run", "--json", str(out)])
+    assert torch.get_num_threads() == threads
+    assert json.loads(out.read_text()) == report
+    assert [r["model"] for r in report["models"]] == ["ViT-S/16 (dry run: tiny)", "ConvNeXt-T (dry run: tiny)"]
+    for r in report["models"]:
+        assert (r["image_size"], r["batch"], r["timed_steps"]) == (32, 4, 2)
+        assert r["ours_s_per_iter"] > 0 and r["bare_s_per_iter"] > 0
+        assert r["ratio"] == pytest.approx(r["bare_s_per_iter"] / r["ours_s_per_iter"])

@@ -1,6 +1,7 @@
 """The README's examples run as printed."""
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -63,3 +64,60 @@ def test_predict_export_and_pipeline_as_printed(tmp_path, monkeypatch):
 def test_compatibility_keys_are_each_named_in_the_readme():
     for key in compat_keys():
         assert f"`{key}`" in README, key
+
+
+HUB_COMMANDS = re.findall(r"^    hf-finetune (recipes/hub_model_finetune\.json .*)$", README, flags=re.M)
+
+
+def seed_hub_cache(cache, repo_id, model_config, processor):
+    """A tiny random stand-in for REPO_ID in a Hub cache laid out as huggingface_hub lays it out,
+    so the README's Hub ids resolve offline."""
+    from transformers import AutoModelForImageClassification
+
+    folder = cache / f"models--{repo_id.replace('/', '--')}"
+    commit = "0" * 40
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text(commit)
+    AutoModelForImageClassification.from_config(model_config).save_pretrained(folder / "snapshots" / commit)
+    processor.save_pretrained(folder / "snapshots" / commit)
+
+
+def test_hub_model_commands_run_as_printed(tmp_path):
+    """Each `hf-finetune recipes/hub_model_finetune.json ...` line, as printed (plus one epoch on
+    a few images), against tiny stand-ins of its Hub models in an offline cache; the timm line,
+    without timm, ends in one line saying to install the extra."""
+    from transformers import ConvNextConfig, ConvNextImageProcessorPil, ViTConfig, ViTImageProcessorPil
+    from transformers.utils import is_timm_available
+
+    assert len(HUB_COMMANDS) == 3
+    cache = tmp_path / "hub_cache"
+    seed_hub_cache(cache, "google/vit-base-patch16-224-in21k",
+                   ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64),
+                   ViTImageProcessorPil())
+    seed_hub_cache(cache, "facebook/convnext-tiny-224",
+                   ConvNextConfig(depths=[1, 1, 1, 1], hidden_sizes=[8, 16, 32, 64]), ConvNextImageProcessorPil())
+    for split, count in (("train", 4), ("val", 2)):
+        for index, name in enumerate(("cat", "dog")):
+            (tmp_path / "my_images" / split / name).mkdir(parents=True)
+            for i in range(count):
+                Image.fromarray(np.full((40, 50, 3), 60 + 100 * index + i, np.uint8)).save(
+                    tmp_path / "my_images" / split / name / f"{i}.jpg")
+    shrink = ["train_cfg.max_epochs=1", "train_cfg.total_batch_size=4", "train_dataloader.num_workers=0",
+              "val_dataloader.num_workers=0", "test_dataloader.num_workers=0"]
+    env = dict(os.environ, HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1")
+    shutil.copytree(ROOT / "recipes", tmp_path / "recipes")
+    for command in HUB_COMMANDS:
+        words = command.split()
+        timm = "model.type=TimmClassifier" in words
+        if timm and is_timm_available():
+            continue  # its stand-in would be a timm model: tests/test_timm.py covers those
+        words += shrink if "--cfg-options" in words else ["--cfg-options", *shrink]
+        result = subprocess.run([sys.executable, "-m", "hf_finetune.run", *words,
+                                 "--work-dir", str(tmp_path / "work_dirs" / str(len(command)))],
+                                cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        if timm:
+            assert result.returncode == 2, result.stderr[-3000:]
+            assert result.stderr.strip().splitlines()[-1].endswith('pip install "hf_finetune[timm]"')
+        else:
+            assert result.returncode == 0, (command, result.stderr[-3000:])
+            assert "test_accuracy_top1" in (tmp_path / "work_dirs" / str(len(command)) / "all_results.json").read_text()

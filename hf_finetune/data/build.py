@@ -29,9 +29,9 @@ def build_datasets(cfg, splits=None) -> datasets.DatasetDict:
     ClassLabel, so `label_names(dd)` reads the class names from the features.
     """
     loader = SourceLoader()
-    head = cfg.model.head
+    model = cfg.model
     splits = {split: _build_split(section.dataset, f"{split}_dataloader.dataset", DEFAULT_SPLITS[split],
-                                  head.num_classes, head.multi_label, loader)
+                                  model.num_classes, model.multi_label, loader)
               for split, section in cfg.dataloaders().items() if splits is None or split in splits}
     return datasets.DatasetDict(splits)
 

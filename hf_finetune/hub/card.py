@@ -17,6 +17,7 @@ import platform
 import re
 from importlib import metadata
 
+from hf_finetune.hub.export import is_hub_model
 from hf_finetune.hub.processor import PROCESSOR_FILE, input_size, processor_dict, read_json, saved_config
 from hf_finetune.metrics import TOPK_PATTERN
 from hf_finetune.models.checkpoints import is_hub_id
@@ -84,40 +85,74 @@ def _call_text(section) -> str:
     return f"{section.type}({args})"
 
 
+def family(config: dict) -> str:
+    """The model's architecture as its config.json names it: 'vit', 'convnext', timm's 'resnet50'."""
+    return config.get("architecture") or config.get("model_type") or "image classifier"
+
+
+def hub_base_model(model_cfg) -> str | None:
+    """The Hub id or folder whose weights a HuggingFaceClassifier / TimmClassifier recipe fine-tunes
+    (None with pretrained false: only the architecture was taken). The card's metadata names it
+    as base_model when it is a Hub id."""
+    name = model_cfg.model_name
+    if model_cfg.type == "TimmClassifier" and "/" not in name and not os.path.exists(name):
+        name = f"timm/{name}"  # a bare timm name is the timm organisation's repo
+    return name if model_cfg.pretrained else None
+
+
+def _hub_model_facts(cfg, config: dict) -> tuple[list, dict]:
+    """(settings rows before the shared ones, facts) of a HuggingFaceClassifier / TimmClassifier recipe."""
+    model = cfg.model
+    weights = "pretrained" if model.pretrained else "architecture only, fresh weights"
+    rows = [("architecture", f"{family(config)} from `{model.model_name}` ({weights})"),
+            ("frozen_stages", model.frozen_stages)]
+    return rows, {"base_checkpoint": hub_base_model(model), "base_prefix": None, "depth": None, "loss": model.loss,
+                  "num_classes": model.num_classes}
+
+
 def recipe_facts(cfg, config: dict) -> dict:
     """What the card says about the run's Config (None when unknown) and the model's config.json."""
     if cfg is None:
         return {"known": False, "license": None, "base_checkpoint": None, "base_prefix": None,
                 "depth": config.get("depth"), "datasets": {"train": {}, "val": {}, "test": {}},
                 "settings": []}
-    backbone, head = cfg.model.backbone, cfg.model.head
-    loss = head.loss.type + (f", label smoothing {head.loss.smoothing()}" if head.loss.smoothing() else "")
+    if hasattr(cfg.model, "model_name"):
+        return _recipe_facts(cfg, config, *_hub_model_facts(cfg, config))
+    backbone, head, pre = cfg.model.backbone, cfg.model.head, cfg.data_preprocessor
+    rows = [("architecture", f"ResNet-{config.get('depth', backbone.depth)}, style={backbone.style}"),
+            ("frozen_stages", backbone.frozen_stages)]
+    init_cfg = backbone.init_cfg
+    facts = {"base_checkpoint": (init_cfg.checkpoint if init_cfg else None) or cfg.load_from,
+             "base_prefix": init_cfg.prefix if init_cfg else None,
+             "depth": config.get("depth") or backbone.depth, "loss": head.loss, "num_classes": head.num_classes,
+             "normalisation": ("normalisation (0-255 scale)",
+                               f"mean={config.get('mean', pre.mean)}, std={config.get('std', pre.std)}, "
+                               f"to_rgb={config.get('to_rgb', pre.to_rgb)}")}
+    return _recipe_facts(cfg, config, rows, facts)
+
+
+def _recipe_facts(cfg, config: dict, rows: list, facts: dict) -> dict:
+    """recipe_facts' part shared by every model type: rows and facts are the model's own."""
+    loss, num_classes, normalisation = facts.pop("loss"), facts.pop("num_classes"), facts.pop("normalisation", None)
+    loss = loss.type + (f", label smoothing {loss.smoothing()}" if loss.smoothing() else "")
     total_batch = cfg.train_cfg.total_batch_size or (cfg.train_dataloader.batch_size if cfg.train_dataloader else None)
-    pre = cfg.data_preprocessor
-    settings = [
-        ("architecture", f"ResNet-{config.get('depth', backbone.depth)}, style={backbone.style}"),
-        ("frozen_stages", backbone.frozen_stages),
-        ("classes", config.get("num_labels") or head.num_classes),
+    settings = rows + [
+        ("classes", config.get("num_labels") or num_classes),
         ("epochs" if cfg.train_cfg.by_epoch else "updates",
          cfg.train_cfg.max_epochs if cfg.train_cfg.by_epoch else cfg.train_cfg.max_iters),
         ("total batch size", total_batch),
         ("optimizer", _call_text(cfg.optim_wrapper.optimizer) if cfg.optim_wrapper else None),
         ("LR schedule", "; ".join(_call_text(s) for s in cfg.param_scheduler) or None),
         ("loss", loss),
-        ("normalisation (0-255 scale)", f"mean={config.get('mean', pre.mean)}, std={config.get('std', pre.std)}, "
-                                        f"to_rgb={config.get('to_rgb', pre.to_rgb)}"),
-    ]
-    init_cfg = backbone.init_cfg
-    return {
-        "known": True,
-        "license": cfg.model_card.license,
-        "base_checkpoint": (init_cfg.checkpoint if init_cfg else None) or cfg.load_from,
-        "base_prefix": init_cfg.prefix if init_cfg else None,
-        "depth": config.get("depth") or backbone.depth,
-        "datasets": {split: dataset_info(cfg, split) for split in ("train", "val", "test")},
-        "settings": settings,
-        "load_best": bool(cfg.training_args.get("load_best_model_at_end")),
-    }
+    ] + ([normalisation] if normalisation else [])
+    return dict(
+        facts,
+        known=True,
+        license=cfg.model_card.license,
+        datasets={split: dataset_info(cfg, split) for split in ("train", "val", "test")},
+        settings=settings,
+        load_best=bool(cfg.training_args.get("load_best_model_at_end")),
+    )
 
 
 # ------------------------------------------------------------------ run environment
@@ -337,7 +372,12 @@ def _metadata(facts, config, results, repo_id, model_name, license):
 
     test_data, val_data = facts["datasets"]["test"], facts["datasets"]["val"]
     hub_datasets = sorted({d["hub_id"] for d in (test_data, val_data) if d.get("hub_id")})
-    tags = ["image-classification", "hf_finetune", "resnet", "vision", "custom_code"]
+    if is_hub_model(config):  # a plain transformers model: its family's tag, no custom code
+        tags = ["image-classification", "hf_finetune", "vision", config["model_type"]]
+        if config["model_type"] == "timm_wrapper":
+            tags += ["timm", family(config)]
+    else:
+        tags = ["image-classification", "hf_finetune", "resnet", "vision", "custom_code"]
     if facts["depth"]:
         tags.append(f"resnet-{facts['depth']}")
     base = facts["base_checkpoint"]
@@ -387,6 +427,9 @@ def _settings_table(facts: dict, processor: dict) -> list[str]:
 
     height, width = input_size(processor)
     rows = facts["settings"] + [("input size", f"{height}x{width}")]
+    if not any(name.startswith("normalisation") for name, _ in rows):  # a Hub model's: its image processor's
+        rows.append(("normalisation (0-1 scale)",
+                     f"mean={processor.get('image_mean')}, std={processor.get('image_std')}"))
     return ["| setting | value |", "|---|---|"] + [f"| {name} | {fmt(value)} |" for name, value in rows]
 
 
@@ -471,8 +514,23 @@ def _environment_lines(environment: dict | None, all_results: dict | None) -> li
     return lines
 
 
-def _usage(repo_id: str | None, work_dir: str, native_subfolder: str | None) -> list[str]:
+def _usage(repo_id: str | None, work_dir: str, native_subfolder: str | None, hub_type: str | None) -> list[str]:
+    """hub_type: a Hub model's model_type (None: our ResNet)."""
     target = repo_id or work_dir
+    if hub_type:
+        return [
+            "## How to use",
+            "",
+            "A plain transformers model (no remote code; needs only `transformers` and `torch`"
+            + (", and `timm`" if hub_type == "timm_wrapper" else "") + "):",
+            "",
+            "```python",
+            "from transformers import pipeline",
+            "",
+            f'classifier = pipeline("image-classification", model="{target}")',
+            'print(classifier("image.png"))',
+            "```",
+        ]
     lines = [
         "## How to use",
         "",
@@ -539,9 +597,11 @@ def write_model_card(work_dir: str, *, repo_id: str | None = None, native_subfol
     train_data, test_data = facts["datasets"]["train"], facts["datasets"]["test"]
     dataset_name = (train_data or test_data).get("name") or "an image dataset"
 
+    what = f"A {family(config)} image classifier" if is_hub_model(config) else \
+        f"ResNet-{facts['depth'] or '?'} image classifier"
     body = [GENERATED_MARKER, "", f"# {repo_id or model_name}", ""]
     body += [
-        f"ResNet-{facts['depth'] or '?'} image classifier fine-tuned on {dataset_name} with hf_finetune, "
+        f"{what} fine-tuned on {dataset_name} with hf_finetune, "
         "the MMClassification fine-tuning recipe on the Hugging Face stack "
         "(`datasets`, `transformers` Trainer, `accelerate`).",
         "",
@@ -609,7 +669,8 @@ def write_model_card(work_dir: str, *, repo_id: str | None = None, native_subfol
         body.append("Not available (confusion_matrix.json missing).")
 
     body += ["", "## Training environment", ""] + _environment_lines(environment, all_results)
-    body += [""] + _usage(repo_id, work_dir, native_subfolder) + [""]
+    hub_type = config["model_type"] if is_hub_model(config) else None
+    body += [""] + _usage(repo_id, work_dir, native_subfolder, hub_type) + [""]
     card_data = _metadata(facts, config, results, repo_id, model_name, license)
     card = ModelCard("---\n" + card_data.to_yaml() + "\n---\n\n" + "\n".join(body))
     path = os.path.join(work_dir, CARD_FILE)

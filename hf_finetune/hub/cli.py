@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from hf_finetune.errors import UserError
@@ -28,14 +29,15 @@ def build_parser() -> argparse.ArgumentParser:
         "command lines are visible to other users",
     )
     push.add_argument("--no-native", dest="include_native", action="store_false",
-                      help="do not upload the native ResNetForImageClassification export")
+                      help="do not upload the native ResNetForImageClassification export (a Hub model's "
+                      "work dir is already native: it has none)")
     push.add_argument("--endpoint", help="Hub URL (default: HF_ENDPOINT)")
 
     export = commands.add_parser(
         "export",
         help="export a work dir as a standard transformers model",
-        description="Write a ResNetForImageClassification checkpoint + image processor config that load "
-        "without hf_finetune or remote code.",
+        description="Write a plain transformers checkpoint (our ResNet as ResNetForImageClassification, a Hub "
+        "model as itself) + image processor config that load without hf_finetune or remote code.",
     )
     export.add_argument("work_dir", help="the training output folder")
     export.add_argument("out_dir", help="folder to write the exported model to")
@@ -63,9 +65,11 @@ def main(argv=None) -> int:
             print(f"pushed {args.work_dir} to {args.repo_id}: {url}")
         else:
             from hf_finetune.hub.export import export_transformers
+            from hf_finetune.hub.processor import read_json
 
-            export_transformers(args.work_dir, args.out_dir)
-            print(f"exported {args.work_dir} to {args.out_dir} (transformers ResNetForImageClassification)")
+            out_dir = export_transformers(args.work_dir, args.out_dir)
+            (architecture,) = read_json(os.path.join(out_dir, "config.json"))["architectures"]
+            print(f"exported {args.work_dir} to {out_dir} (transformers {architecture})")
         return 0
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -1,16 +1,19 @@
-"""Native export: a work dir's model as a plain transformers ResNetForImageClassification.
+"""Native export: a work dir's model as a plain transformers image classifier.
 
-Our model is transformers' ResNetModel (`backbone.*`) + a linear head (`head.fc.*`); the
+Our ResNet is transformers' ResNetModel (`backbone.*`) + a linear head (`head.fc.*`); the
 native class is the same ResNetModel (`resnet.*`) + Sequential(Flatten, Linear)
-(`classifier.1.*`). So the export is a key rename plus the backbone's own ResNetConfig;
-the result loads with AutoModelForImageClassification / pipeline("image-classification")
-and no remote code.
+(`classifier.1.*`). So its export is a key rename plus the backbone's own ResNetConfig.
+A Hub model's work dir (HuggingFaceClassifier / TimmClassifier recipes) already holds a plain
+transformers model: its export is that model and its image processor, nothing else of the
+work dir. Either result loads with AutoModelForImageClassification /
+pipeline("image-classification") and no remote code.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 
 from hf_finetune.errors import CheckpointError
 from hf_finetune.hub.processor import PROCESSOR_FILE, processor_dict, read_json, save_image_processor, saved_config
@@ -18,6 +21,7 @@ from hf_finetune.hub.processor import PROCESSOR_FILE, processor_dict, read_json,
 logger = logging.getLogger("hf_finetune.hub")
 
 FIRST_CONV = "resnet.embedder.embedder.convolution.weight"
+RESNET_MODEL_TYPE = "finetune_resnet"  # FinetuneResNetConfig.model_type (read here without importing the model)
 KEY_MAP = (("backbone.", "resnet."), ("head.fc.", "classifier.1."))
 
 
@@ -101,14 +105,61 @@ def _check_same_outputs(ours, native, processor: dict) -> None:
         raise CheckpointError(f"native export does not reproduce the model (max logit difference {difference:.3g})")
 
 
-def export_transformers(work_dir: str, out_dir: str) -> str:
-    """Write OUT_DIR: ResNetForImageClassification weights + config.json + preprocessor_config.json.
+def is_hub_model(config: dict) -> bool:
+    """config.json is a plain transformers model's (a HuggingFaceClassifier / TimmClassifier run),
+    not our ResNet's (remote code); an empty one reads as ours."""
+    return (config.get("model_type") or RESNET_MODEL_TYPE) != RESNET_MODEL_TYPE
 
-    Returns out_dir. The exported model gives the same logits as ours on the same images.
+
+def is_resnet_work_dir(work_dir: str) -> bool:
+    """The work dir holds our ResNet, not a plain transformers model from the Hub."""
+    return not is_hub_model(read_json(os.path.join(work_dir, "config.json")) or {})
+
+
+def export_hub_model(work_dir: str, out_dir: str) -> str:
+    """A Hub model's work dir -> OUT_DIR: the model as transformers saves it + the work dir's
+    image processor. Loaded first as anyone will load it (plain from_pretrained, no remote
+    code), so what is written is known to load; the weights are checked finite before that."""
+    from transformers import AutoModelForImageClassification
+
+    from hf_finetune.models.checkpoints import verify_weights
+
+    config = read_json(os.path.join(work_dir, "config.json")) or {}
+    if config.get("auto_map"):
+        raise CheckpointError(f"the model in {work_dir!r} runs code from its folder (auto_map in config.json); "
+                              "export writes only models that load without remote code")
+    processor = os.path.join(work_dir, PROCESSOR_FILE)
+    if not os.path.isfile(processor):
+        raise CheckpointError(f"work dir {work_dir!r} has no {PROCESSOR_FILE} (written when training ends), so "
+                              "the preprocessing the model expects is unknown")
+    verify_weights(work_dir, key=work_dir)
+    try:
+        model = AutoModelForImageClassification.from_pretrained(work_dir)
+    except (ImportError, OSError, ValueError, RuntimeError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        timm = ' (a timm model needs timm: pip install "hf_finetune[timm]")' if isinstance(exc, ImportError) else ""
+        raise CheckpointError(f"cannot load the model saved in {work_dir!r}: {reason}{timm}") from None
+    os.makedirs(out_dir, exist_ok=True)
+    model.save_pretrained(out_dir)
+    # The file itself, not the class's save_pretrained: the processor class may be one that
+    # does not save itself (timm's keeps its settings in config.json).
+    shutil.copyfile(processor, os.path.join(out_dir, PROCESSOR_FILE))
+    logger.info("exported %s as a transformers %s to %s", work_dir, type(model).__name__, out_dir)
+    return out_dir
+
+
+def export_transformers(work_dir: str, out_dir: str) -> str:
+    """Write OUT_DIR: a plain transformers model (weights + config.json) + preprocessor_config.json.
+
+    Returns out_dir. Our ResNet becomes a ResNetForImageClassification that gives the same
+    logits as ours on the same images; a Hub model is written as it is (export_hub_model).
     """
     from transformers import ResNetForImageClassification
 
     work_dir, out_dir = str(work_dir), str(out_dir)
+    check_work_dir(work_dir)
+    if not is_resnet_work_dir(work_dir):
+        return export_hub_model(work_dir, out_dir)
     ours = load_work_dir_model(work_dir)
     native = ResNetForImageClassification(native_config(ours)).eval()
     state_dict = rename_state_dict(ours.state_dict(), to_rgb=bool(getattr(ours.config, "to_rgb", False)))

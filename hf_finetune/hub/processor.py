@@ -8,12 +8,18 @@ The class is transformers' ViTImageProcessor: plain resize / center-crop / resca
 normalise, understood by every transformers release. Without torchvision (never installed
 here) AutoImageProcessor picks its PIL backend; with torchvision it picks the torchvision
 one, which does the same operations.
+
+A timm model's folder is the exception: AutoImageProcessor reads a timm_wrapper folder's
+preprocessing from config.json's `pretrained_cfg` (TimmWrapperImageProcessor, timm's own
+transforms) and never its preprocessor_config.json. So for those the same preprocessing is
+also written there, in timm's terms (timm_preprocessing).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 
 logger = logging.getLogger("hf_finetune.hub")
@@ -25,6 +31,7 @@ DEFAULT_SIZE = 224
 # PIL resample codes for the pipeline's Resize interpolation. Upscaling (CIFAR 32 -> 224)
 # gives the same pixels as the pipeline's tensor resize; PIL antialiases when downscaling.
 PIL_RESAMPLE = {"bilinear": 2, "nearest": 0, "bicubic": 3}
+TIMM_MODEL_TYPE = "timm_wrapper"
 
 
 def pipeline_geometry(steps) -> dict | None:
@@ -150,7 +157,46 @@ def write_image_processor_config(work_dir_or_out_dir: str, config=None, cfg=None
         config = read_json(os.path.join(directory, "config.json")) or {}
     if cfg is None:
         cfg = saved_config(directory)
-    return save_image_processor(processor_dict(config, cfg), directory)
+    processor = processor_dict(config, cfg)
+    if _config_dict(config).get("model_type") == TIMM_MODEL_TYPE and os.path.isfile(
+            os.path.join(directory, "config.json")):
+        write_timm_preprocessing(processor, directory)  # where AutoImageProcessor reads a timm model's
+    return save_image_processor(processor, directory)
+
+
+def timm_preprocessing(processor: dict) -> dict:
+    """The pretrained_cfg keys with which timm's evaluation transform (transforms_imagenet_eval:
+    resize to floor(input_size / crop_pct), center crop input_size, normalise) does what
+    `processor` (a processor_dict) does. Exact for a shortest-edge resize and a square crop,
+    and for a resize to (height, width) whose crop keeps the aspect ratio; otherwise the
+    nearest timm has (said in a warning)."""
+    height, width = input_size(processor)
+    size = processor["size"]
+    if "shortest_edge" in size:
+        mode, target = "center", size["shortest_edge"]  # timm resizes the short side when the crop is square
+        exact = height == width and processor["do_center_crop"]  # timm always crops
+    else:
+        mode, target = "squash", size["height"]  # timm resizes to (height, width) / crop_pct
+        exact = size["height"] * width == size["width"] * height
+    if not exact:
+        logger.warning("timm's evaluation transform cannot reproduce a resize to %s and a %dx%d crop exactly; "
+                       "the timm model's config.json has the nearest", size, height, width)
+    crop_pct = height / target
+    while math.floor(height / crop_pct) < target:  # timm floors height / crop_pct: land on target itself
+        crop_pct = math.nextafter(crop_pct, 0.0)
+    interpolation = {code: name for name, code in PIL_RESAMPLE.items()}[processor["resample"]]
+    return {"input_size": [3, height, width], "crop_pct": crop_pct, "crop_mode": mode, "interpolation": interpolation,
+            "mean": list(processor["image_mean"]), "std": list(processor["image_std"])}
+
+
+def write_timm_preprocessing(processor: dict, directory: str) -> None:
+    """Put timm_preprocessing(processor) into DIRECTORY/config.json's pretrained_cfg (atomically)."""
+    from hf_finetune.workdir import dump_json
+
+    path = os.path.join(directory, "config.json")
+    config = read_json(path)
+    config["pretrained_cfg"] = {**(config.get("pretrained_cfg") or {}), **timm_preprocessing(processor)}
+    dump_json(config, path)
 
 
 def save_image_processor(processor: dict, directory: str) -> str:

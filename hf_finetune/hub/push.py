@@ -15,9 +15,9 @@ import os
 import shlex
 import tempfile
 
-from hf_finetune.errors import UserError
+from hf_finetune.errors import CheckpointError, UserError
 from hf_finetune.hub.card import CARD_FILE, NATIVE_SUBFOLDER, is_generated_card, write_model_card
-from hf_finetune.hub.export import check_work_dir, export_transformers
+from hf_finetune.hub.export import check_work_dir, export_transformers, is_hub_model, is_resnet_work_dir
 from hf_finetune.hub.processor import PROCESSOR_FILE, read_json, saved_config, write_image_processor_config
 
 logger = logging.getLogger("hf_finetune.hub")
@@ -82,6 +82,9 @@ def prepare_work_dir(work_dir: str, *, repo_id: str | None = None, native_subfol
     card without the generated marker is the user's and is kept as is.
     """
     if not os.path.exists(os.path.join(work_dir, PROCESSOR_FILE)):
+        if not is_resnet_work_dir(work_dir):  # a Hub model's comes from its own image processor
+            raise CheckpointError(f"work dir {work_dir!r} has no {PROCESSOR_FILE} (written when training ends), "
+                                  "so the preprocessing the model expects is unknown")
         write_image_processor_config(work_dir)
     card = os.path.join(work_dir, CARD_FILE)
     if not os.path.exists(card) or is_generated_card(card):
@@ -225,12 +228,14 @@ def push_work_dir(
     Uploads the final model (model.safetensors, config.json with auto_map, the two model
     .py files), preprocessor_config.json, recipe.json, all_results.json, trainer_state.json,
     the card and its PNGs; with include_native, the ResNetForImageClassification export
-    under native/. Checkpoints and training_args.bin stay local.
+    under native/ (a Hub model's work dir is a plain transformers model already: no native/).
+    Checkpoints and training_args.bin stay local.
     """
     work_dir = str(work_dir)
     check_work_dir(work_dir)
     retry = retry_command(work_dir, repo_id, private=private, include_native=include_native, endpoint=endpoint)
-    prepare_work_dir(work_dir, repo_id=repo_id, native_subfolder=NATIVE_SUBFOLDER if include_native else None)
+    native = include_native and is_resnet_work_dir(work_dir)
+    prepare_work_dir(work_dir, repo_id=repo_id, native_subfolder=NATIVE_SUBFOLDER if native else None)
     token = resolve_token(token)
     files = work_dir_files(work_dir)
 
@@ -240,7 +245,7 @@ def push_work_dir(
         raise push_failure(OFFLINE_REASON, source=work_dir, repo_id=repo_id, token=token, retry=retry,
                            endpoint=(endpoint or constants.ENDPOINT).rstrip("/"))
     with tempfile.TemporaryDirectory(prefix="hf_finetune_native_") as native_dir:
-        if include_native:
+        if native:
             export_transformers(work_dir, native_dir)
             for name in sorted(os.listdir(native_dir)):
                 files[f"{NATIVE_SUBFOLDER}/{name}"] = os.path.join(native_dir, name)
@@ -288,7 +293,10 @@ def push_checkpoint(
     retry = retry_command(work_dir, repo_id, private=private, endpoint=endpoint)
     with tempfile.TemporaryDirectory(prefix="hf_finetune_push_") as tmp:
         config = read_json(files["config.json"]) if "config.json" in files else {}
-        files[PROCESSOR_FILE] = write_image_processor_config(tmp, config, saved_config(work_dir))
+        if not is_hub_model(config):
+            files[PROCESSOR_FILE] = write_image_processor_config(tmp, config, saved_config(work_dir))
+        elif os.path.isfile(os.path.join(work_dir, PROCESSOR_FILE)):  # a Hub model's, saved with the run
+            files[PROCESSOR_FILE] = os.path.join(work_dir, PROCESSOR_FILE)
         return upload_files(repo_id, files, token=token, private=private, endpoint=endpoint,
                             commit_message=commit_message or f"Training in progress: {name}",
                             retry=retry, source=checkpoint_dir)

@@ -1,4 +1,5 @@
-"""The model: recipe `model` + `data_preprocessor` sections -> FinetuneResNetForImageClassification.
+"""The model: recipe `model` + `data_preprocessor` sections -> FinetuneResNetForImageClassification
+(model.type ImageClassifier), or a transformers image classifier from the Hub (hub_classifier.py).
 
 Importing this package registers the model with AutoConfig / AutoModelForImageClassification
 (locally) and for `auto_map` (so save_pretrained ships the two self-contained code files).
@@ -7,6 +8,7 @@ Importing this package registers the model with AutoConfig / AutoModelForImageCl
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 
 from transformers import AutoConfig, AutoModelForImageClassification
@@ -15,6 +17,7 @@ from hf_finetune.errors import CheckpointError, RecipeError
 
 from .checkpoints import LoadReport, load_checkpoint_file, load_pretrained, to_transformers_state_dict, verify_weights
 from .configuration_finetune_resnet import FinetuneResNetConfig
+from .hub_classifier import build_hub_model, load_hub_folder, model_preprocessing
 from .modeling_finetune_resnet import FinetuneResNetForImageClassification
 
 AutoConfig.register(FinetuneResNetConfig.model_type, FinetuneResNetConfig, exist_ok=True)
@@ -63,7 +66,17 @@ def build_config(model_cfg, preprocessor_cfg, id2label=None) -> FinetuneResNetCo
 
 def build_model(model_cfg, preprocessor_cfg, id2label=None, load_from=None, load_key="load_from"):
     """The classifier; init_cfg loads the backbone, then load_from the whole model
-    (load_key names where that path came from, for error messages)."""
+    (load_key names where that path came from, for error messages). A Hub model
+    (HuggingFaceClassifier / TimmClassifier) comes whole from model_cfg.model_name."""
+    if model_cfg.type != "ImageClassifier":
+        if load_from:
+            raise RecipeError(f"{load_key}: a weights file does not load into a {model_cfg.type}; pass the "
+                              f"folder it was saved in (a work dir or checkpoint-N)")
+        if id2label is None:
+            if model_cfg.num_classes is None:
+                raise RecipeError("model.num_classes: needed to build the model without a dataset")
+            id2label = {i: str(i) for i in range(model_cfg.num_classes)}
+        return build_hub_model(model_cfg, preprocessor_cfg, {int(k): str(v) for k, v in id2label.items()})
     model = FinetuneResNetForImageClassification(build_config(model_cfg, preprocessor_cfg, id2label))
     init_cfg = model_cfg.backbone.init_cfg
     if init_cfg is not None:
@@ -75,13 +88,25 @@ def build_model(model_cfg, preprocessor_cfg, id2label=None, load_from=None, load
     return model
 
 
-def load_saved_model(folder, key):
+def load_saved_model(folder, key, preprocessor_cfg=None):
     """A model saved with save_pretrained (a work dir or checkpoint folder), its weights read
-    without running code from them and checked finite first."""
-    if not os.path.isfile(os.path.join(folder, "config.json")):
+    without running code from them and checked finite first. Any image classifier other than
+    ours loads through AutoModelForImageClassification without remote code, normalising uint8
+    input with preprocessor_cfg's mean / std (else the folder's preprocessor_config.json)."""
+    config_file = os.path.join(folder, "config.json")
+    if not os.path.isfile(config_file):
         raise CheckpointError(f"{key}: no config.json there (not a saved model)")
     verify_weights(folder, key=key)
-    return FinetuneResNetForImageClassification.from_pretrained(folder)
+    try:
+        with open(config_file, encoding="utf-8") as f:
+            model_type = json.load(f).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        raise CheckpointError(f"{key}: config.json there is not readable JSON") from None
+    if model_type == FinetuneResNetConfig.model_type:
+        return FinetuneResNetForImageClassification.from_pretrained(folder)
+    pre = preprocessor_cfg
+    return load_hub_folder(folder, key, mean=pre.mean if pre else None, std=pre.std if pre else None,
+                           to_rgb=pre.to_rgb if pre else False)
 
 
 def _plain(section):
@@ -96,6 +121,7 @@ __all__ = [
     "build_config",
     "build_model",
     "load_saved_model",
+    "model_preprocessing",
     "load_checkpoint_file",
     "load_pretrained",
     "to_transformers_state_dict",
