@@ -91,11 +91,15 @@ def test_every_local_source_yields_the_same_images_and_labels(copies):
                 np.testing.assert_array_equal(labels, truth[split][1], err_msg=name)
 
 
-def test_imagefolder_without_split_folders(tmp_path, cache):
+def test_imagefolder_without_split_folders_is_split_not_shared(tmp_path, cache):
+    # Class folders only: train and test are disjoint (val_split 0.15 held out, at least one image per
+    # class of 3), together every image; no longer the same images for every split.
     write_imagefolder(tmp_path / "flat", N_TRAIN, N_TEST, seed=0, split_dirs=False)
     dd = build_datasets(recipe(train=cifar(tmp_path / "flat"), test=cifar(tmp_path / "flat", "test")))
-    assert len(dd["train"]) == len(dd["test"]) == N_TRAIN
-    assert as_multiset(*images_of(dd["train"])) == as_multiset(*synthetic_arrays(N_TRAIN, 0, "train"))
+    assert (len(dd["train"]), len(dd["test"])) == (20, 10)
+    train, test = as_multiset(*images_of(dd["train"])), as_multiset(*images_of(dd["test"]))
+    assert not set(train) & set(test)
+    assert sorted(train + test) == as_multiset(*synthetic_arrays(N_TRAIN, 0, "train"))
 
 
 def test_conversion_cached_and_reused(tmp_path, cache):
