@@ -14,7 +14,7 @@ from ..recipe import did_you_mean, is_int
 from .decode import decode_image
 from .labels import label_layout, num_label_classes
 from .labels import label_names as feature_label_names
-from .sources import ACCEPTED_FORMATS, SourceLoader
+from .sources import ACCEPTED_FORMATS, SourceLoader, find_local_copy
 from .transforms import ROW_COLUMN, BatchTransform
 
 logger = logging.getLogger(__name__)
@@ -40,17 +40,34 @@ def build_datasets(cfg, splits=None) -> datasets.DatasetDict:
             built[split] = _build_split(section.dataset, f"{split}_dataloader.dataset", DEFAULT_SPLITS[split],
                                         head.num_classes, head.multi_label, loader, held_out, reference)
             reference = reference or _class_names(built[split])
-            logger.info("%s: %s", split, describe_counts(split_counts(built[split])))
     return datasets.DatasetDict(built)
+
+
+def preview_counts(cfg) -> list[str]:
+    """'<split>: <counts> from <source>' for each split read from a local image folder (its index is
+    built, or reused); other sources are counted when training loads them."""
+    loader, held_out, lines = SourceLoader(), _held_out(cfg), []
+    for split, section in cfg.dataloaders().items():
+        dataset = section.dataset
+        root = Path(dataset.data_root).expanduser() if getattr(dataset, "data_root", None) else None
+        try:
+            found = find_local_copy(root) if root else None
+        except DataError:
+            found = None  # not an image folder: training says what is wrong with it
+        if found and found[0] == "imagefolder":
+            key = f"{split}_dataloader.dataset"
+            ds, source = _load_source(dataset, key, dataset.split or DEFAULT_SPLITS[split], loader, held_out)
+            lines.append(f"{split}: {describe_counts(split_counts(ds, dataset.label_column))} from {source}")
+    return lines
 
 
 def _held_out(cfg) -> tuple[Path, float] | None:
     """(folder, val_split) when the training set comes from a local folder: an image folder there
     without val images is split, so no other split reads the training images."""
-    train = cfg.train_dataloader
-    if train is None or not getattr(train.dataset, "data_root", None):
+    dataset = cfg.train_dataloader.dataset if cfg.train_dataloader else None
+    if dataset is None or not getattr(dataset, "data_root", None) or not hasattr(dataset, "val_split"):
         return None
-    return Path(train.dataset.data_root).expanduser().resolve(), train.dataset.val_split
+    return Path(dataset.data_root).expanduser().resolve(), dataset.val_split
 
 
 def _class_names(ds) -> list[str] | None:
@@ -58,12 +75,13 @@ def _class_names(ds) -> list[str] | None:
     return list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
 
 
-def split_counts(ds) -> dict:
-    """{"images": N, "classes": {name: N, ...}} of a built single-label split ({"images": N} otherwise)."""
-    names = _class_names(ds)
-    if names is None:
+def split_counts(ds, label_column: str = LABEL) -> dict:
+    """{"images": N, "classes": {name: N, ...}} of a single-label split ({"images": N} otherwise)."""
+    feature = ds.features[label_column]
+    if not isinstance(feature, datasets.ClassLabel):
         return {"images": len(ds)}
-    counts = np.bincount(np.asarray(ds.with_format("arrow")[LABEL].to_numpy()), minlength=len(names))
+    names = feature.names
+    counts = np.bincount(np.asarray(ds.with_format("arrow")[label_column].to_numpy()), minlength=len(names))
     return {"images": len(ds), "classes": {name: int(n) for name, n in zip(names, counts)}}
 
 
@@ -130,6 +148,7 @@ def _build_split(cfg, key: str, default_split: str, num_classes: int, multi_labe
                                on_corrupt=cfg.on_corrupt,
                                multi_label_classes=len(names) if multi_label else None, class_names=names)
     ds.set_transform(transform, columns=[IMAGE, LABEL, ROW_COLUMN])
+    logger.info("%s: %s from %s", key.split("_dataloader")[0], describe_counts(split_counts(ds)), source)
     return ds
 
 

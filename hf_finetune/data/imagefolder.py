@@ -94,6 +94,11 @@ def images_under(folder: str, ancestors: frozenset = frozenset()):
             yield entry.path, st.st_size, st.st_mtime_ns
 
 
+def _above(root: Path, folder: Path) -> frozenset:
+    """The folders above a class folder, which a link inside it must not lead back to."""
+    return frozenset({_identity(str(root)), _identity(str(folder))})
+
+
 def _subfolders(folder: Path) -> list[os.DirEntry]:
     return [e for e in _entries(str(folder)) if _is_dir(e)]
 
@@ -128,14 +133,14 @@ def fingerprint(root: Path, version: int) -> str:
     """
     digest = hashlib.sha256(f"{version}\0{root.resolve()}\n".encode())
     for split, folder in layout(root).items():
-        loose, prefix = 0, len(str(folder)) + 1
+        loose, prefix, above = 0, len(str(folder)) + 1, _above(root, folder)
         for entry in _entries(str(folder)):
             if not _is_dir(entry):
                 loose += os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS
                 continue
             digest.update(f"{split}\0{entry.name}\n".encode())
             count = 0
-            for path, size, mtime in images_under(entry.path):
+            for path, size, mtime in images_under(entry.path, above):
                 digest.update(f"{path[prefix:]}\0{size}\0{mtime}\n".encode())
                 count += 1
             if count == 0:
@@ -176,10 +181,10 @@ def write_index(root: Path, target: Path) -> list[str]:
                                              "key": pa.array(keys, pa.uint64())}))
                 paths.clear(), labels.clear(), keys.clear()
 
-        prefix = len(str(folder)) + 1
+        prefix, above = len(str(folder)) + 1, _above(root, folder)
         for class_folder in _subfolders(folder):
             label = classes.index(class_folder.name)
-            for path, _, _ in images_under(class_folder.path):
+            for path, _, _ in images_under(class_folder.path, above):
                 paths.append(os.path.abspath(path))
                 labels.append(label)
                 keys.append(_split_key(path[prefix:]))

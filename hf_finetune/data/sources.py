@@ -26,7 +26,6 @@ import socket
 import threading
 import urllib.request
 import uuid
-import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
@@ -218,8 +217,8 @@ def _imagefolder_splits(index: datasets.DatasetDict, description: str,
     names = ds.features["label"].names
     if singles:
         shown = ", ".join(repr(names[i]) for i in singles[:10]) + (", ..." if len(singles) > 10 else "")
-        warnings.warn(f"{description}: {len(singles)} class(es) have a single image ({shown}); it is used for "
-                      f"training only, so validation has none of them", stacklevel=3)
+        logger.warning("%s: %d class(es) have a single image (%s); it is used for training only, so validation "
+                       "has none of them", description, len(singles), shown)
     where = f"{description}{'' if base == imagefolder.WHOLE else ', split folder ' + repr(base)}"
     parts["train"] = (ds.select(train), f"{where}, split 'train' ({len(train)} of its {len(ds)} images; "
                                         f"val_split {val_split} holds out the rest, stratified by class)")
@@ -408,8 +407,8 @@ class SourceLoader:
                                 f"(set {key}.split; split folders are named train, val, validation or test)")
             ds, description = parts[name]
             if val_split == 0 and name in ("val", "test") and name not in index:
-                warnings.warn(f"{key}: val_split is 0, so {description}: its accuracy measures fit, not "
-                              f"generalisation", stacklevel=2)
+                logger.warning("%s: val_split is 0, so %s: its accuracy measures fit, not generalisation",
+                               key, description)
             return ds, description, True
         else:
             loaded = self._once((kind, str(path.resolve())), lambda: _convert_batches(kind, path))
