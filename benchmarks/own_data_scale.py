@@ -19,7 +19,7 @@ Goals (issue 21): RSS at the largest size within 100 MB of the smallest; cache <
 first batch no slower than load_dataset("imagefolder"); the 100k-file index in <= 10 s on one core.
 
 Generation is fast: a few photo-like images encoded once, each file one of them with its own JPEG comment
-segment (different bytes, same pixels). It needs disk: about 1.2 GB at 20k photos; everything is written
+segment (different bytes, same pixels). It needs disk: about 0.8 GB at 20k photos; everything is written
 under --work (default: a temporary folder in /tmp) and deleted at the end.
 
 Run: python benchmarks/own_data_scale.py [--sizes 2000 20000] [--index-files 100000] [--json report.json]

@@ -5,6 +5,7 @@ import builtins
 import json
 import logging
 import os
+import shutil
 import warnings
 
 import numpy as np
@@ -226,10 +227,14 @@ def test_missing_split_names_what_is_there(tmp_path):
         build_datasets(recipe(train=dataset(tmp_path / "data", "train"), val=dataset(tmp_path / "data", "val")))
 
 
-def test_counts_in_print_recipe_and_the_model_card(tmp_path, capsys):
-    root = write_folder(tmp_path / "photos", {"cat": 10, "dog": 10})
-    assert main([os.path.join(REPO, "recipes", "imagefolder_finetune.json"), "--data-root", str(root),
-                 "--print-recipe"]) == 0
+def test_counts_in_print_recipe_as_the_readme_prints_it_and_in_the_model_card(tmp_path, capsys, monkeypatch):
+    root = write_folder(tmp_path / "my_images", {"cat": 10, "dog": 10})
+    shutil.copytree(os.path.join(REPO, "recipes"), tmp_path / "recipes")
+    monkeypatch.chdir(tmp_path)
+    command = "recipes/imagefolder_finetune.json --data-root my_images/ --print-recipe"
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as readme:
+        assert f"hf-finetune {command}" in readme.read()
+    assert main(command.split()) == 0
     out, err = capsys.readouterr()
     assert json.loads(out)["train_dataloader"]["dataset"]["val_split"] == 0.15
     assert "# train: 16 images, 2 classes (cat 8, dog 8) from image folder" in err
