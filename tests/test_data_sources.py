@@ -236,6 +236,29 @@ def test_hub_cifar10_is_reencoded_once(tmp_path, cache, monkeypatch):
     assert dd["train"][[0]]["pixel_values"].dtype == torch.uint8
 
 
+def test_hub_reencoding_streams_batches_into_the_cache(tmp_path, cache, monkeypatch):
+    """No whole split in a Python list: rows go to the Arrow writer a batch at a time, and the split
+    is memory-mapped from our cache folder (not copied again by save_to_disk)."""
+    images, labels = synthetic_arrays(2500, 0, "train")
+    features = datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(names=list(CIFAR10_CLASSES))})
+    hub = datasets.DatasetDict({"train": datasets.Dataset.from_dict(
+        {"img": [{"bytes": encode_png(a), "path": None} for a in images], "label": labels.tolist()},
+        features=features)})
+    monkeypatch.setattr(sources, "load_hub_dataset", lambda *args: hub)
+    written = []
+    real_write_batch = sources.ArrowWriter.write_batch
+
+    def write_batch(self, batch, *args, **kwargs):
+        written.append(len(batch["img"]))
+        return real_write_batch(self, batch, *args, **kwargs)
+
+    monkeypatch.setattr(sources.ArrowWriter, "write_batch", write_batch)
+    ds = build_datasets(recipe(train=cifar(tmp_path / "none")))["train"]
+    assert written == [1000, 1000, 500]
+    assert ds.cache_files[0]["filename"].startswith(str(cache / "hf_finetune" / "hub-reencoded-"))
+    np.testing.assert_array_equal(images_of(ds)[0][-3:], images[-3:])
+
+
 def test_hub_download_of_large_images_is_not_reencoded(tmp_path, cache, monkeypatch):
     big = np.random.default_rng(0).integers(0, 256, (3, 80, 80, 3), dtype=np.uint8)
     features = datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(names=list(CIFAR10_CLASSES))})
