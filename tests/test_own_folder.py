@@ -157,7 +157,8 @@ def test_class_folders_only_are_split_stratified_and_never_shared(tmp_path, capl
     assert [per_class(train, c) for c in ("cat", "dog", "emu", "yak")] == [17, 6, 1, 1]
     assert "1 class(es) have a single image ('yak'); it is used for training only" in caplog.text
     # The training log states the counts per split and class.
-    assert "train: 25 images, 4 classes (cat 17, dog 6, emu 1, yak 1) from image folder" in caplog.text
+    assert "photos: 25 images for training, 5 held out for validation (val_split 0.15, stratified" in caplog.text
+    assert "train: 25 images, 4 classes (cat 17, dog 6, emu 1, yak 1)" in caplog.text
     assert "val: 5 images, 4 classes (cat 3, dog 1, emu 1, yak 0)" in caplog.text
     # Deterministic: the same split in a new build, and adding images moves none of the others.
     assert rows(build_datasets(cfg)["val"]) == rows(dd["val"])

@@ -148,7 +148,7 @@ def _build_split(cfg, key: str, default_split: str, num_classes: int, multi_labe
                                on_corrupt=cfg.on_corrupt,
                                multi_label_classes=len(names) if multi_label else None, class_names=names)
     ds.set_transform(transform, columns=[IMAGE, LABEL, ROW_COLUMN])
-    logger.info("%s: %s from %s", key.split("_dataloader")[0], describe_counts(split_counts(ds)), source)
+    logger.info("%s: %s", key.split("_dataloader")[0], describe_counts(split_counts(ds)))
     return ds
 
 

@@ -228,6 +228,8 @@ def _imagefolder_splits(index: datasets.DatasetDict, description: str,
     else:
         held = (ds, f"{where}, split 'val' is every training image")
     parts["val"] = parts["test"] = held
+    logger.info("%s: %d images for training, %d held out for validation (val_split %s, stratified by class)",
+                where, len(train), len(val), val_split)
     return parts
 
 
