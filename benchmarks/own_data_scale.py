@@ -210,21 +210,23 @@ def goals(report: dict) -> dict:
     growth = large["ours"]["max_rss_mb"] - small["ours"]["max_rss_mb"]
     cache = max(entry["ours"]["cache_fraction"] for entry in sizes.values())
     slower = max(entry["ours"]["first_batch_s"] / entry["theirs"]["first_batch_s"] for entry in sizes.values())
+    index_s = report["index"]["index_s"]
     return {
         "rss_growth_mb": {"value": growth, "goal": f"<= {GOALS['rss_growth_mb']}",
                           "met": growth <= GOALS["rss_growth_mb"]},
         "cache_fraction": {"value": cache, "goal": f"<= {GOALS['cache_fraction']}",
                            "met": cache <= GOALS["cache_fraction"]},
         "first_batch_ours_over_theirs": {"value": slower, "goal": "<= 1", "met": slower <= 1.0},
-        "index_s": {"value": report["index"]["index_s"], "files": report["index"]["files"],
-                    "goal": f"<= {GOALS['index_s']} (100k files)", "met": report["index"]["index_s"] <= GOALS["index_s"]},
+        "index_s": {"value": index_s, "files": report["index"]["files"], "goal": f"<= {GOALS['index_s']} (100k files)",
+                    "met": index_s <= GOALS["index_s"]},
     }
 
 
 def print_report(report: dict) -> None:
     print(f"own image folders ({report['photo_size'][0]}x{report['photo_size'][1]} JPEGs, batch "
           f"{report['batch_size']}, load average {report['load']}, {report['cpu_count']} cores)")
-    print(f"{'images':>8} {'folder MB':>10} | {'first batch s':>15} | {'peak RSS MB':>15} | {'cache MB (% folder)':>27}")
+    print(f"{'images':>8} {'folder MB':>10} | {'first batch s':>15} | {'peak RSS MB':>15} | "
+          f"{'cache MB (% folder)':>27}")
     print(f"{'':>8} {'':>10} | {'ours':>7} {'theirs':>7} | {'ours':>7} {'theirs':>7} | {'ours':>13} {'theirs':>13}")
     for n, entry in report["sizes"].items():
         ours, theirs = entry["ours"], entry["theirs"]

@@ -147,8 +147,8 @@ def test_class_folders_only_are_split_stratified_and_never_shared(tmp_path, capl
     cfg = recipe(train=dataset(root, "train"), val=dataset(root, "val"), test=dataset(root, "test"))
     with caplog.at_level(logging.INFO, logger="hf_finetune"):
         dd = build_datasets(cfg)
-    train = {os.path.basename(os.path.dirname(i["path"])) + "/" + os.path.basename(i["path"]) for i in rows(dd["train"])}
-    val = {os.path.basename(os.path.dirname(i["path"])) + "/" + os.path.basename(i["path"]) for i in rows(dd["val"])}
+    train = {os.path.relpath(item["path"], root) for item in rows(dd["train"])}
+    val = {os.path.relpath(item["path"], root) for item in rows(dd["val"])}
     assert not train & val and len(train | val) == 30
     assert rows(dd["val"]) == rows(dd["test"])  # no test folder: test is the held-out part too
     per_class = lambda names, c: sum(n.startswith(c + "/") for n in names)  # noqa: E731

@@ -9,9 +9,9 @@ extension, any case; names starting with "." or "__" (hidden files, ``__MACOSX``
 skipped. Class folders may nest subfolders (as torchvision's and mmpretrain's folders)
 and be symlinks; a link that leads back to a folder above it is an error.
 
-Hand-written because ``load_dataset("imagefolder")`` resolves every file through fsspec
-globbing (about 10x slower at 100k files), keys its cache on the file list without
-sizes or mtimes, and labels by the immediate parent folder only.
+Hand-written because ``load_dataset("imagefolder")`` globs and stats every file through
+fsspec, one call each (its first batch on 20k photos took 30 s, ours under 1 s:
+benchmarks/own_data_scale.py), and labels by the immediate parent folder only.
 """
 
 from __future__ import annotations
@@ -107,13 +107,20 @@ def layout(root: Path) -> dict[str, Path]:
     """{split: folder of class folders}: the split folders when root has a train, val, validation
     or test folder (then every subfolder is a split), else {"all": root}; {} when root has no subfolder."""
     folders = _subfolders(root)
-    if any(e.name.lower() in SPLIT_FOLDERS for e in folders):
-        return {SPLIT_FOLDERS.get(e.name.lower(), e.name): Path(e.path) for e in folders}
-    return {WHOLE: root} if folders else {}
+    if not any(e.name.lower() in SPLIT_FOLDERS for e in folders):
+        return {WHOLE: root} if folders else {}
+    splits = {}
+    for e in folders:
+        split = SPLIT_FOLDERS.get(e.name.lower(), e.name)
+        if split in splits:
+            raise DataError(f"{root} has two folders for split {split!r}: {splits[split].name} and {e.name} "
+                            f"(val and validation are one split); merge them")
+        splits[split] = Path(e.path)
+    return splits
 
 
 def looks_like_image_folder(root: Path) -> bool:
-    """root has class folders (or split folders of class folders) with an image in the first one."""
+    """root has class folders (or split folders of class folders), one of them with an image."""
     try:
         return any(any(True for _ in images_under(class_folder.path))
                    for folder in layout(root).values() for class_folder in _subfolders(folder))
