@@ -214,6 +214,8 @@ def test_a_separate_test_folder_is_used_whole_with_the_training_class_ids(tmp_pa
     assert len(dd["test"]) == 5 and label_names(dd) == ["ant", "bee", "cat"]
     assert shades(dd["test"]) == sorted([(1, shade("bee", i)) for i in range(2)] +
                                          [(2, shade("cat", i)) for i in range(3)])
+    evaluated = build_datasets(recipe(train=dataset(train, "train"), test=dataset(test, "test")), splits=("test",))
+    assert shades(evaluated["test"]) == shades(dd["test"])  # --eval-only: the training folder's class ids too
     write_folder(test, {"dog": 1})
     with pytest.raises(DataError, match=r"test_photos.* has class\(es\) the training data lacks: 'dog'; "
                                         r"the training classes are ant, bee, cat"):

@@ -14,6 +14,7 @@ from ..recipe import did_you_mean, is_int
 from .decode import decode_image
 from .labels import label_layout, num_label_classes
 from .labels import label_names as feature_label_names
+from . import imagefolder
 from .sources import ACCEPTED_FORMATS, SourceLoader, find_local_copy
 from .transforms import ROW_COLUMN, BatchTransform
 
@@ -34,7 +35,7 @@ def build_datasets(cfg, splits=None) -> datasets.DatasetDict:
     loader = SourceLoader()
     head = cfg.model.head
     held_out = _held_out(cfg)
-    built, reference = {}, None
+    built, reference = {}, None if splits is None or "train" in splits else _training_classes(held_out)
     for split, section in cfg.dataloaders().items():
         if splits is None or split in splits:
             built[split] = _build_split(section.dataset, f"{split}_dataloader.dataset", DEFAULT_SPLITS[split],
@@ -68,6 +69,13 @@ def _held_out(cfg) -> tuple[Path, float] | None:
     if dataset is None or not getattr(dataset, "data_root", None) or not hasattr(dataset, "val_split"):
         return None
     return Path(dataset.data_root).expanduser().resolve(), dataset.val_split
+
+
+def _training_classes(held_out) -> list[str] | None:
+    """The class folder names of the training image folder, when the training split is not built
+    (--eval-only): a separate test folder's labels still follow them."""
+    found = find_local_copy(held_out[0]) if held_out else None
+    return imagefolder.class_names(imagefolder.layout(found[1])) if found and found[0] == "imagefolder" else None
 
 
 def _class_names(ds) -> list[str] | None:
