@@ -11,10 +11,10 @@ import numpy as np
 
 from ..errors import DataError, RecipeError
 from ..recipe import did_you_mean, is_int
+from . import imagefolder
 from .decode import decode_image
 from .labels import label_layout, num_label_classes
 from .labels import label_names as feature_label_names
-from . import imagefolder
 from .sources import ACCEPTED_FORMATS, SourceLoader, find_local_copy
 from .transforms import ROW_COLUMN, BatchTransform
 

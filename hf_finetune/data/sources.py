@@ -264,6 +264,7 @@ def _convert_hub_download(loaded: datasets.DatasetDict, identity: tuple, image_c
     stamps = {split: ([_file_stamp(Path(f["filename"])) for f in ds.cache_files] or ds._fingerprint)
               for split, ds in loaded.items()}
     fingerprint = _fingerprint("hub", identity, image_column, label_column, stamps)
+
     def write(tmp: Path) -> list[str]:
         for split, ds in loaded.items():
             _reencode_split(ds, image_column, label_column, tmp / f"{split}.arrow")
