@@ -287,6 +287,9 @@ class HFImageDatasetCfg(DatasetCfg):
     image_column: str = knob("img", "column holding the images")
     label_column: str = knob("label", "column holding the labels")
     download: bool = knob(True, "fetch hub_id when data_root holds no copy")
+    val_split: float = knob(0.15, "train_dataloader's: the share of each class an image folder without "
+                                  "val images holds out for validation (and test, without a test folder); "
+                                  "0: validation reads the training images", min=0, lt=1)
 
 
 @dataclass
@@ -937,6 +940,10 @@ def _check_config(cfg, error):
                 ds.hub_id or ds.data_root):
             raise error((f"{split}_dataloader", "dataset", "hub_id"),
                         'HFImageDataset needs a hub_id (e.g. "uoft-cs/cifar100") or a data_root')
+        default = HFImageDatasetCfg.__dataclass_fields__["val_split"].default
+        if split != "train" and getattr(ds, "val_split", default) != default:
+            raise error((f"{split}_dataloader", "dataset", "val_split"),
+                        "the training set is what is split: set train_dataloader.dataset.val_split")
     _check_load_best(cfg, error)
 
 

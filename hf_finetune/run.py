@@ -80,7 +80,8 @@ def build_parser():
     parser.add_argument(
         "--print-recipe",
         action="store_true",
-        help="print the fully merged recipe as JSON and exit",
+        help="print the fully merged recipe as JSON and exit (and, on stderr, the images of each split "
+        "read from a local image folder)",
     )
     return parser
 
@@ -88,6 +89,8 @@ def build_parser():
 def train(cfg, resume=None, overwrite=False):
     """The main job, top to bottom."""
     from hf_finetune.data import build_datasets, label_names
+    from hf_finetune.data.build import split_counts
+    from hf_finetune.hub.card import write_data_splits
     from hf_finetune.models import build_model
     from hf_finetune.outputs import check_resume_compatible, recorded_seed, save_outputs, save_recipe
     from hf_finetune.training import (build_trainer, evaluate_splits, hub_repo_id, process_state,
@@ -119,6 +122,9 @@ def train(cfg, resume=None, overwrite=False):
             # Datasets and their labels.
             datasets = build_datasets(cfg)
             id2label = dict(enumerate(label_names(datasets)))
+            if state.is_main_process:
+                with disk_full_guard(work_dir):  # the card states each split's size
+                    write_data_splits(work_dir, {split: split_counts(ds) for split, ds in datasets.items()})
 
             # The model: backbone weights from init_cfg, then whole-model weights from load_from;
             # the recipe's seed makes its initialisation repeatable.
@@ -246,7 +252,12 @@ def main(argv=None):
                               auto_scale_lr=args.auto_scale_lr, push_to_hub=args.push_to_hub,
                               resume=bool(args.resume))
         if args.print_recipe:
+            from hf_finetune.data.build import preview_counts
+
+            counts = preview_counts(cfg)  # before printing: a broken folder is one error line
             print(json.dumps(cfg.to_dict(), indent=2))
+            for line in counts:
+                print(f"# {line}", file=sys.stderr)
         elif args.eval_only:
             evaluate_only(cfg, args.eval_only)
         else:

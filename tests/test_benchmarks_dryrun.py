@@ -77,3 +77,46 @@ def test_hub_models_dry_run_times_both_families_through_both_loops(tmp_path):
         assert (r["image_size"], r["batch"], r["timed_steps"]) == (32, 4, 2)
         assert r["ours_s_per_iter"] > 0 and r["bare_s_per_iter"] > 0
         assert r["ratio"] == pytest.approx(r["bare_s_per_iter"] / r["ours_s_per_iter"])
+
+
+# --- benchmarks/own_data_scale.py --quick: tiny folders, every figure from fresh child processes -------
+
+
+@pytest.fixture(scope="module")
+def own_data_quick(tmp_path_factory):
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "own_data_scale.py"
+    spec = importlib.util.spec_from_file_location("own_data_scale", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path_factory.mktemp("own_data") / "report.json"
+    work = tmp_path_factory.mktemp("own_data_work")
+    returned = module.main(["--quick", "--json", str(out), "--work", str(work)])
+    assert not any(work.iterdir())  # the generated folders and caches are deleted
+    return module, returned, json.loads(out.read_text())
+
+
+def test_own_data_quick_reports_every_figure(own_data_quick):
+    _, returned, report = own_data_quick
+    assert returned == report and report["quick"] is True
+    assert sorted(report["sizes"], key=int) == ["40", "80"]
+    for n, entry in report["sizes"].items():
+        assert entry["folder_bytes"] > 0
+        for kind in ("ours", "theirs"):
+            figures = entry[kind]
+            assert figures["batch_shape"] == [8, 3, 224, 224], kind
+            assert 0 < figures["ready_s"] <= figures["first_batch_s"], kind
+            assert figures["max_rss_mb"] > 0 and figures["cache_bytes"] > 0, kind
+        # Both hold out about 15% for validation before the first batch (ours at least one image per class).
+        assert entry["ours"]["images"] == int(n) - 10 * max(1, round(int(n) // 10 * 0.15))
+        assert entry["theirs"]["images"] == int(n) - -(-int(n) * 15 // 100)
+    assert report["index"]["files"] == 500 and report["index"]["reuse_s"] <= report["index"]["index_s"] * 5
+    assert set(report["goals"]) == {"rss_growth_mb", "cache_fraction", "first_batch_ours_over_theirs", "index_s"}
+    assert all(isinstance(goal["met"], bool) for goal in report["goals"].values())
+
+
+def test_own_data_summary_names_the_goals(own_data_quick, capsys):
+    module, _, report = own_data_quick
+    module.print_report(report)
+    out = capsys.readouterr().out
+    assert "first batch" in out and "peak RSS MB" in out and "index of 500 files on one core" in out
+    assert "goal cache_fraction" in out

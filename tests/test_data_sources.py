@@ -91,11 +91,15 @@ def test_every_local_source_yields_the_same_images_and_labels(copies):
                 np.testing.assert_array_equal(labels, truth[split][1], err_msg=name)
 
 
-def test_imagefolder_without_split_folders(tmp_path, cache):
+def test_imagefolder_without_split_folders_is_split_not_shared(tmp_path, cache):
+    # Class folders only: train and test are disjoint (val_split 0.15 held out, at least one image per
+    # class of 3), together every image; no longer the same images for every split.
     write_imagefolder(tmp_path / "flat", N_TRAIN, N_TEST, seed=0, split_dirs=False)
     dd = build_datasets(recipe(train=cifar(tmp_path / "flat"), test=cifar(tmp_path / "flat", "test")))
-    assert len(dd["train"]) == len(dd["test"]) == N_TRAIN
-    assert as_multiset(*images_of(dd["train"])) == as_multiset(*synthetic_arrays(N_TRAIN, 0, "train"))
+    assert (len(dd["train"]), len(dd["test"])) == (20, 10)
+    train, test = as_multiset(*images_of(dd["train"])), as_multiset(*images_of(dd["test"]))
+    assert not set(train) & set(test)
+    assert sorted(train + test) == as_multiset(*synthetic_arrays(N_TRAIN, 0, "train"))
 
 
 def test_conversion_cached_and_reused(tmp_path, cache):
@@ -230,6 +234,29 @@ def test_hub_cifar10_is_reencoded_once(tmp_path, cache, monkeypatch):
     assert calls[0] == ("uoft-cs/cifar10", None, "abc")
     assert len(sources.CONVERSIONS) == before + 1
     assert dd["train"][[0]]["pixel_values"].dtype == torch.uint8
+
+
+def test_hub_reencoding_streams_batches_into_the_cache(tmp_path, cache, monkeypatch):
+    """No whole split in a Python list: rows go to the Arrow writer a batch at a time, and the split
+    is memory-mapped from our cache folder (not copied again by save_to_disk)."""
+    images, labels = synthetic_arrays(2500, 0, "train")
+    features = datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(names=list(CIFAR10_CLASSES))})
+    hub = datasets.DatasetDict({"train": datasets.Dataset.from_dict(
+        {"img": [{"bytes": encode_png(a), "path": None} for a in images], "label": labels.tolist()},
+        features=features)})
+    monkeypatch.setattr(sources, "load_hub_dataset", lambda *args: hub)
+    written = []
+    real_write_batch = sources.ArrowWriter.write_batch
+
+    def write_batch(self, batch, *args, **kwargs):
+        written.append(len(batch["img"]))
+        return real_write_batch(self, batch, *args, **kwargs)
+
+    monkeypatch.setattr(sources.ArrowWriter, "write_batch", write_batch)
+    ds = build_datasets(recipe(train=cifar(tmp_path / "none")))["train"]
+    assert written == [1000, 1000, 500]
+    assert ds.cache_files[0]["filename"].startswith(str(cache / "hf_finetune" / "hub-reencoded-"))
+    np.testing.assert_array_equal(images_of(ds)[0][-3:], images[-3:])
 
 
 def test_hub_download_of_large_images_is_not_reencoded(tmp_path, cache, monkeypatch):

@@ -471,8 +471,8 @@ def test_a_corrupt_file_in_an_image_folder_names_its_class_folder(tmp_path):
     (tmp_path / "train" / "dog" / "1.png").write_bytes(b"not a png")
     cfg = config_from_dict({"model": {"head": {}}, "optim_wrapper": {"optimizer": {"type": "SGD", "lr": 0.1}},
                             "train_dataloader": {"batch_size": 4, "dataset": {
-                                "type": "HFImageDataset", "data_root": str(tmp_path),
-                                "pipeline": [{"type": "PackClsInputs"}]}}})
+                                "type": "HFImageDataset", "data_root": str(tmp_path), "val_split": 0,
+                                "pipeline": [{"type": "PackClsInputs"}]}}})  # val_split 0: train/ is not split
     with pytest.raises(BatchDataError, match=r"1\.png in class folder 'dog'"):
         build_datasets(cfg)["train"][[0, 1, 2, 3]]
 

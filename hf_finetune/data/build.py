@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import warnings
 from pathlib import Path
 
@@ -10,11 +11,14 @@ import numpy as np
 
 from ..errors import DataError, RecipeError
 from ..recipe import did_you_mean, is_int
+from . import imagefolder
 from .decode import decode_image
 from .labels import label_layout, num_label_classes
 from .labels import label_names as feature_label_names
-from .sources import ACCEPTED_FORMATS, SourceLoader
+from .sources import ACCEPTED_FORMATS, SourceLoader, find_local_copy
 from .transforms import ROW_COLUMN, BatchTransform
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_SPLITS = {"train": "train", "val": "test", "test": "test"}
 # Columns after building: every split names its images and labels alike, whatever the source.
@@ -30,10 +34,79 @@ def build_datasets(cfg, splits=None) -> datasets.DatasetDict:
     """
     loader = SourceLoader()
     model = cfg.model
-    splits = {split: _build_split(section.dataset, f"{split}_dataloader.dataset", DEFAULT_SPLITS[split],
-                                  model.num_classes, model.multi_label, loader)
-              for split, section in cfg.dataloaders().items() if splits is None or split in splits}
-    return datasets.DatasetDict(splits)
+    held_out = _held_out(cfg)
+    built, reference = {}, None if splits is None or "train" in splits else _training_classes(held_out)
+    for split, section in cfg.dataloaders().items():
+        if splits is None or split in splits:
+            built[split] = _build_split(section.dataset, f"{split}_dataloader.dataset", DEFAULT_SPLITS[split],
+                                        model.num_classes, model.multi_label, loader, held_out, reference)
+            reference = reference or _class_names(built[split])
+    return datasets.DatasetDict(built)
+
+
+def preview_counts(cfg) -> list[str]:
+    """'<split>: <counts> from <source>' for each split read from a local image folder (its index is
+    built, or reused); other sources are counted when training loads them."""
+    loader, held_out, lines = SourceLoader(), _held_out(cfg), []
+    for split, section in cfg.dataloaders().items():
+        dataset = section.dataset
+        root = Path(dataset.data_root).expanduser() if getattr(dataset, "data_root", None) else None
+        try:
+            found = find_local_copy(root) if root else None
+        except DataError:
+            found = None  # not an image folder: training says what is wrong with it
+        if found and found[0] == "imagefolder":
+            key = f"{split}_dataloader.dataset"
+            ds, source = _load_source(dataset, key, dataset.split or DEFAULT_SPLITS[split], loader, held_out)
+            lines.append(f"{split}: {describe_counts(split_counts(ds, dataset.label_column))} from {source}")
+    return lines
+
+
+def _held_out(cfg) -> tuple[Path, float] | None:
+    """(folder, val_split) when the training set comes from a local folder: an image folder there
+    without val images is split, so no other split reads the training images."""
+    dataset = cfg.train_dataloader.dataset if cfg.train_dataloader else None
+    if dataset is None or not getattr(dataset, "data_root", None) or not hasattr(dataset, "val_split"):
+        return None
+    return Path(dataset.data_root).expanduser().resolve(), dataset.val_split
+
+
+def _training_classes(held_out) -> list[str] | None:
+    """The class folder names of the training image folder, when the training split is not built
+    (--eval-only): a separate test folder's labels still follow them."""
+    found = find_local_copy(held_out[0]) if held_out else None
+    return imagefolder.class_names(imagefolder.layout(found[1])) if found and found[0] == "imagefolder" else None
+
+
+def _class_names(ds) -> list[str] | None:
+    feature = ds.features[LABEL]
+    return list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
+
+
+def split_counts(ds, label_column: str = LABEL) -> dict:
+    """{"images": N, "classes": {name: N, ...}} of a single-label split ({"images": N} otherwise)."""
+    feature = ds.features[label_column]
+    if not isinstance(feature, datasets.ClassLabel):
+        return {"images": len(ds)}
+    names = feature.names
+    counts = np.bincount(np.asarray(ds.with_format("arrow")[label_column].to_numpy()), minlength=len(names))
+    return {"images": len(ds), "classes": {name: int(n) for name, n in zip(names, counts)}}
+
+
+MAX_LISTED_CLASSES = 20  # more classes: the smallest and largest count only
+
+
+def describe_counts(counts: dict) -> str:
+    """'850 images, 2 classes (cat 400, dog 450)' for logs, the model card and --print-recipe."""
+    text = f"{counts['images']:,} images"
+    classes = counts.get("classes")
+    if classes:
+        text += f", {len(classes)} classes"
+        if len(classes) <= MAX_LISTED_CLASSES:
+            text += " (" + ", ".join(f"{name} {n:,}" for name, n in classes.items()) + ")"
+        else:
+            text += f" ({min(classes.values()):,} to {max(classes.values()):,} per class)"
+    return text
 
 
 def label_names(dataset_dict) -> list[str]:
@@ -44,10 +117,12 @@ def label_names(dataset_dict) -> list[str]:
 
 
 def _build_split(cfg, key: str, default_split: str, num_classes: int, multi_label: bool,
-                 loader: SourceLoader):
+                 loader: SourceLoader, held_out=None, reference: list[str] | None = None):
+    """reference: the class names of the split built first (train's): another split's classes
+    are checked against them and its labels renumbered to match."""
     steps = [step.op for step in cfg.pipeline]
     split = cfg.split or default_split
-    ds, source = _load_source(cfg, key, split, loader)
+    ds, source = _load_source(cfg, key, split, loader, held_out)
     image_column = getattr(cfg, "image_column", IMAGE)
     label_column = getattr(cfg, "label_column", LABEL)
     names = _check_columns(ds, image_column, label_column, source, key)
@@ -64,6 +139,8 @@ def _build_split(cfg, key: str, default_split: str, num_classes: int, multi_labe
         ds, names = _class_lists(ds, label_column, layout, num_classes, source)
         label_feature = datasets.Sequence(datasets.ClassLabel(names=names))
     else:
+        if reference is not None and names is not None and names != reference:
+            ds, names = _renumbered(ds, label_column, names, reference, source)
         names = _check_labels(ds, label_column, names, num_classes, source)
         label_feature = datasets.ClassLabel(names=names)
 
@@ -73,24 +150,27 @@ def _build_split(cfg, key: str, default_split: str, num_classes: int, multi_labe
     ds = ds.cast_column(LABEL, label_feature)
     ds = ds.add_column(ROW_COLUMN, np.arange(len(ds), dtype=np.int64))
     ds = _subset(ds, cfg.indices, f"{key}.indices", source)
-    if cfg.on_corrupt == "skip":
-        ds = _drop_undecodable(ds, IMAGE, source)
+    if cfg.on_corrupt == "skip" and not _reads_files(ds, IMAGE):
+        ds = _drop_undecodable(ds, IMAGE, source)  # files are skipped as batches read them instead
     transform = BatchTransform(steps, image_column=IMAGE, label_column=LABEL, source=source,
                                on_corrupt=cfg.on_corrupt,
                                multi_label_classes=len(names) if multi_label else None, class_names=names)
     ds.set_transform(transform, columns=[IMAGE, LABEL, ROW_COLUMN])
+    logger.info("%s: %s", key.split("_dataloader")[0], describe_counts(split_counts(ds)))
     return ds
 
 
-def _load_source(cfg, key, split, loader: SourceLoader):
-    """-> (raw Dataset, description); our own conversions name the columns img/label."""
+def _load_source(cfg, key, split, loader: SourceLoader, held_out=None):
+    """-> (raw Dataset, description); our own conversions name the columns img/label.
+    held_out: _held_out(cfg), the folder the training set comes from and its val_split."""
     if cfg.type == "SyntheticCIFAR10":
         return loader.synthetic(cfg.num_samples, cfg.seed, split)
     if cfg.type == "SyntheticMultiLabel":
         return loader.synthetic_multilabel(cfg.num_samples, cfg.seed, split)
     if cfg.data_root:
         root = Path(cfg.data_root).expanduser()
-        local = loader.local(root, split, key)
+        val_split = held_out[1] if held_out and root.resolve() == held_out[0] else None
+        local = loader.local(root, split, key, val_split)
         if local is not None:
             ds, description, converted = local
             return _renamed(ds, cfg) if converted else ds, description
@@ -203,6 +283,29 @@ def _subset(ds: datasets.Dataset, indices, key: str, source: str) -> datasets.Da
             raise RecipeError(f"{key}: index {bad[0]!r} is not an int in 0..{n - 1} ({source} has {n} images)")
         return ds.select(list(indices))
     raise RecipeError(f"{key}: expected an int (first N) or a list of indices, got {type(indices).__name__}")
+
+
+def _renumbered(ds, label_column: str, names: list[str], reference: list[str], source: str):
+    """A split whose classes are a subset of the training set's, its labels renumbered by class name
+    (a separate test folder may lack a class; its folder order must not shift the labels)."""
+    unknown = [name for name in names if name not in reference]
+    if unknown:
+        raise DataError(f"{source} has class(es) the training data lacks: {', '.join(map(repr, unknown[:10]))}; "
+                        f"the training classes are {', '.join(reference[:20])}{', ...' if len(reference) > 20 else ''}")
+    lookup = np.array([reference.index(name) for name in names], dtype=np.int64)
+    features = datasets.Features({**ds.features, label_column: datasets.ClassLabel(names=reference)})
+    ds = ds.map(lambda batch: {label_column: lookup[np.asarray(batch[label_column], dtype=np.int64)]},
+                batched=True, features=features, desc="class ids of the training set")
+    return ds, reference
+
+
+def _reads_files(ds: datasets.Dataset, image_column: str) -> bool:
+    """The images are paths to files (an indexed image folder): checking them all before training
+    would read the whole folder."""
+    if not len(ds):
+        return False
+    item = ds.with_format("arrow")[:1][image_column].to_pylist()[0]
+    return isinstance(item, dict) and item.get("bytes") is None and bool(item.get("path"))
 
 
 def _drop_undecodable(ds: datasets.Dataset, image_column: str, source: str) -> datasets.Dataset:

@@ -29,7 +29,13 @@ class BatchDataError(DataError):
 
 
 def undecodable_message(where: str, exc: Exception) -> str:
-    """The one line for an image that cannot be decoded (`where`: its index, path and source)."""
+    """The one line for an image that cannot be read or decoded (`where`: its index, path and source)."""
+    if isinstance(exc, FileNotFoundError):  # an indexed folder's file, moved or deleted since
+        return (f"cannot read image at {where}: the file is gone (moved or deleted after the folder was indexed). "
+                f"Restore it, or set dataset.on_corrupt to \"skip\" to drop unreadable images")
+    if isinstance(exc, PermissionError):
+        return (f"cannot read image at {where}: permission denied. Make it readable, or set dataset.on_corrupt "
+                f"to \"skip\" to drop unreadable images")
     return (f"cannot decode image at {where}: {exc}. Fix or remove it, or set dataset.on_corrupt to \"skip\" "
             f"to drop undecodable images")
 

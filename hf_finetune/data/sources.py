@@ -1,14 +1,18 @@
 """Where a split's images come from: a local copy, the Hub, or synthetic data.
 
 Every source ends as a ``datasets.Dataset`` with an ``Image`` column and a label
-column. Local CIFAR copies (tarball, extracted batches folder, image folder)
-are converted once into an Arrow cache under the datasets cache directory,
-keyed by the source files' path, size and mtime, and memory-mapped after that.
-A ``save_to_disk`` directory already is Arrow and is used in place.
+column. Local CIFAR copies (tarball, extracted batches folder) are converted once
+into an Arrow cache under the datasets cache directory, keyed by the source files'
+path, size and mtime, and memory-mapped after that. A ``save_to_disk`` directory
+already is Arrow and is used in place.
 
 The converted cache stores each image as binary PPM inside the ``Image``
 feature: lossless, readable by PIL like any image, and decoding it is a copy
 (PNG decoding costs more than the whole rest of the pipeline at 32 px).
+
+An image folder is indexed, not copied: the cache holds each file's absolute path
+(an ``Image`` value with no bytes) and its class, and the batch transform reads the
+file when a batch needs it, as ``load_dataset("imagefolder")``, timm and mmpretrain do.
 """
 
 from __future__ import annotations
@@ -27,20 +31,23 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import datasets
+from datasets.arrow_writer import ArrowWriter
 
 from ..errors import DataError
-from . import cifar
+from . import cifar, imagefolder
 from .decode import decode_image, encode_ppm
 from .synthetic import synthetic_dataset
 
 logger = logging.getLogger(__name__)
 
-CACHE_VERSION = 2  # bump when the converted layout or pixels change (2: EXIF orientation applied)
+CACHE_VERSION = 3  # bump when the converted layout or pixels change (2: EXIF orientation applied; 3: folders indexed)
 HUB_PROBE_TIMEOUT_S = 5.0
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".ppm", ".pgm", ".pbm", ".tif", ".tiff", ".webp"}
+IMAGE_EXTENSIONS = imagefolder.IMAGE_EXTENSIONS
+_SPLITS_FILE = "splits.json"
 ACCEPTED_FORMATS = (
     f"{cifar.TARBALL_NAME}, the extracted {cifar.BATCHES_DIR}/ folder, a datasets save_to_disk directory, "
-    "or an image folder <root>/<class>/<image>.png (or <root>/<split>/<class>/<image>.png)"
+    "or an image folder <root>/<class>/<image>.jpg (or <root>/<split>/<class>/<image>.jpg, split: train, val, "
+    "validation, test)"
 )
 
 # Cache directories this process converted (tests read it to tell a conversion from a reuse).
@@ -67,54 +74,52 @@ def _file_stamp(path: Path) -> list:
     return [str(path), st.st_size, st.st_mtime_ns]
 
 
-def _cached_conversion(kind: str, fingerprint: str, convert) -> datasets.DatasetDict:
-    """Load the converted DatasetDict for this fingerprint, converting first if absent.
+def _cached(kind: str, fingerprint: str, write, done: str) -> Path:
+    """The cache folder for this fingerprint, written first by write(folder) if absent.
 
     Written to a private temporary folder and renamed into place, so concurrent
     processes (DDP ranks) never read a half-written cache; the last rename loses
-    and its copy is discarded.
+    and its copy is discarded. `done` names the file whose presence marks it complete.
     """
     root = datasets_cache_dir() / "hf_finetune"
     target = root / f"{kind}-{fingerprint}"
-    if not (target / "dataset_dict.json").is_file():
+    if not (target / done).is_file():
         root.mkdir(parents=True, exist_ok=True)
         tmp = root / f".{target.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
-        logger.info("converting %s into the Arrow cache %s (once; reused while the source is unchanged)",
-                    kind, target)
+        logger.info("writing %s into the cache %s (once; reused while the source is unchanged)", kind, target)
         try:
-            convert().save_to_disk(str(tmp))
+            tmp.mkdir()
+            write(tmp)
             try:
                 os.rename(tmp, target)
                 CONVERSIONS.append(str(target))
             except OSError:
-                if not (target / "dataset_dict.json").is_file():
+                if not (target / done).is_file():
                     raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _cached_conversion(kind: str, fingerprint: str, convert) -> datasets.DatasetDict:
+    """Load the converted DatasetDict for this fingerprint, converting first if absent."""
+    target = _cached(kind, fingerprint, lambda tmp: convert().save_to_disk(str(tmp)), "dataset_dict.json")
     return datasets.load_from_disk(str(target))
 
 
+def _cached_arrow(kind: str, fingerprint: str, write) -> datasets.DatasetDict:
+    """Like _cached_conversion for a writer that streams: write(folder) writes <split>.arrow files
+    and returns their split names; nothing is held in memory and nothing is copied again."""
+    def write_all(tmp: Path):
+        (tmp / _SPLITS_FILE).write_text(json.dumps(write(tmp)))
+
+    target = _cached(kind, fingerprint, write_all, _SPLITS_FILE)
+    splits = json.loads((target / _SPLITS_FILE).read_text())
+    return datasets.DatasetDict({split: datasets.Dataset.from_file(str(target / f"{split}.arrow"))
+                                 for split in splits})
+
+
 # ---------------------------------------------------------------- local copies
-
-def _has_image_file(folder: Path) -> bool:
-    try:
-        with os.scandir(folder) as it:
-            return any(e.is_file() and Path(e.name).suffix.lower() in IMAGE_EXTENSIONS for e in it)
-    except OSError:
-        return False
-
-
-def _class_dirs(folder: Path) -> list[Path]:
-    return sorted(d for d in folder.iterdir() if d.is_dir() and _has_image_file(d))
-
-
-def _imagefolder_layout(root: Path) -> dict[str, Path]:
-    """{split: folder of class folders}; {"*": root} when root itself holds the class folders."""
-    splits = {d.name: d for d in sorted(root.iterdir()) if d.is_dir() and _class_dirs(d)}
-    if splits:
-        return splits
-    return {"*": root} if _class_dirs(root) else {}
-
 
 def find_local_copy(root: Path) -> tuple[str, Path] | None:
     """(format, path) of the local copy at root, None if root does not exist.
@@ -135,7 +140,7 @@ def find_local_copy(root: Path) -> tuple[str, Path] | None:
             return "batches", folder
     if (root / cifar.TARBALL_NAME).is_file():
         return "tarball", root / cifar.TARBALL_NAME
-    if _imagefolder_layout(root):
+    if imagefolder.looks_like_image_folder(root):
         return "imagefolder", root
     entries = sorted(p.name + ("/" if p.is_dir() else "") for p in root.iterdir())
     found = ", ".join(entries[:12]) + (f", ... ({len(entries)} entries)" if len(entries) > 12 else "")
@@ -164,43 +169,68 @@ def _convert_batches(kind: str, path: Path) -> datasets.DatasetDict:
                               lambda: _arrays_to_dataset_dict(*cifar.read_batches_folder(path)))
 
 
-def _convert_imagefolder(root: Path) -> datasets.DatasetDict:
-    layout = _imagefolder_layout(root)
-    classes = sorted({d.name for folder in layout.values() for d in _class_dirs(folder)})
-    files = {}
-    for split, folder in layout.items():
-        files[split] = [(f, classes.index(d.name)) for d in _class_dirs(folder)
-                        for f in sorted(d.iterdir()) if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS]
-    stamps = [[str(f.relative_to(root)), f.stat().st_size, f.stat().st_mtime_ns] for fl in files.values() for f, _ in fl]
-
-    def convert():
-        features = datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(names=classes)})
-        return datasets.DatasetDict({
-            ("all" if split == "*" else split): datasets.Dataset.from_dict(
-                {"img": [{"bytes": f.read_bytes(), "path": str(f.relative_to(root))} for f, _ in fl],
-                 "label": [label for _, label in fl]},
-                features=features)
-            for split, fl in files.items()
-        })
-
-    return _cached_conversion("imagefolder", _fingerprint("imagefolder", str(root.resolve()), stamps), convert)
+def _index_imagefolder(root: Path) -> datasets.DatasetDict:
+    """The folder's index ({split: Dataset of img paths, label, key}; "all" without split folders),
+    rebuilt when a file's name, size or mtime changed, one was added or removed."""
+    return _cached_arrow("imagefolder", imagefolder.fingerprint(root, CACHE_VERSION),
+                         lambda tmp: imagefolder.write_index(root, tmp))
 
 
-def _reencode_split(ds: datasets.Dataset, image_column: str, label_column: str) -> datasets.Dataset:
-    """Same rows with every decodable image stored as PPM (undecodable ones keep their bytes,
-    so on_corrupt still sees them)."""
+def _reencode_split(ds: datasets.Dataset, image_column: str, label_column: str, path: Path) -> None:
+    """path: the same rows with every decodable image stored as PPM (undecodable ones keep their
+    bytes, so on_corrupt still sees them), written a batch at a time."""
     ds = ds.select_columns([image_column, label_column]).cast_column(image_column, datasets.Image(decode=False))
-    images = []
+    features = datasets.Features({"img": datasets.Image(), "label": ds.features[label_column]})
+    writer = ArrowWriter(features=features, path=str(path))
     for batch in ds.iter(batch_size=1000):
+        images = []
         for item in batch[image_column]:
             try:
                 images.append({"bytes": encode_ppm(decode_image(item)), "path": None})
             except Exception:
                 images.append(item)
-    label = ds.features[label_column]
-    features = datasets.Features({"img": datasets.Image(), "label": label})
-    labels = ds.with_format("arrow")[label_column].to_pylist()
-    return datasets.Dataset.from_dict({"img": images, "label": labels}, features=features)
+        writer.write_batch({"img": images, "label": batch[label_column]})
+    writer.finalize()
+
+
+def _imagefolder_splits(index: datasets.DatasetDict, description: str,
+                        val_split: float | None) -> dict[str, tuple[datasets.Dataset, str]]:
+    """{split: (Dataset, description)} of an indexed image folder.
+
+    With val_split (the training split reads this folder) a folder of class folders only, or with a
+    train folder only, is split here, stratified by class (imagefolder.stratified_split): "train",
+    and the held-out "val", which also serves "test"; "all" stays every image of a folder without
+    split folders.
+    """
+    parts = {name: (ds.remove_columns("key"), f"{description}, split {name!r}") for name, ds in index.items()}
+    if imagefolder.WHOLE in index:
+        whole = index[imagefolder.WHOLE]
+        parts[imagefolder.WHOLE] = (whole.remove_columns("key"),
+                                    f"{description} (all {len(whole)} images; no split folders)")
+        base = imagefolder.WHOLE
+    else:
+        base = "train" if list(index) == ["train"] else None  # nothing held out yet
+    if base is None or val_split is None:
+        return parts
+    ds = index[base].remove_columns("key")
+    train, val, singles = imagefolder.stratified_split(index[base], val_split)
+    names = ds.features["label"].names
+    if singles:
+        shown = ", ".join(repr(names[i]) for i in singles[:10]) + (", ..." if len(singles) > 10 else "")
+        logger.warning("%s: %d class(es) have a single image (%s); it is used for training only, so validation "
+                       "has none of them", description, len(singles), shown)
+    where = f"{description}{'' if base == imagefolder.WHOLE else ', split folder ' + repr(base)}"
+    parts["train"] = (ds.select(train), f"{where}, split 'train' ({len(train)} of its {len(ds)} images; "
+                                        f"val_split {val_split} holds out the rest, stratified by class)")
+    if val_split > 0:
+        held = (ds.select(val), f"{where}, split 'val' (the {len(val)} of its {len(ds)} images held out by "
+                                f"val_split {val_split}, stratified by class; never trained on)")
+    else:
+        held = (ds, f"{where}, split 'val' is every training image")
+    parts["val"] = parts["test"] = held
+    logger.info("%s: %d images for training, %d held out for validation (val_split %s, stratified by class)",
+                where, len(train), len(val), val_split)
+    return parts
 
 
 REENCODE_MAX_PIXELS = 64 * 64
@@ -234,9 +264,13 @@ def _convert_hub_download(loaded: datasets.DatasetDict, identity: tuple, image_c
     stamps = {split: ([_file_stamp(Path(f["filename"])) for f in ds.cache_files] or ds._fingerprint)
               for split, ds in loaded.items()}
     fingerprint = _fingerprint("hub", identity, image_column, label_column, stamps)
-    converted = _cached_conversion("hub-reencoded", fingerprint, lambda: datasets.DatasetDict(
-        {split: _reencode_split(ds, image_column, label_column) for split, ds in loaded.items()}))
-    return converted, True
+
+    def write(tmp: Path) -> list[str]:
+        for split, ds in loaded.items():
+            _reencode_split(ds, image_column, label_column, tmp / f"{split}.arrow")
+        return list(loaded)
+
+    return _cached_arrow("hub-reencoded", fingerprint, write), True
 
 
 def _load_save_to_disk(path: Path):
@@ -347,8 +381,14 @@ class SourceLoader:
             self._loaded[key] = load()
         return self._loaded[key]
 
-    def local(self, root: Path, split: str, key: str) -> tuple[datasets.Dataset, str, bool] | None:
-        """(split, description, converted by us) from the local copy at root; None if root does not exist."""
+    def local(self, root: Path, split: str, key: str,
+              val_split: float | None = None) -> tuple[datasets.Dataset, str, bool] | None:
+        """(split, description, converted by us) from the local copy at root; None if root does not exist.
+
+        val_split: set when the training split comes from root too; an image folder with no val images
+        is then split into train and a held-out val (also serving test when the folder has none). None:
+        an image folder without split folders is a separate folder, used whole for any split.
+        """
         found = find_local_copy(root)
         if found is None:
             return None
@@ -359,10 +399,20 @@ class SourceLoader:
             if isinstance(loaded, datasets.Dataset):
                 return loaded, description, False  # a single split: used for whichever split is asked
         elif kind == "imagefolder":
-            loaded = self._once(("imagefolder", str(path.resolve())), lambda: _convert_imagefolder(path))
-            description = f"image folder {path}"
-            if list(loaded) == ["all"]:
-                return loaded["all"], description + " (no split subfolders: the same images serve every split)", True
+            index = self._once(("imagefolder", str(path.resolve())), lambda: _index_imagefolder(path))
+            parts = self._once(("imagefolder-splits", str(path.resolve()), val_split),
+                               lambda: _imagefolder_splits(index, f"image folder {path}", val_split))
+            name = "val" if split == "validation" else split
+            if name not in parts and imagefolder.WHOLE in parts and val_split is None:
+                name = imagefolder.WHOLE  # a separate folder of class folders: all of it, whatever the split name
+            if name not in parts:
+                raise DataError(f"split {split!r} not found in image folder {path}; available: {', '.join(parts)} "
+                                f"(set {key}.split; split folders are named train, val, validation or test)")
+            ds, description = parts[name]
+            if val_split == 0 and name in ("val", "test") and name not in index:
+                logger.warning("%s: val_split is 0, so %s: its accuracy measures fit, not generalisation",
+                               key, description)
+            return ds, description, True
         else:
             loaded = self._once((kind, str(path.resolve())), lambda: _convert_batches(kind, path))
             description = f"CIFAR-10 {'tarball' if kind == 'tarball' else 'batches folder'} {path}"

@@ -1,7 +1,8 @@
 """Model card (README.md) for a finished work dir, with its two figures.
 
 Everything is read from the work-dir files training writes (recipe.json, config.json,
-all_results.json, trainer_state.json, confusion_matrix.json, run_environment.json); each
+all_results.json, trainer_state.json, confusion_matrix.json, run_environment.json,
+data_splits.json); each
 one is optional: a missing file turns into a sentence in the card, never an exception.
 Recipe keys are read in one place, recipe_facts().
 """
@@ -28,6 +29,7 @@ CARD_FILE = "README.md"
 CURVES_FILE = "training_curves.png"
 CONFUSION_FILE = "confusion_matrix.png"
 ENVIRONMENT_FILE = "run_environment.json"
+DATA_SPLITS_FILE = "data_splits.json"  # images (and per class) of each split, written when training starts
 FRAMEWORKS = ("hf_finetune", "torch", "transformers", "datasets", "accelerate", "evaluate", "safetensors",
               "huggingface_hub")
 # Marks a card this module wrote, so a push may refresh it but never overwrites a user's own.
@@ -178,6 +180,15 @@ def write_environment(work_dir: str, num_processes: int = 1) -> str:
     path = os.path.join(str(work_dir), ENVIRONMENT_FILE)
     with open(path, "w", encoding="utf-8") as handle:
         json.dump(collect_environment(num_processes), handle, indent=2)
+    return path
+
+
+def write_data_splits(work_dir: str, counts: dict) -> str:
+    """WORK_DIR/data_splits.json: {split: data.build.split_counts(...)}, read by the card."""
+    from hf_finetune.workdir import dump_json
+
+    path = os.path.join(str(work_dir), DATA_SPLITS_FILE)
+    dump_json(counts, path)
     return path
 
 
@@ -620,11 +631,17 @@ def write_model_card(work_dir: str, *, repo_id: str | None = None, native_subfol
 
     body += ["", "## Dataset", ""]
     if train_data or test_data:
-        for label, info in (("train", train_data), ("test", test_data)):
+        from hf_finetune.data.build import describe_counts
+
+        counts = _load_json(os.path.join(work_dir, DATA_SPLITS_FILE)) or {}
+        shown = ("train", "test") if same_split(facts) or "val" not in counts else ("train", "val", "test")
+        for label in shown:
+            info = facts["datasets"][label]
             if info:
                 where = f"[`{info['hub_id']}`](https://huggingface.co/datasets/{info['hub_id']})" \
                     if info.get("hub_id") else f"`{info.get('type')}`"
-                body.append(f"- {label}: {info.get('name')} — {where}, split `{info.get('split')}`")
+                size = f": {describe_counts(counts[label])}" if label in counts else ""
+                body.append(f"- {label}: {info.get('name')} — {where}, split `{info.get('split')}`{size}")
     else:
         body.append("Not recorded (recipe.json not found).")
 
