@@ -1,6 +1,7 @@
 """The Trainer subclass: whole-batch data loading, the recipe's optimizer and LR schedule,
 a NaN guard, throughput in the logs, and the evaluation metrics."""
 
+import logging
 import time
 
 import torch
@@ -11,6 +12,8 @@ from transformers.trainer_utils import get_last_checkpoint
 from .errors import TrainingError
 from .metrics import CONFUSION_KEY
 from .optim import build_lr_scheduler, build_optimizer
+
+logger = logging.getLogger("hf_finetune")
 
 
 def _split(metric_key_prefix):
@@ -99,6 +102,10 @@ class FinetuneTrainer(Trainer):
         if isinstance(resume_from_checkpoint, str):
             restore = ResumeCallbackFiles(resume_from_checkpoint, self.callback_handler)
             self.add_callback(restore)
+            from .data.streaming import RESUME_NOTE, StreamingSplit
+
+            if isinstance(self.train_dataset, StreamingSplit) and self.is_world_process_zero():
+                logger.info(RESUME_NOTE)
         try:
             return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
         finally:
@@ -107,9 +114,19 @@ class FinetuneTrainer(Trainer):
 
     # Data: the pipeline builds each batch tensor itself; the DataLoader only fetches it.
     def _loader(self, dataset, split, batch_size, shuffle, drop_last, train=False):
-        from .data import build_dataloader  # datasets is imported only when data is needed
+        from .data import StreamingSplit, build_dataloader, build_stream_loader  # datasets only when needed
 
         section = self._section(split)
+        if isinstance(dataset, StreamingSplit):
+            loader = build_stream_loader(
+                dataset, batch_size, epoch_batches=self.updates_per_epoch * self.args.gradient_accumulation_steps
+                if train else None, shuffle=shuffle, seed=self.args.seed, rank=self.args.process_index,
+                world_size=self.args.world_size, num_workers=section.num_workers,
+                pin_memory=self.args.dataloader_pin_memory, persistent_workers=section.keep_workers(),
+                prefetch_factor=section.prefetch_factor, shared_slots=section.shared_slots)
+            # Training: each rank reads its own shards (prepare would dispatch the main process's);
+            # evaluation: accelerate dispatches the one stream's batches to the ranks.
+            return loader if train else self.accelerator.prepare(loader)
         loader = build_dataloader(
             dataset,
             batch_size,

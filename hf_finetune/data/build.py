@@ -14,6 +14,7 @@ from .decode import decode_image
 from .labels import label_layout, num_label_classes
 from .labels import label_names as feature_label_names
 from .sources import ACCEPTED_FORMATS, SourceLoader
+from .streaming import streamed_split
 from .transforms import ROW_COLUMN, BatchTransform
 
 DEFAULT_SPLITS = {"train": "train", "val": "test", "test": "test"}
@@ -47,6 +48,8 @@ def _build_split(cfg, key: str, default_split: str, num_classes: int, multi_labe
                  loader: SourceLoader):
     steps = [step.op for step in cfg.pipeline]
     split = cfg.split or default_split
+    if cfg.type == "WebDataset" or getattr(cfg, "streaming", False):  # config.is_streamed
+        return streamed_split(cfg, key, split, num_classes, multi_label, steps, (IMAGE, LABEL))
     ds, source = _load_source(cfg, key, split, loader)
     image_column = getattr(cfg, "image_column", IMAGE)
     label_column = getattr(cfg, "label_column", LABEL)
