@@ -60,3 +60,21 @@ def test_asking_for_cuda_without_one_is_a_clear_error(gpu_throughput, capsys):
         gpu_throughput.parse_args(["--device", "cuda"])
     assert exc.value.code == 2
     assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_streaming_shards_quick_reports_both_sides_and_their_ratio(tmp_path, monkeypatch, capsys):
+    """benchmarks/streaming_shards.py --quick: shards and image folder side by side in one run."""
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))  # the script points it at its own folder
+    spec = importlib.util.spec_from_file_location("streaming_shards", SCRIPT.parent / "streaming_shards.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "report.json"
+    threads = torch.get_num_threads()
+    report = module.main(["--quick", "--json", str(out)])
+    assert torch.get_num_threads() == threads
+    assert json.loads(out.read_text()) == report
+    assert (report["images"], report["shards"], report["batch_size"]) == (96, 2, 16)
+    assert report["shards_images_per_sec"] > 0 and report["folder_images_per_sec"] > 0
+    assert report["ratio_shards_to_folder"] == pytest.approx(
+        report["shards_images_per_sec"] / report["folder_images_per_sec"], abs=1e-3)
+    assert "ratio shards / folder" in capsys.readouterr().out
