@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from hf_finetune.config import load_config
 from hf_finetune.data import StreamingSplit, build_datasets, build_stream_loader, label_names
-from hf_finetune.data.streaming import RESUME_NOTE
+from hf_finetune.data.streaming import RESUME_NOTE, StreamBatches
 from hf_finetune.errors import DataError, RecipeError
 from hf_finetune.run import main
 
@@ -228,17 +228,38 @@ def test_the_by_epoch_schedule_follows_the_declared_epoch(streamed_run):
         assert json.load(f)["eval_num_samples"] == 40  # the whole val stream, each image once
 
 
-def test_resume_continues_with_the_batches_of_an_uninterrupted_run(streamed_run, shards, tmp_path, caplog):
+def test_resume_continues_with_the_batches_of_an_uninterrupted_run(streamed_run, shards, tmp_path, caplog,
+                                                                    monkeypatch):
     tmp, work_dir = streamed_run
     resumed = str(tmp_path / "resumed")
     shutil.copytree(os.path.join(work_dir, "checkpoint-3"), os.path.join(resumed, "checkpoint-3"))
+    built, build = [], StreamBatches._build
+
+    def counted(self, rows, generator, lend=None):
+        built.append(self.epoch_batches is not None)
+        return build(self, rows, generator, lend)
+
+    monkeypatch.setattr(StreamBatches, "_build", counted)
     with caplog.at_level("INFO", logger="hf_finetune"):
         assert main([train_recipe(tmp, shards), "--work-dir", resumed, "--resume"]) == 0
     assert RESUME_NOTE in caplog.text
+    assert sum(built) == 7  # 10 updates - 3 done: the 3 batches skipped were read, not decoded
     full = load_file(os.path.join(work_dir, "model.safetensors"))
     again = load_file(os.path.join(resumed, "model.safetensors"))
     for key in full:  # the same batches, in the same order, with the same flips
         assert torch.equal(full[key], again[key]), key
+
+
+def test_resume_with_loader_workers_is_exact_too(shards, tmp_path):
+    path = train_recipe(tmp_path, shards)
+    workers = ["--cfg-options", "train_dataloader.num_workers=2", "train_dataloader.persistent_workers=true"]
+    full, resumed = str(tmp_path / "full"), str(tmp_path / "resumed")
+    assert main([path, "--work-dir", full, *workers]) == 0
+    shutil.copytree(os.path.join(full, "checkpoint-3"), os.path.join(resumed, "checkpoint-3"))
+    assert main([path, "--work-dir", resumed, "--resume", *workers]) == 0
+    again = load_file(os.path.join(resumed, "model.safetensors"))
+    for key, value in load_file(os.path.join(full, "model.safetensors")).items():
+        assert torch.equal(value, again[key]), key
 
 
 def test_a_stream_without_a_length_needs_num_samples(tmp_path, shards, capsys):

@@ -22,9 +22,9 @@ Evaluation (no epoch_batches): the split is read once, in order; accelerate then
 batches from the main process to the ranks (its rule for iterable datasets), so every image is
 counted once.
 
-Resume: the stream of an epoch is fixed by (seed, epoch, rank, worker), so the Trainer's own skip
-of the batches already trained on (accelerate's skip_first_batches) lands exactly where the run
-stopped (RESUME_NOTE says what that costs).
+Resume: an epoch's stream and augmentation are fixed by (seed, epoch, rank, worker, batch), so the
+Trainer's own skip of the batches already trained on (accelerate's skip_first_batches) lands exactly
+where the run stopped; the batches it skips are read but not decoded (RESUME_NOTE).
 """
 
 from __future__ import annotations
@@ -56,10 +56,12 @@ from .transforms import BatchTransform
 logger = logging.getLogger("hf_finetune")
 
 URL_PROBE_TIMEOUT_S = 5.0
-RESUME_NOTE = ("resuming a streamed training split: the batches of this epoch already trained on are read and "
-               "decoded again, then skipped, so training continues with exactly the batches and augmentation of "
-               "an uninterrupted run (datasets' IterableDataset.state_dict is not used: it would drop the shuffle "
-               "buffer's images and, with loader workers, needs torchdata's StatefulDataLoader)")
+RESUME_NOTE = ("resuming a streamed training split: the images of this epoch already trained on are read again "
+               "(not decoded) and skipped, so training continues with exactly the batches and augmentation of an "
+               "uninterrupted run; datasets' IterableDataset.state_dict, which would not read them, is not used: it "
+               "drops the shuffle buffer's images, and with loader workers it needs torchdata's StatefulDataLoader")
+# What a skipped batch is in its place: the Trainer drops it unseen (accelerate's skip_first_batches).
+SKIPPED = {"skipped_on_resume": True}
 
 
 class StreamingSplit:
@@ -270,12 +272,13 @@ class StreamBatches(torch.utils.data.IterableDataset):
 
     epoch_batches: batches per epoch on this rank (training: the stream repeats, each epoch is cut
     to this many, and the workers take turns as torch's DataLoader does); None: the stream once
-    (evaluation). Each epoch's (and worker's) pipeline draws from a generator seeded by (seed,
-    epoch, rank, worker), so an epoch replays exactly. With workers and `ring`, the batch's pixels
-    travel in shared slots (ring.BatchRing), as in loader.WholeBatches."""
+    (evaluation). Each batch's pipeline draws from a generator seeded by (seed, epoch, rank, worker,
+    batch), so an epoch replays exactly. resume: (epoch, batches) the Trainer skips when resuming;
+    those batches are read but not decoded. With workers and `ring`, the batch's pixels travel in
+    shared slots (ring.BatchRing), as in loader.WholeBatches."""
 
     def __init__(self, split: StreamingSplit, batched, epoch_batches: int | None, *, seed: int, rank: int,
-                 ring: BatchRing | None = None):
+                 ring: BatchRing | None = None, resume: tuple[int, int] | None = None):
         self.batched = batched  # split.stream, prepared and batched by build_stream_loader
         self.transform = split.transform
         self.source = split.source
@@ -285,6 +288,7 @@ class StreamBatches(torch.utils.data.IterableDataset):
         self.seed = seed
         self.rank = rank
         self.ring = ring
+        self.resume = resume
         self.owner = os.getpid()
         self.skipped = 0
 
@@ -300,17 +304,23 @@ class StreamBatches(torch.utils.data.IterableDataset):
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         workers, worker = (info.num_workers, info.id) if info else (1, 0)
-        generator = torch.Generator().manual_seed(mix_seed(self.seed, self.batched.epoch, self.rank, worker, 0x57EA))
+        epoch = self.batched.epoch
         rows = iter(self.batched)
         if self.epoch_batches is not None:  # this worker's turns among the epoch's batches
             rows = itertools.islice(rows, len(range(worker, self.epoch_batches, workers)))
-        while True:
+        skip = len(range(worker, self.resume[1], workers)) if self.resume and self.resume[0] == epoch else 0
+        for index in itertools.count():
             try:
                 batch = next(rows)
             except StopIteration:
                 return
             except (ValueError, OSError, tarfile.TarError) as exc:  # a truncated shard, a non-integer label member
                 raise BatchDataError(f"cannot read {self.source}: {exc}") from exc
+            if index < skip:
+                yield SKIPPED  # read but not decoded: the Trainer drops it (accelerate's skip_first_batches)
+                continue
+            # Seeded per batch, so a batch's augmentation does not depend on the batches before it.
+            generator = torch.Generator().manual_seed(mix_seed(self.seed, epoch, self.rank, worker, index, 0x57EA))
             yield self._send(batch, generator)
 
     def _send(self, rows, generator):
@@ -358,7 +368,8 @@ def _decodes(item) -> bool:
 def build_stream_loader(split: StreamingSplit, batch_size: int, *, epoch_batches: int | None = None,
                         shuffle: bool = False, seed: int = 0, rank: int = 0, world_size: int = 1,
                         num_workers: int = 0, pin_memory: bool = False, persistent_workers: bool = False,
-                        prefetch_factor: int | None = None, shared_slots: bool = True):
+                        prefetch_factor: int | None = None, shared_slots: bool = True,
+                        resume: tuple[int, int] | None = None):
     """A DataLoader of whole batches over a streamed split.
 
     Training (epoch_batches: this rank's batches per epoch): shuffled with a buffer when `shuffle`,
@@ -366,6 +377,7 @@ def build_stream_loader(split: StreamingSplit, batch_size: int, *, epoch_batches
     reaches the stream; skip_first_batches works on it); accelerate.prepare would instead have the
     main process read every shard and dispatch. Evaluation: the whole split once, a plain DataLoader
     for accelerate to prepare (it dispatches batches of an iterable dataset from the main process).
+    resume: (epoch, batches already trained on in it) when the Trainer resumes (see StreamBatches).
     """
     stream = split.stream
     shards = stream.num_shards
@@ -394,7 +406,7 @@ def build_stream_loader(split: StreamingSplit, batch_size: int, *, epoch_batches
     kwargs = dict(batch_size=None, collate_fn=return_batch, num_workers=num_workers, pin_memory=pin_memory,
                   persistent_workers=bool(persistent_workers) and workers, prefetch_factor=prefetch_factor,
                   worker_init_fn=seed_worker if workers else None)
-    dataset = StreamBatches(split, batched, epoch_batches, seed=seed, rank=rank, ring=ring)
+    dataset = StreamBatches(split, batched, epoch_batches, seed=seed, rank=rank, ring=ring, resume=resume)
     return DataLoader(dataset, **kwargs) if epoch_batches is None else DataLoaderShard(dataset, **kwargs)
 
 
