@@ -336,3 +336,19 @@ def test_labels_need_known_classes_and_must_fit_them(tmp_path, shards):
                                               data_preprocessor={"num_classes": 2})))["val"]
     with pytest.raises(DataError, match=r"label 2 of .*s00002.jpg .* is outside 0..1"):
         read_all(split)
+
+
+def test_streaming_a_hub_dataset_offline_is_one_line(tmp_path):
+    dataset = {"type": "HFImageDataset", "hub_id": "someone/photos", "streaming": True, "pipeline": PIPE}
+    with pytest.raises(DataError, match=r"cannot stream 'someone/photos': .* offline mode is on; streaming reads "
+                                        r"the Hub while training"):
+        build_val(tmp_path, dataset)
+
+
+def test_a_multi_label_head_is_refused_for_a_stream(tmp_path, shards):
+    config = load_config(recipe(tmp_path, val=webdataset(str(shards)), model={
+        "backbone": {"depth": 18, "init_cfg": None},
+        "head": {"type": "MultiLabelLinearClsHead", "in_channels": 512, "num_classes": 3}},
+        val_evaluator={"type": "MultiLabelMetric"}, test_evaluator={"type": "MultiLabelMetric"}))
+    with pytest.raises(DataError, match="a streamed split needs a single-label head"):
+        build_datasets(config)

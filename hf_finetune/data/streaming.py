@@ -387,11 +387,11 @@ def build_stream_loader(split: StreamingSplit, batch_size: int, *, epoch_batches
         if world_size > 1:
             if shards % world_size == 0:
                 _log(rank, f"streamed training split: each of the {world_size} ranks reads its own "
-                                f"{shards // world_size} of the {shards} shards")
+                           f"{shards // world_size} of the {shards} shards")
             else:
                 _log(rank, f"streamed training split: {shards} shards do not divide among {world_size} ranks, "
-                                f"so every rank reads all of them and keeps every {world_size}th batch; a shard "
-                                f"count that is a multiple of {world_size} reads {world_size} times less")
+                           f"so every rank reads all of them and keeps every {world_size}th batch; a shard "
+                           f"count that is a multiple of {world_size} reads {world_size} times less")
             stream = datasets.distributed.split_dataset_by_node(stream, rank, world_size)
             shards = shards // world_size if shards % world_size == 0 else shards
         stream = stream.repeat(None)
