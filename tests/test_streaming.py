@@ -352,3 +352,13 @@ def test_a_multi_label_head_is_refused_for_a_stream(tmp_path, shards):
         val_evaluator={"type": "MultiLabelMetric"}, test_evaluator={"type": "MultiLabelMetric"}))
     with pytest.raises(DataError, match="a streamed split needs a single-label head"):
         build_datasets(config)
+
+
+def test_a_label_member_that_is_not_an_integer_is_one_line(tmp_path):
+    folder = tmp_path / "named"
+    folder.mkdir()
+    with tarfile.open(folder / "part-000.tar", "w") as tar:
+        add(tar, "s00000.jpg", encoded(0, "JPEG"))
+        add(tar, "s00000.cls", b"cat")
+    with pytest.raises(DataError, match=r"cannot read WebDataset shards .*part-000.tar: invalid literal for int"):
+        read_all(build_val(tmp_path, webdataset(str(folder))))
