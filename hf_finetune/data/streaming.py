@@ -67,10 +67,10 @@ SKIPPED = {"skipped_on_resume": True}
 class StreamingSplit:
     """A streamed split as build_datasets returns it.
 
-    stream: datasets.IterableDataset with columns `image` (Image(decode=False)) and `label` (int);
+    stream: datasets.IterableDataset with the `columns` (image, label): Image(decode=False) and int;
     transform: the split's BatchTransform; names: class names; num_samples: images per epoch, or None
     where neither the recipe nor the dataset's info says (only training needs it); key: the recipe
-    section, for messages."""
+    section, for messages; features: as a Dataset's, the label a ClassLabel (build.label_names)."""
 
     def __init__(self, stream, transform: BatchTransform, names: list[str], num_samples: int | None, *,
                  source: str, key: str, shuffle_buffer: int, columns: tuple[str, str]):
