@@ -290,6 +290,13 @@ class HFImageDatasetCfg(DatasetCfg):
     val_split: float = knob(0.15, "train_dataloader's: the share of each class an image folder without "
                                   "val images holds out for validation (and test, without a test folder); "
                                   "0: validation reads the training images", min=0, lt=1)
+    streaming: bool = knob(False, "read the split as a stream (datasets' streaming=True): nothing is downloaded "
+                                  "or converted up front; data_root is then a Hub-format folder (parquet, "
+                                  "imagefolder, ...), else hub_id is streamed from the Hub")
+    num_samples: Optional[int] = knob(None, "streaming: images per epoch (default: the split's num_examples "
+                                            "in the dataset's info)", min=1)
+    shuffle_buffer: int = knob(1000, "streaming: images in the shuffle buffer (the shard order is shuffled too)",
+                               min=1)
 
 
 @dataclass
@@ -313,8 +320,25 @@ class SyntheticMultiLabelCfg(DatasetCfg):
     seed: int = knob(0, "generator seed")
 
 
+@dataclass
+class WebDatasetCfg(DatasetCfg):
+    type: str = knob("WebDataset", "WebDataset tar shards, streamed through datasets' webdataset loader")
+    shards: Union[None, str, list[str]] = knob(
+        None, "a folder of .tar shards (or of <split>/ folders of them), a glob, or a list of paths / http(s) "
+              "URLs (default: data_root)")
+    image_column: Union[str, list[str]] = knob(["jpg", "jpeg", "png", "webp"], "the member extension(s) "
+                                               "holding the image; a sample uses the first it has")
+    label_column: str = knob("cls", "the member holding the class index (an integer, as in s0001.cls)")
+    classes: Union[None, str, list[str]] = knob(
+        None, "class names, index = label: a list, or a text file with one name per line (default: "
+              "model.head.num_classes names '0', '1', ...)")
+    num_samples: Optional[int] = knob(None, "images per epoch (the shards are not counted up front)", min=1)
+    shuffle_buffer: int = knob(1000, "images in the shuffle buffer (the shard order is shuffled too)", min=1)
+
+
 DATASET_TYPES = {"CIFAR10": CIFAR10Cfg, "HFImageDataset": HFImageDatasetCfg,
-                 "SyntheticCIFAR10": SyntheticCIFAR10Cfg, "SyntheticMultiLabel": SyntheticMultiLabelCfg}
+                 "SyntheticCIFAR10": SyntheticCIFAR10Cfg, "SyntheticMultiLabel": SyntheticMultiLabelCfg,
+                 "WebDataset": WebDatasetCfg}
 
 
 @dataclass
@@ -344,6 +368,11 @@ class DataloaderCfg:
     def keep_workers(self):
         return self.num_workers > 0 if self.persistent_workers is None else \
             self.persistent_workers and self.num_workers > 0
+
+
+def is_streamed(dataset_cfg):
+    """Whether a split is read as a stream (datasets' IterableDataset) rather than indexed."""
+    return dataset_cfg.type == "WebDataset" or getattr(dataset_cfg, "streaming", False)
 
 
 MULTI_LABEL_METRICS = ("MultiLabelMetric", "AveragePrecision")
@@ -944,6 +973,12 @@ def _check_config(cfg, error):
         if split != "train" and getattr(ds, "val_split", default) != default:
             raise error((f"{split}_dataloader", "dataset", "val_split"),
                         "the training set is what is split: set train_dataloader.dataset.val_split")
+        if isinstance(ds, WebDatasetCfg) and not (ds.shards or ds.data_root):
+            raise error((f"{split}_dataloader", "dataset", "shards"),
+                        "WebDataset needs shards (a folder of .tar files, a glob or a list of URLs) or a data_root")
+        if is_streamed(ds) and isinstance(ds.indices, list):
+            raise error((f"{split}_dataloader", "dataset", "indices"),
+                        "a streamed split has no random access: use an int (its first N images)")
     _check_load_best(cfg, error)
 
 

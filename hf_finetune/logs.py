@@ -30,6 +30,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 from transformers import PrinterCallback, ProgressCallback, TrainerCallback
+from transformers.trainer_utils import has_length
 
 from .metrics import TOPK_KEY, mmpretrain_name
 
@@ -163,12 +164,14 @@ class MMEngineLogger(TrainerCallback):
             return
         prefix = next((key[:-len("_runtime")] for key in metrics if key.endswith("_runtime")), "eval")
         mode = "val" if prefix == "eval" else prefix
-        batches = len(eval_dataloader) if eval_dataloader is not None else 0
+        # A streamed split has no length (shown as ?): it is read to its end.
+        batches = len(eval_dataloader) if eval_dataloader is not None and has_length(eval_dataloader) else 0
+        shown = batches or "?"
         epoch = max(1, math.ceil(round(state.epoch or 0, 6)))
         if mode == "val" and self._steps_per_epoch and args.max_steps <= 0:
-            head = f"Epoch({mode}) [{epoch}][{batches}/{batches}]"
+            head = f"Epoch({mode}) [{epoch}][{shown}/{shown}]"
         else:
-            head = f"{'Epoch' if args.max_steps <= 0 else 'Iter'}({mode}) [{batches}/{batches}]"
+            head = f"{'Epoch' if args.max_steps <= 0 else 'Iter'}({mode}) [{shown}/{shown}]"
         accuracies, others, scalars = [], [], {}
         for key, value in metrics.items():
             name = key[len(prefix) + 1:] if key.startswith(prefix + "_") else key

@@ -1,16 +1,21 @@
 """The Trainer subclass: whole-batch data loading, the recipe's optimizer and LR schedule,
 a NaN guard, throughput in the logs, and the evaluation metrics."""
 
+import logging
+import os
 import time
 
 import torch
 from torch.utils.data import DataLoader
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer, TrainerCallback, TrainerState
+from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import get_last_checkpoint
 
 from .errors import CheckpointError, TrainingError
 from .metrics import CONFUSION_KEY
 from .optim import build_lr_scheduler, build_optimizer
+
+logger = logging.getLogger("hf_finetune")
 
 
 def _split(metric_key_prefix):
@@ -99,6 +104,7 @@ class FinetuneTrainer(Trainer):
         self._window = None  # (time, samples) at the last log, for images/s
         self._eval_loaders = {}
         self._evaluations = {}  # metric_key_prefix -> (update, metrics) of the last evaluate()
+        self._stream_resume = None  # while resuming a streamed split: (epoch, batches the Trainer skips)
 
     def train(self, resume_from_checkpoint=None, **kwargs):
         if resume_from_checkpoint is True:  # the Trainer's "latest checkpoint of output_dir"
@@ -107,9 +113,19 @@ class FinetuneTrainer(Trainer):
         if isinstance(resume_from_checkpoint, str):
             restore = ResumeCallbackFiles(resume_from_checkpoint, self.callback_handler)
             self.add_callback(restore)
+            from .data.streaming import RESUME_NOTE, StreamingSplit
+
+            if isinstance(self.train_dataset, StreamingSplit) and not self.args.ignore_data_skip:
+                # What the Trainer will skip (its _init_training_state): the updates done in this epoch.
+                step = TrainerState.load_from_json(os.path.join(resume_from_checkpoint, TRAINER_STATE_NAME)).global_step
+                epoch, updates = divmod(step, self.updates_per_epoch)
+                self._stream_resume = (epoch, updates * self.args.gradient_accumulation_steps)
+                if self.is_world_process_zero():
+                    logger.info(RESUME_NOTE)
         try:
             return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
         finally:
+            self._stream_resume = None
             if restore is not None:
                 self.remove_callback(restore)
 
@@ -140,9 +156,20 @@ class FinetuneTrainer(Trainer):
 
     # Data: the pipeline builds each batch tensor itself; the DataLoader only fetches it.
     def _loader(self, dataset, split, batch_size, shuffle, drop_last, train=False):
-        from .data import build_dataloader  # datasets is imported only when data is needed
+        from .data import StreamingSplit, build_dataloader, build_stream_loader  # datasets only when needed
 
         section = self._section(split)
+        if isinstance(dataset, StreamingSplit):
+            loader = build_stream_loader(
+                dataset, batch_size, epoch_batches=self.updates_per_epoch * self.args.gradient_accumulation_steps
+                if train else None, shuffle=shuffle, seed=self.args.seed, rank=self.args.process_index,
+                world_size=self.args.world_size, num_workers=section.num_workers,
+                pin_memory=self.args.dataloader_pin_memory, persistent_workers=section.keep_workers(),
+                prefetch_factor=section.prefetch_factor, shared_slots=section.shared_slots,
+                resume=self._stream_resume if train else None)
+            # Training: each rank reads its own shards (prepare would dispatch the main process's);
+            # evaluation: accelerate dispatches the one stream's batches to the ranks.
+            return loader if train else self.accelerator.prepare(loader)
         loader = build_dataloader(
             dataset,
             batch_size,

@@ -76,10 +76,11 @@ def plan_batches(cfg, world_size):
     return BatchPlan(world_size, per_device, accumulation, total, per_device_eval, lr, base_lr)
 
 
-def updates_per_epoch(num_samples, plan, drop_last=False):
-    """Optimizer updates per epoch, counted the way Trainer and accelerate count them."""
+def updates_per_epoch(num_samples, plan, drop_last=False, streamed=False):
+    """Optimizer updates per epoch, counted the way Trainer and accelerate count them.
+    streamed: a streamed split, whose epoch is this many whole updates of full batches."""
     batches = num_samples // plan.per_device if drop_last else math.ceil(num_samples / plan.per_device)
-    if not drop_last and plan.per_device > 1 and num_samples % plan.per_device == 1:
+    if not drop_last and not streamed and plan.per_device > 1 and num_samples % plan.per_device == 1:
         batches -= 1  # the loader drops a last batch of one image (see EpochSeededBatchSampler)
     per_rank = math.ceil(batches / plan.world_size)
     return max(math.ceil(per_rank / plan.accumulation), 1)
@@ -225,7 +226,7 @@ def evaluation_metrics(cfg, num_classes):
 
 def build_trainer(cfg, datasets=None, model=None, callbacks=None):
     """A FinetuneTrainer wired from the config; datasets and model are built when not given."""
-    from .data import build_datasets, label_names
+    from .data import StreamingSplit, build_datasets, label_names
     from .models import build_model
 
     state = process_state()
@@ -245,8 +246,8 @@ def build_trainer(cfg, datasets=None, model=None, callbacks=None):
         raise RecipeError(
             f"model.head.num_classes: the model has {model.config.num_labels} classes but the "
             f"dataset has {len(names)} labels; set model.head.num_classes={len(names)}")
-    steps = updates_per_epoch(len(datasets["train"]), plan, cfg.train_dataloader.drop_last) \
-        if "train" in datasets else 1
+    steps = updates_per_epoch(len(datasets["train"]), plan, cfg.train_dataloader.drop_last,
+                              streamed=isinstance(datasets["train"], StreamingSplit)) if "train" in datasets else 1
     args = build_training_args(cfg, plan, steps, validate="val" in datasets)
     loss_fn = None
     if cfg.model.type != "ImageClassifier":

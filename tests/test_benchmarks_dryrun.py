@@ -120,3 +120,21 @@ def test_own_data_summary_names_the_goals(own_data_quick, capsys):
     out = capsys.readouterr().out
     assert "first batch" in out and "peak RSS MB" in out and "index of 500 files on one core" in out
     assert "goal cache_fraction" in out
+
+
+def test_streaming_shards_quick_reports_both_sides_and_their_ratio(tmp_path, monkeypatch, capsys):
+    """benchmarks/streaming_shards.py --quick: shards and image folder side by side in one run."""
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))  # the script points it at its own folder
+    spec = importlib.util.spec_from_file_location("streaming_shards", SCRIPT.parent / "streaming_shards.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "report.json"
+    threads = torch.get_num_threads()
+    report = module.main(["--quick", "--json", str(out)])
+    assert torch.get_num_threads() == threads
+    assert json.loads(out.read_text()) == report
+    assert (report["images"], report["shards"], report["batch_size"]) == (96, 2, 16)
+    assert report["shards_images_per_sec"] > 0 and report["folder_images_per_sec"] > 0
+    assert report["ratio_shards_to_folder"] == pytest.approx(
+        report["shards_images_per_sec"] / report["folder_images_per_sec"], abs=1e-3)
+    assert "ratio shards / folder" in capsys.readouterr().out

@@ -121,3 +121,35 @@ def test_hub_model_commands_run_as_printed(tmp_path):
         else:
             assert result.returncode == 0, (command, result.stderr[-3000:])
             assert "test_accuracy_top1" in (tmp_path / "work_dirs" / str(len(command)) / "all_results.json").read_text()
+
+
+def test_streaming_shards_recipe_as_printed(tmp_path, monkeypatch):
+    """The README's my_shards.json with --data-root on a folder of train/ and val/ shards."""
+    import io
+    import tarfile
+
+    from hf_finetune.config import apply_overrides, load_config
+    from hf_finetune.data import StreamingSplit, build_datasets, build_stream_loader, label_names
+
+    (block,) = [b for b in re.findall(r"```json\n(.*?)```", README, flags=re.S) if '"WebDataset"' in b]
+    assert "hf-finetune my_shards.json --data-root /data/wds/" in README
+    shutil.copytree(ROOT / "recipes", tmp_path / "recipes")
+    (tmp_path / "my_shards.json").write_text(block)
+    (tmp_path / "classes.txt").write_text("goldfish\ntench\n")
+    for split in ("train", "val"):
+        (tmp_path / "wds" / split).mkdir(parents=True)
+        with tarfile.open(tmp_path / "wds" / split / "shard-0000.tar", "w") as tar:
+            for i in range(4):
+                buf = io.BytesIO()
+                Image.fromarray(np.full((300, 400, 3), 40 * i, np.uint8)).save(buf, format="JPEG")
+                for name, data in ((f"n{i:04d}.jpg", buf.getvalue()), (f"n{i:04d}.cls", str(i % 2).encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    monkeypatch.chdir(tmp_path)
+    cfg = apply_overrides(load_config("my_shards.json"), data_root="wds/")
+    dd = build_datasets(cfg)
+    assert isinstance(dd["train"], StreamingSplit) and len(dd["train"]) == 1281167
+    assert label_names(dd) == ["goldfish", "tench"]
+    (batch,) = list(build_stream_loader(dd["val"], 4))
+    assert batch["pixel_values"].shape == (4, 3, 224, 224) and batch["labels"].tolist() == [0, 1, 0, 1]

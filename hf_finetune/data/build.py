@@ -16,6 +16,7 @@ from .decode import decode_image
 from .labels import label_layout, num_label_classes
 from .labels import label_names as feature_label_names
 from .sources import ACCEPTED_FORMATS, SourceLoader, find_local_copy
+from .streaming import streamed_split
 from .transforms import ROW_COLUMN, BatchTransform
 
 logger = logging.getLogger(__name__)
@@ -122,7 +123,9 @@ def _build_split(cfg, key: str, default_split: str, num_classes: int, multi_labe
     are checked against them and its labels renumbered to match."""
     steps = [step.op for step in cfg.pipeline]
     split = cfg.split or default_split
-    ds, source = _load_source(cfg, key, split, loader, held_out)
+    if cfg.type == "WebDataset" or getattr(cfg, "streaming", False):  # config.is_streamed
+        return streamed_split(cfg, key, split, num_classes, multi_label, steps, (IMAGE, LABEL))
+        ds, source = _load_source(cfg, key, split, loader, held_out)
     image_column = getattr(cfg, "image_column", IMAGE)
     label_column = getattr(cfg, "label_column", LABEL)
     names = _check_columns(ds, image_column, label_column, source, key)
