@@ -973,6 +973,10 @@ def _check_config(cfg, error):
         if split != "train" and getattr(ds, "val_split", default) != default:
             raise error((f"{split}_dataloader", "dataset", "val_split"),
                         "the training set is what is split: set train_dataloader.dataset.val_split")
+        if is_streamed(ds) and getattr(ds, "val_split", default) != default:
+            raise error((f"{split}_dataloader", "dataset", "val_split"),
+                        "a streamed split is read whole, not split: give the validation images their own "
+                        "split (a val/ folder, or the dataset's validation split)")
         if isinstance(ds, WebDatasetCfg) and not (ds.shards or ds.data_root):
             raise error((f"{split}_dataloader", "dataset", "shards"),
                         "WebDataset needs shards (a folder of .tar files, a glob or a list of URLs) or a data_root")

@@ -19,3 +19,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def free_port() -> int:
+    """A TCP port free now, for a launched process group: a fixed one collides with another run's
+    (a second checkout's suite, or a port still in TIME_WAIT)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

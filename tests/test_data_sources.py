@@ -441,3 +441,18 @@ def test_corrupt_images_skipped_with_one_counted_warning(corrupt_copy):
 def test_bad_dataset_settings(cfg, match):
     with pytest.raises(RecipeError, match=match):
         build_datasets(recipe(train={**cfg, "pipeline": PACK}))
+
+
+def test_data_errors_name_the_hub_model_keys(tmp_path, cache):
+    """A Hub model's recipe sets its classes at model.num_classes and multi-label at model.loss:
+    the data errors name those keys, not the ResNet head's."""
+    write_imagefolder(tmp_path / "f", N_TRAIN, N_TEST, seed=0)
+    model = {"type": "HuggingFaceClassifier", "model_name": "some/model", "num_classes": 4}
+    test = {"batch_size": 4, "dataset": cifar(tmp_path / "f", "test")}
+    with pytest.raises(DataError, match=r"has 10 classes but model.num_classes is 4; set model.num_classes=10$"):
+        build_datasets(config_from_dict({"model": model, "test_dataloader": test}))
+    multi = {**model, "num_classes": None, "loss": {"type": "CrossEntropyLoss", "use_sigmoid": True}}
+    with pytest.raises(DataError, match=r"the model is multi-label; set model.loss.use_sigmoid to false$"):
+        build_datasets(config_from_dict({"model": multi, "test_dataloader": test,
+                                         "val_evaluator": {"type": "MultiLabelMetric"},
+                                         "test_evaluator": {"type": "MultiLabelMetric"}}))

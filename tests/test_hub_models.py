@@ -8,6 +8,7 @@ import pytest
 import torch
 import transformers
 from safetensors.torch import load_file
+from conftest import free_port
 
 from hf_finetune.config import config_from_dict
 from hf_finetune.errors import RecipeError
@@ -333,7 +334,8 @@ def test_two_process_ddp_on_cpu(convnext, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", "29537", os.path.join(REPO, "hf_finetune", "run.py"), path, "--work-dir", work]
+               "--main_process_port", str(free_port()), os.path.join(REPO, "hf_finetune", "run.py"), path,
+               "--work-dir", work]
     proc = subprocess.run(command, capture_output=True, text=True, timeout=400, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "batch: 8 total = 4 per device x 2 process(es)" in proc.stderr

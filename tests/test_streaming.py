@@ -18,6 +18,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+from conftest import free_port
 
 from hf_finetune.config import load_config
 from hf_finetune.data import StreamingSplit, build_datasets, build_stream_loader, label_names
@@ -272,7 +273,7 @@ def run_launch(args, cwd, processes):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
                str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", "29537", os.path.join(REPO, "hf_finetune", "run.py")] + args
+               "--main_process_port", str(free_port()), os.path.join(REPO, "hf_finetune", "run.py")] + args
     return subprocess.run(command, capture_output=True, text=True, timeout=400, env=env, cwd=cwd)
 
 
@@ -350,7 +351,7 @@ def test_a_multi_label_head_is_refused_for_a_stream(tmp_path, shards):
         "backbone": {"depth": 18, "init_cfg": None},
         "head": {"type": "MultiLabelLinearClsHead", "in_channels": 512, "num_classes": 3}},
         val_evaluator={"type": "MultiLabelMetric"}, test_evaluator={"type": "MultiLabelMetric"}))
-    with pytest.raises(DataError, match="a streamed split needs a single-label head"):
+    with pytest.raises(DataError, match="a streamed split needs a single-label model; set model.head.type to LinearClsHead"):
         build_datasets(config)
 
 

@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
+from conftest import free_port
 
 from hf_finetune.run import main
 
@@ -202,7 +203,7 @@ def run_launch(args, tmp_path, processes):
     else:
         command += ["--num_processes", "1"]
     command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                "--main_process_port", "29531", os.path.join(REPO, "hf_finetune", "run.py")] + args
+                "--main_process_port", str(free_port()), os.path.join(REPO, "hf_finetune", "run.py")] + args
     return subprocess.run(command, capture_output=True, text=True, timeout=400, env=env, cwd=tmp_path)
 
 

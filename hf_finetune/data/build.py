@@ -16,7 +16,7 @@ from .decode import decode_image
 from .labels import label_layout, num_label_classes
 from .labels import label_names as feature_label_names
 from .sources import ACCEPTED_FORMATS, SourceLoader, find_local_copy
-from .streaming import streamed_split
+from .streaming import StreamingSplit, streamed_split
 from .transforms import ROW_COLUMN, BatchTransform
 
 logger = logging.getLogger(__name__)
@@ -34,13 +34,12 @@ def build_datasets(cfg, splits=None) -> datasets.DatasetDict:
     ClassLabel, so `label_names(dd)` reads the class names from the features.
     """
     loader = SourceLoader()
-    model = cfg.model
     held_out = _held_out(cfg)
     built, reference = {}, None if splits is None or "train" in splits else _training_classes(held_out)
     for split, section in cfg.dataloaders().items():
         if splits is None or split in splits:
             built[split] = _build_split(section.dataset, f"{split}_dataloader.dataset", DEFAULT_SPLITS[split],
-                                        model.num_classes, model.multi_label, loader, held_out, reference)
+                                        cfg.model, loader, held_out, reference)
             reference = reference or _class_names(built[split])
     return datasets.DatasetDict(built)
 
@@ -67,7 +66,8 @@ def _held_out(cfg) -> tuple[Path, float] | None:
     """(folder, val_split) when the training set comes from a local folder: an image folder there
     without val images is split, so no other split reads the training images."""
     dataset = cfg.train_dataloader.dataset if cfg.train_dataloader else None
-    if dataset is None or not getattr(dataset, "data_root", None) or not hasattr(dataset, "val_split"):
+    if dataset is None or not getattr(dataset, "data_root", None) or not hasattr(dataset, "val_split") \
+            or getattr(dataset, "streaming", False):  # a stream is read whole, not split
         return None
     return Path(dataset.data_root).expanduser().resolve(), dataset.val_split
 
@@ -85,7 +85,10 @@ def _class_names(ds) -> list[str] | None:
 
 
 def split_counts(ds, label_column: str = LABEL) -> dict:
-    """{"images": N, "classes": {name: N, ...}} of a single-label split ({"images": N} otherwise)."""
+    """{"images": N, "classes": {name: N, ...}} of a single-label split ({"images": N} otherwise);
+    a stream is not read up front, so only its declared images per epoch (or None) are known."""
+    if isinstance(ds, StreamingSplit):
+        return {"images": ds.num_samples, "streamed": True}
     feature = ds.features[label_column]
     if not isinstance(feature, datasets.ClassLabel):
         return {"images": len(ds)}
@@ -99,6 +102,8 @@ MAX_LISTED_CLASSES = 20  # more classes: the smallest and largest count only
 
 def describe_counts(counts: dict) -> str:
     """'850 images, 2 classes (cat 400, dog 450)' for logs, the model card and --print-recipe."""
+    if counts.get("streamed"):
+        return f"streamed, {counts['images']:,} images per epoch" if counts["images"] else "streamed"
     text = f"{counts['images']:,} images"
     classes = counts.get("classes")
     if classes:
@@ -110,6 +115,13 @@ def describe_counts(counts: dict) -> str:
     return text
 
 
+def label_kind_fix(model, multi_label: bool) -> str:
+    """How the recipe makes `model` single- or multi-label, for messages."""
+    if model.key("loss") == "model.head.loss":
+        return f"set model.head.type to {'MultiLabelLinearClsHead' if multi_label else 'LinearClsHead'}"
+    return f"set model.loss.use_sigmoid to {str(multi_label).lower()}"
+
+
 def label_names(dataset_dict) -> list[str]:
     """Class names, index = label id (for the model's id2label)."""
     ds = dataset_dict["train"] if "train" in dataset_dict else next(iter(dataset_dict.values()))
@@ -117,15 +129,17 @@ def label_names(dataset_dict) -> list[str]:
     return list((feature if isinstance(feature, datasets.ClassLabel) else feature.feature).names)
 
 
-def _build_split(cfg, key: str, default_split: str, num_classes: int, multi_label: bool,
-                 loader: SourceLoader, held_out=None, reference: list[str] | None = None):
-    """reference: the class names of the split built first (train's): another split's classes
+def _build_split(cfg, key: str, default_split: str, model, loader: SourceLoader, held_out=None,
+                 reference: list[str] | None = None):
+    """model: the recipe's model section (its num_classes, multi_label and their keys);
+    reference: the class names of the split built first (train's): another split's classes
     are checked against them and its labels renumbered to match."""
+    num_classes, multi_label, classes_key = model.num_classes, model.multi_label, model.key("num_classes")
     steps = [step.op for step in cfg.pipeline]
     split = cfg.split or default_split
     if cfg.type == "WebDataset" or getattr(cfg, "streaming", False):  # config.is_streamed
-        return streamed_split(cfg, key, split, num_classes, multi_label, steps, (IMAGE, LABEL))
-        ds, source = _load_source(cfg, key, split, loader, held_out)
+        return streamed_split(cfg, key, split, model, steps, (IMAGE, LABEL))
+    ds, source = _load_source(cfg, key, split, loader, held_out)
     image_column = getattr(cfg, "image_column", IMAGE)
     label_column = getattr(cfg, "label_column", LABEL)
     names = _check_columns(ds, image_column, label_column, source, key)
@@ -136,15 +150,14 @@ def _build_split(cfg, key: str, default_split: str, num_classes: int, multi_labe
         raise DataError(
             f"{source}: the labels in column {label_column!r} are "
             f"{'one class per image' if layout == 'single_label' else 'several classes per image'} but "
-            f"model.head is {'multi' if multi_label else 'single'}-label; set model.head.type to "
-            f"{'LinearClsHead' if multi_label else 'MultiLabelLinearClsHead'}")
+            f"the model is {'multi' if multi_label else 'single'}-label; {label_kind_fix(model, not multi_label)}")
     if multi_label:
-        ds, names = _class_lists(ds, label_column, layout, num_classes, source)
+        ds, names = _class_lists(ds, label_column, layout, num_classes, classes_key, source)
         label_feature = datasets.Sequence(datasets.ClassLabel(names=names))
     else:
         if reference is not None and names is not None and names != reference:
             ds, names = _renumbered(ds, label_column, names, reference, source)
-        names = _check_labels(ds, label_column, names, num_classes, source)
+        names = _check_labels(ds, label_column, names, num_classes, classes_key, source)
         label_feature = datasets.ClassLabel(names=names)
 
     renames = {old: new for old, new in ((image_column, IMAGE), (label_column, LABEL)) if old != new}
@@ -228,17 +241,17 @@ def _check_columns(ds: datasets.Dataset, image_column: str, label_column: str, s
     return feature_label_names(label)
 
 
-def _class_lists(ds, label_column, layout, num_classes, source):
+def _class_lists(ds, label_column, layout, num_classes, classes_key, source):
     """Multi-label columns as class lists (multi-hot rows converted), every class in range;
     -> (dataset, class names)."""
     feature = ds.features[label_column]
     count = num_label_classes(feature)
     num_classes = num_classes or count
     if num_classes is None:
-        raise DataError(f"{source}: the label column names no classes; set model.head.num_classes")
+        raise DataError(f"{source}: the label column names no classes; set {classes_key}")
     if count is not None and count != num_classes:
-        raise DataError(f"{source} has {count} classes but model.head.num_classes is {num_classes}; "
-                        f"set model.head.num_classes={count}")
+        raise DataError(f"{source} has {count} classes but {classes_key} is {num_classes}; "
+                        f"set {classes_key}={count}")
     names = feature_label_names(feature) or [str(i) for i in range(num_classes)]
     if layout == "multi_hot":
         ds = ds.map(lambda batch: {label_column: [[i for i, v in enumerate(row) if v] for row in batch[label_column]]},
@@ -249,24 +262,25 @@ def _class_lists(ds, label_column, layout, num_classes, source):
         bad = [(start + i, c) for i, row in enumerate(lists) for c in row if not 0 <= c < num_classes]
         if bad:
             raise DataError(f"label {bad[0][1]} at index {bad[0][0]} of {source} is outside "
-                            f"0..{num_classes - 1} (model.head.num_classes)")
+                            f"0..{num_classes - 1} ({classes_key})")
     return ds, names
 
 
-def _check_labels(ds: datasets.Dataset, label_column: str, names, num_classes, source: str) -> list[str]:
+def _check_labels(ds: datasets.Dataset, label_column: str, names, num_classes, classes_key: str,
+                  source: str) -> list[str]:
     """Every label in 0..num_classes-1 and as many class names as classes; -> the names.
     num_classes None: the dataset's class names (or largest label + 1) say how many."""
     labels = np.asarray(ds.with_format("arrow")[label_column].to_numpy())
     if num_classes is None:
         num_classes = len(names) if names is not None else int(labels.max()) + 1
     if names is not None and len(names) != num_classes:
-        raise DataError(f"{source} has {len(names)} classes but model.head.num_classes is "
-                        f"{num_classes}; set model.head.num_classes={len(names)}")
+        raise DataError(f"{source} has {len(names)} classes but {classes_key} is "
+                        f"{num_classes}; set {classes_key}={len(names)}")
     bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
     if bad.size:
         i = int(bad[0])
         raise DataError(f"label {int(labels[i])} at index {i} of {source} is outside "
-                        f"0..{num_classes - 1} (model.head.num_classes); {bad.size} label(s) out of range")
+                        f"0..{num_classes - 1} ({classes_key}); {bad.size} label(s) out of range")
     return names if names is not None else [str(i) for i in range(num_classes)]
 
 

@@ -93,16 +93,18 @@ class StreamingSplit:
         return self.num_samples
 
 
-def streamed_split(cfg, key: str, split: str, num_classes: int | None, multi_label: bool, steps: list,
-                   columns: tuple[str, str]) -> StreamingSplit:
-    """The split the dataset section `cfg` (at recipe key `key`) names, as a stream; columns: the
-    (image, label) names every split uses after building."""
-    if multi_label:
-        raise DataError(f"{key}: a streamed split needs a single-label head (model.head.type LinearClsHead)")
+def streamed_split(cfg, key: str, split: str, model, steps: list, columns: tuple[str, str]) -> StreamingSplit:
+    """The split the dataset section `cfg` (at recipe key `key`) names, as a stream; model: the
+    recipe's model section; columns: the (image, label) names every split uses after building."""
+    from .build import label_kind_fix  # build imports this module
+
+    if model.multi_label:
+        raise DataError(f"{key}: a streamed split needs a single-label model; {label_kind_fix(model, False)}")
+    num_classes, classes_key = model.num_classes, model.key("num_classes")
     if cfg.type == "WebDataset":
-        stream, names, num_samples, source = _webdataset(cfg, key, split, num_classes, columns)
+        stream, names, num_samples, source = _webdataset(cfg, key, split, num_classes, classes_key, columns)
     else:
-        stream, names, num_samples, source = _hub_stream(cfg, key, split, num_classes, columns)
+        stream, names, num_samples, source = _hub_stream(cfg, key, split, num_classes, classes_key, columns)
     if cfg.indices is not None:  # an int (the config refuses lists): the stream's first N images
         stream = stream.take(cfg.indices)
         num_samples = min(num_samples or cfg.indices, cfg.indices)
@@ -149,8 +151,8 @@ def _probe_url(url: str, where: str) -> None:
         raise DataError(f"{where}: cannot reach {url}: {reason}") from None
 
 
-def _class_names(cfg, key: str, source: str, num_classes: int | None) -> list[str]:
-    """Class names from the `classes` key (a list or a file), else '0'.. for model.head.num_classes."""
+def _class_names(cfg, key: str, source: str, num_classes: int | None, classes_key: str) -> list[str]:
+    """Class names from the `classes` key (a list or a file), else '0'.. for num_classes (recipe key classes_key)."""
     classes = cfg.classes
     if isinstance(classes, str):
         path = Path(classes).expanduser()
@@ -166,21 +168,21 @@ def _class_names(cfg, key: str, source: str, num_classes: int | None) -> list[st
         names = [str(i) for i in range(num_classes)]
     else:
         raise DataError(f"{source}: the class names must be known up front (a stream is not scanned): set "
-                        f"{key}.classes (a list, or a file with one name per line) or model.head.num_classes")
+                        f"{key}.classes (a list, or a file with one name per line) or {classes_key}")
     if num_classes is not None and len(names) != num_classes:
-        raise DataError(f"{source} has {len(names)} classes ({key}.classes) but model.head.num_classes is "
-                        f"{num_classes}; set model.head.num_classes={len(names)}")
+        raise DataError(f"{source} has {len(names)} classes ({key}.classes) but {classes_key} is "
+                        f"{num_classes}; set {classes_key}={len(names)}")
     return names
 
 
-def _webdataset(cfg, key, split, num_classes, columns):
+def _webdataset(cfg, key, split, num_classes, classes_key, columns):
     files, where = _shard_files(cfg, key, split)
     urls = [f for f in files if f.startswith(("http://", "https://"))]
     if urls:
         _probe_url(urls[0], where)
     source = (f"WebDataset shards {files[0]}" if len(files) == 1 else
               f"WebDataset shards {files[0]} ... ({len(files)} shards)")
-    names = _class_names(cfg, key, source, num_classes)
+    names = _class_names(cfg, key, source, num_classes, classes_key)
     image_keys = cfg.image_column if isinstance(cfg.image_column, list) else [cfg.image_column]
     label_key = cfg.label_column
     # Declared features: members of any listed extension (samples may mix jpg and png), the
@@ -207,7 +209,7 @@ def _webdataset(cfg, key, split, num_classes, columns):
 
 # ---------------------------------------------------------------- Hub datasets
 
-def _hub_stream(cfg, key, split, num_classes, columns):
+def _hub_stream(cfg, key, split, num_classes, classes_key, columns):
     root = Path(cfg.data_root).expanduser() if cfg.data_root else None
     where = f"'{cfg.hub_id}'" + (f" (config {cfg.config_name!r})" if cfg.config_name else "")
     if root is not None and root.exists():
@@ -246,12 +248,12 @@ def _hub_stream(cfg, key, split, num_classes, columns):
     if isinstance(label, datasets.ClassLabel):
         names = list(label.names)
         if num_classes is not None and len(names) != num_classes:
-            raise DataError(f"{source} has {len(names)} classes but model.head.num_classes is {num_classes}; "
-                            f"set model.head.num_classes={len(names)}")
+            raise DataError(f"{source} has {len(names)} classes but {classes_key} is {num_classes}; "
+                            f"set {classes_key}={len(names)}")
     elif isinstance(label, datasets.Value) and label.dtype.startswith(("int", "uint")):
         if not num_classes:
             raise DataError(f"{source}: the labels in column {label_column!r} are integers without class names "
-                            f"and a stream is not scanned; set model.head.num_classes")
+                            f"and a stream is not scanned; set {classes_key}")
         names = [str(i) for i in range(num_classes)]
     else:
         raise DataError(f"column {label_column!r} of {source} is {type(label).__name__}, not a single-label "
