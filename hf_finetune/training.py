@@ -244,8 +244,8 @@ def build_trainer(cfg, datasets=None, model=None, callbacks=None):
                                 load_from=cfg.load_from)
     if model.config.num_labels != len(names):
         raise RecipeError(
-            f"model.head.num_classes: the model has {model.config.num_labels} classes but the "
-            f"dataset has {len(names)} labels; set model.head.num_classes={len(names)}")
+            f"{cfg.model.key('num_classes')}: the model has {model.config.num_labels} classes but the "
+            f"dataset has {len(names)} labels; set {cfg.model.key('num_classes')}={len(names)}")
     steps = updates_per_epoch(len(datasets["train"]), plan, cfg.train_dataloader.drop_last,
                               streamed=isinstance(datasets["train"], StreamingSplit)) if "train" in datasets else 1
     args = build_training_args(cfg, plan, steps, validate="val" in datasets)
@@ -336,14 +336,32 @@ def check_hub_model(model, args, datasets):
     if args.gradient_checkpointing and not model.supports_gradient_checkpointing:
         raise RecipeError(f"training_args.gradient_checkpointing: {type(model).__name__} has no gradient "
                           f"checkpointing in transformers; remove it")
+    from .data import StreamingSplit
+
     seen = set()
     for split, dataset in datasets.items():
-        if not hasattr(dataset, "__len__") or len(dataset) == 0:
-            continue  # a stream: no first batch to look at before training
-        height, width = dataset[:1]["pixel_values"].shape[-2:]
+        if isinstance(dataset, StreamingSplit):  # not read before training: the size its pipeline fixes
+            size = fixed_output_size(dataset.transform.steps)
+            if size is None:
+                continue  # it follows each image's: the first batch finds out
+            height, width = size
+        elif len(dataset) == 0:
+            continue
+        else:
+            height, width = dataset[:1]["pixel_values"].shape[-2:]
         if (height, width) not in seen:
             seen.add((height, width))
             check_input_size(model, int(height), int(width), f"{split}_dataloader.dataset.pipeline")
+
+
+def fixed_output_size(steps) -> tuple[int, int] | None:
+    """The (height, width) a pipeline makes of any input (two unlike inputs give the same), else None."""
+    sizes = set()
+    for size in ((97, 131), (389, 211)):
+        for step in steps:
+            size = tuple(step.output_size(size))
+        sizes.add(size)
+    return sizes.pop() if len(sizes) == 1 else None
 
 
 def convolutional(model):

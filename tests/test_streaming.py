@@ -363,3 +363,26 @@ def test_a_label_member_that_is_not_an_integer_is_one_line(tmp_path):
         add(tar, "s00000.cls", b"cat")
     with pytest.raises(DataError, match=r"cannot read WebDataset shards .*part-000.tar: invalid literal for int"):
         read_all(build_val(tmp_path, webdataset(str(folder))))
+
+
+def test_a_hub_model_trains_on_a_stream_and_its_size_is_checked_first(tmp_path, shards, capsys):
+    """A Hub model reads a stream as the ResNet does; a pipeline whose fixed size the model cannot
+    take is refused before training, though no image is read before it."""
+    from transformers import ConvNextConfig, ConvNextForImageClassification, ConvNextImageProcessorPil
+
+    folder = tmp_path / "convnext"
+    ConvNextForImageClassification(ConvNextConfig(depths=[1, 1, 1, 1], hidden_sizes=[8, 16, 32, 64],
+                                                  num_labels=3)).save_pretrained(folder)
+    ConvNextImageProcessorPil().save_pretrained(folder)
+    model = {"_delete_": True, "type": "HuggingFaceClassifier", "model_name": str(folder), "pretrained": True}
+    train = webdataset(str(shards), num_samples=16, pipeline=PIPE_TRAIN)
+    path = recipe(tmp_path, train=train, val=webdataset(str(shards)), model=model,
+                  data_preprocessor={"_delete_": True})
+    assert main([path, "--work-dir", str(tmp_path / "ok")]) == 0
+    assert "eval_accuracy_top1" in (tmp_path / "ok" / "all_results.json").read_text()
+    small = [{"type": "Resize", "scale": 4}, {"type": "PackClsInputs"}]
+    path = recipe(tmp_path, train={**train, "pipeline": small}, model=model, data_preprocessor={"_delete_": True},
+                  name="small.json")
+    assert main([path, "--work-dir", str(tmp_path / "small")]) == 2
+    assert "train_dataloader.dataset.pipeline: the pipeline makes 4x4 images" in capsys.readouterr().err
+    assert not (tmp_path / "small" / "checkpoint-1").exists()
