@@ -13,7 +13,7 @@ from ..errors import DataError, RecipeError
 from ..recipe import did_you_mean, is_int
 from . import imagefolder
 from .decode import decode_image
-from .labels import label_layout, num_label_classes
+from .labels import label_kind_fix, label_layout, num_label_classes
 from .labels import label_names as feature_label_names
 from .sources import ACCEPTED_FORMATS, SourceLoader, find_local_copy
 from .streaming import StreamingSplit, streamed_split
@@ -113,13 +113,6 @@ def describe_counts(counts: dict) -> str:
         else:
             text += f" ({min(classes.values()):,} to {max(classes.values()):,} per class)"
     return text
-
-
-def label_kind_fix(model, multi_label: bool) -> str:
-    """How the recipe makes `model` single- or multi-label, for messages."""
-    if model.key("loss") == "model.head.loss":
-        return f"set model.head.type to {'MultiLabelLinearClsHead' if multi_label else 'LinearClsHead'}"
-    return f"set model.loss.use_sigmoid to {str(multi_label).lower()}"
 
 
 def label_names(dataset_dict) -> list[str]:

@@ -113,3 +113,10 @@ __all__ = [
     "num_label_classes",
     "to_multi_hot",
 ]
+
+
+def label_kind_fix(model, multi_label: bool) -> str:
+    """How the recipe makes `model` single- or multi-label, for messages."""
+    if model.key("loss") == "model.head.loss":
+        return f"set model.head.type to {'MultiLabelLinearClsHead' if multi_label else 'LinearClsHead'}"
+    return f"set model.loss.use_sigmoid to {str(multi_label).lower()}"

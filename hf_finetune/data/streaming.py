@@ -47,6 +47,7 @@ from torch.utils.data import DataLoader
 
 from ..errors import DataError
 from .decode import decode_image
+from .labels import label_kind_fix
 from .loader import return_batch, seed_worker
 from .ring import BatchRing
 from .runtime import BatchDataError, mix_seed
@@ -96,8 +97,6 @@ class StreamingSplit:
 def streamed_split(cfg, key: str, split: str, model, steps: list, columns: tuple[str, str]) -> StreamingSplit:
     """The split the dataset section `cfg` (at recipe key `key`) names, as a stream; model: the
     recipe's model section; columns: the (image, label) names every split uses after building."""
-    from .build import label_kind_fix  # build imports this module
-
     if model.multi_label:
         raise DataError(f"{key}: a streamed split needs a single-label model; {label_kind_fix(model, False)}")
     num_classes, classes_key = model.num_classes, model.key("num_classes")
