@@ -8,6 +8,7 @@ More subcommands share the entry point: `hf-finetune predict MODEL IMAGES...`,
 """
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -90,10 +91,11 @@ def train(cfg, resume=None, overwrite=False):
     """The main job, top to bottom."""
     from hf_finetune.data import build_datasets, label_names
     from hf_finetune.data.build import split_counts
+    from hf_finetune.data.runtime import SKIPPED_IMAGES_FILE
     from hf_finetune.hub.card import write_data_splits
     from hf_finetune.models import build_model
     from hf_finetune.outputs import check_resume_compatible, recorded_seed, save_outputs, save_recipe
-    from hf_finetune.training import (build_trainer, evaluate_splits, hub_repo_id, process_state,
+    from hf_finetune.training import (build_trainer, evaluate_splits, hub_repo_id, process_state, report_skipped,
                                       resolve_seed, with_model_preprocessing)
     from transformers import set_seed
     from hf_finetune.workdir import (WorkDirLock, check_fresh_start, disk_full_guard,
@@ -108,6 +110,9 @@ def train(cfg, resume=None, overwrite=False):
                 remove_interrupted_saves(work_dir)
             check_fresh_start(work_dir, resume=resume, overwrite=overwrite)
             checkpoint = resume_checkpoint(work_dir, resume)
+            if state.is_main_process and not checkpoint:  # a fresh run lists only its own skipped images
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(work_dir, SKIPPED_IMAGES_FILE))
 
         # One seed for every rank: the recipe's, the resumed run's, or one drawn now and
         # recorded at once, so a run killed later resumes with it.
@@ -147,6 +152,7 @@ def train(cfg, resume=None, overwrite=False):
         save_outputs(trainer, cfg, results, confusion)
 
     if trainer.is_world_process_zero():
+        report_skipped(work_dir)
         logger.info("done: %s", headline(results))
         if cfg.hub.push:
             from hf_finetune import hub
@@ -160,7 +166,7 @@ def evaluate_only(cfg, source="auto"):
     from hf_finetune.data import build_datasets, label_names
     from hf_finetune.models import build_model, load_saved_model
     from hf_finetune.outputs import save_metrics
-    from hf_finetune.training import build_trainer, process_state, with_model_preprocessing
+    from hf_finetune.training import build_trainer, process_state, report_skipped, with_model_preprocessing
     from hf_finetune.workdir import eval_source
 
     work_dir = resolved_work_dir(cfg)
@@ -181,6 +187,7 @@ def evaluate_only(cfg, source="auto"):
     metrics = trainer.evaluate(datasets["test"], metric_key_prefix="test")
     if trainer.is_world_process_zero():
         save_metrics(work_dir, "test", metrics)
+        report_skipped(work_dir)
         logger.info("test: %s", headline(metrics))
     return metrics
 

@@ -242,6 +242,14 @@ def build_trainer(cfg, datasets=None, model=None, callbacks=None):
         if model is None:
             model = build_model(cfg.model, cfg.data_preprocessor, dict(enumerate(names)),
                                 load_from=cfg.load_from)
+    # Every process records the images on_corrupt="skip" leaves out, in one file of the work dir.
+    from .data.build import batch_transform
+    from .data.runtime import SKIPPED_IMAGES_FILE
+
+    for split in datasets.values():
+        transform = batch_transform(split)
+        if transform is not None:
+            transform.skip_log = os.path.join(resolved_work_dir(cfg), SKIPPED_IMAGES_FILE)
     if model.config.num_labels != len(names):
         raise RecipeError(
             f"{cfg.model.key('num_classes')}: the model has {model.config.num_labels} classes but the "
@@ -445,3 +453,13 @@ def log_plan(plan, args, steps, num_train):
 
 def hub_repo_id(cfg):
     return cfg.hub.model_id or os.path.basename(os.path.normpath(resolved_work_dir(cfg)))
+
+
+def report_skipped(work_dir):
+    """One log line, when on_corrupt="skip" left images out: how many, and the file naming them."""
+    from .data.runtime import SKIPPED_IMAGES_FILE, skipped_images
+
+    path = os.path.join(work_dir, SKIPPED_IMAGES_FILE)
+    skipped = skipped_images(path)
+    if skipped:
+        logger.warning("%d undecodable image(s) left out (on_corrupt='skip'): listed in %s", len(skipped), path)

@@ -324,3 +324,31 @@ def test_images_under_reads_one_folder_at_a_time(tmp_path):
     root = write_folder(tmp_path / "photos", {"a": 3})
     walk = images_under(str(root))  # a generator: nothing listed before the first image is asked for
     assert next(walk)[0].endswith("a/0.png")
+
+
+def test_images_cut_short_are_skipped_counted_and_listed(tmp_path, caplog):
+    """A JPEG cut short (its header reads, its data does not: it fails only when decoded, in a
+    loader worker) is left out of every batch with on_corrupt "skip"; the run ends, saying how many
+    images were left out and where they are listed, once each however many epochs read them."""
+    root = write_folder(tmp_path / "photos", {"cat": 6, "dog": 6}, size=(40, 30), ext=".jpg", noise=40)
+    victim = root / "cat" / "1.jpg"
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    data = {"num_workers": 2, "dataset": {"_delete_": True, **dataset(root, "all", pipeline=RESIZE, on_corrupt="skip")}}
+    body = {"_base_": [os.path.join(REPO, "recipes", "cifar10.json")],
+            "model": {"backbone": {"depth": 18, "init_cfg": None}, "head": {"in_channels": 512, "num_classes": 2,
+                                                                             "topk": [1]}},
+            "data_preprocessor": {"num_classes": 2}, "train_dataloader": data, "val_dataloader": data,
+            "test_dataloader": None, "val_evaluator": {"type": "Accuracy", "topk": [1]},
+            "test_evaluator": {"type": "Accuracy", "topk": [1]},
+            "train_cfg": {"max_epochs": 2, "total_batch_size": 4}, "param_scheduler": [], "randomness": {"seed": 0}}
+    (tmp_path / "skip.json").write_text(json.dumps(body))
+    work = tmp_path / "work"
+    assert main([str(tmp_path / "skip.json"), "--work-dir", str(work)]) == 0
+    records = [json.loads(line) for line in (work / "skipped_images.jsonl").read_text().splitlines()]
+    assert len(records) >= 3  # two epochs of training and the evaluations, from the loader workers
+    assert {r["image"] for r in records} == {r["image"] for r in records[:1]} and "cat/1.jpg" in records[0]["image"]
+    assert "truncated" in records[0]["error"].lower()
+    assert f"1 undecodable image(s) left out (on_corrupt='skip'): listed in {work / 'skipped_images.jsonl'}" \
+        in caplog.text
+    assert json.loads((work / "trainer_state.json").read_text())["global_step"] == 6  # 2 epochs of 3 updates
+    assert json.loads((work / "all_results.json").read_text())["eval_num_samples"] == 11

@@ -115,6 +115,13 @@ def describe_counts(counts: dict) -> str:
     return text
 
 
+def batch_transform(split) -> BatchTransform | None:
+    """The BatchTransform a split of build_datasets builds its batches with."""
+    if isinstance(split, StreamingSplit):
+        return split.transform
+    return split.format["format_kwargs"].get("transform")
+
+
 def label_names(dataset_dict) -> list[str]:
     """Class names, index = label id (for the model's id2label)."""
     ds = dataset_dict["train"] if "train" in dataset_dict else next(iter(dataset_dict.values()))

@@ -10,7 +10,7 @@ batch into are not shared here: the loader hands both to the transform with each
 from __future__ import annotations
 
 import hashlib
-
+import json
 
 from ..errors import DataError
 
@@ -38,6 +38,39 @@ def undecodable_message(where: str, exc: Exception) -> str:
                 f"to \"skip\" to drop unreadable images")
     return (f"cannot decode image at {where}: {exc}. Fix or remove it, or set dataset.on_corrupt to \"skip\" "
             f"to drop undecodable images")
+
+
+SKIPPED_IMAGES_FILE = "skipped_images.jsonl"  # in the work dir: each image on_corrupt="skip" left out
+
+
+def record_skipped(log_path: str | None, where: str, exc: Exception) -> None:
+    """Append a skipped image (where it is, why) to log_path, one JSON line. Every process that
+    builds batches appends, loader workers included: they share no counter with the main process,
+    and a file also says which images to fix. A failed write (disk full) loses only the record."""
+    if log_path is None:
+        return
+    line = json.dumps({"image": where, "error": " ".join(str(exc).split()) or type(exc).__name__}) + "\n"
+    try:
+        with open(log_path, "a", encoding="utf-8") as f:  # one short append: whole lines, whatever the process
+            f.write(line)
+    except OSError:
+        pass
+
+
+def skipped_images(log_path: str) -> list[str]:
+    """The distinct images recorded in log_path (one skipped in every epoch counts once)."""
+    try:
+        with open(log_path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    places = set()
+    for line in lines:
+        try:
+            places.add(json.loads(line)["image"])
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by a kill or a full disk
+    return sorted(places)
 
 
 def _strip_worker_traceback(message: str, cls: type) -> str:

@@ -36,7 +36,6 @@ import os
 import tarfile
 import urllib.error
 import urllib.request
-import warnings
 from pathlib import Path
 
 import datasets
@@ -46,7 +45,6 @@ from accelerate.data_loader import DataLoaderShard
 from torch.utils.data import DataLoader
 
 from ..errors import DataError
-from .decode import decode_image
 from .labels import label_kind_fix
 from .loader import return_batch, seed_worker
 from .ring import BatchRing
@@ -291,7 +289,6 @@ class StreamBatches(torch.utils.data.IterableDataset):
         self.ring = ring
         self.resume = resume
         self.owner = os.getpid()
-        self.skipped = 0
 
     def __len__(self):
         if self.epoch_batches is None:
@@ -340,30 +337,7 @@ class StreamBatches(torch.utils.data.IterableDataset):
             path = item.get("path") if isinstance(item, dict) else None
             raise BatchDataError(f"label {labels[bad]!r} of {path or 'a sample'} in {self.source} is outside "
                                  f"0..{self.num_classes - 1} (its classes)")
-        try:
-            return self.transform(rows, generator, lend)
-        except BatchDataError:
-            # on_corrupt="skip": an image that fails only when decoded (a truncated file) is found here,
-            # since a stream has no pass over the data before training.
-            if self.transform.on_corrupt != "skip":
-                raise
-            keep = [i for i, item in enumerate(rows[self.image_column]) if _decodes(item)]
-            if not keep or len(keep) == len(labels):
-                raise
-            self.skipped += len(labels) - len(keep)
-            if self.skipped == len(labels) - len(keep):
-                warnings.warn(f"skipping undecodable image(s) of {self.source} (on_corrupt='skip'; later ones are "
-                              f"skipped silently)", stacklevel=2)
-            kept = {column: [values[i] for i in keep] for column, values in rows.items()}
-            return self.transform(kept, generator, lend)
-
-
-def _decodes(item) -> bool:
-    try:
-        decode_image(item)
-    except Exception:
-        return False
-    return True
+        return self.transform(rows, generator, lend)  # on_corrupt "skip": it leaves undecodable images out
 
 
 def build_stream_loader(split: StreamingSplit, batch_size: int, *, epoch_batches: int | None = None,

@@ -38,7 +38,7 @@ from ..recipe import is_int as _is_int
 from ..recipe import is_number as _is_number
 from .decode import LazyImage
 from .labels import class_lists_to_multi_hot
-from .runtime import BatchDataError, undecodable_message
+from .runtime import BatchDataError, record_skipped, undecodable_message
 
 ROW_COLUMN = "__row__"  # original row index within the split, for error messages
 
@@ -1115,6 +1115,7 @@ class BatchTransform:
         self.multi_label_classes = multi_label_classes
         self.class_names = class_names  # for error messages: an image folder's class is its folder
         self.skipped = 0  # per process
+        self.skip_log = None  # a file every process records its skipped images in (runtime.record_skipped)
 
     def _where(self, item, row, label=None) -> str:
         path = item.get("path") if isinstance(item, dict) else None
@@ -1128,16 +1129,21 @@ class BatchTransform:
             try:
                 images.append(LazyImage(item))
             except Exception as exc:
-                where = self._where(item, rows[pos], labels[pos] if labels else None)
-                if self.on_corrupt != "skip":
-                    raise BatchDataError(undecodable_message(where, exc)) from exc
-                self.skipped += 1
-                if self.skipped == 1:
-                    warnings.warn(f"skipping undecodable image at {where}: {exc} "
-                                  f"(on_corrupt='skip'; later ones are skipped silently)", stacklevel=2)
+                self._undecodable(self._where(item, rows[pos], labels[pos] if labels else None), exc)
                 continue
             kept.append(pos)
         return images, kept
+
+    def _undecodable(self, where: str, exc: Exception) -> None:
+        """Raise the one-line error, or with on_corrupt "skip" count and record the image."""
+        if self.on_corrupt != "skip":
+            raise BatchDataError(undecodable_message(where, exc)) from exc
+        self.skipped += 1
+        record_skipped(self.skip_log, where, exc)
+        if self.skipped == 1:
+            listed = f"all are listed in {self.skip_log}" if self.skip_log else "later ones are skipped silently"
+            warnings.warn(f"skipping undecodable image at {where}: {exc} (on_corrupt='skip'; {listed})",
+                          stacklevel=3)
 
     def run_steps(self, images, generator=None, lend=None):
         """images: a uint8 NHWC batch, or a list of LazyImage / [H, W, 3] tensors of any sizes."""
@@ -1159,24 +1165,30 @@ class BatchTransform:
         """generator: what the random steps draw from (None: torch's global RNG); lend(shape): a
         tensor in shared memory to write the batch's final pixels into, or None (loader.WholeBatches
         hands both over; datasets' set_transform calls this with the batch alone)."""
-        items = batch[self.image_column]
+        items, labels = batch[self.image_column], batch[self.label_column]
         rows = batch.get(ROW_COLUMN) or list(range(len(items)))
-        images, kept = self.open(items, rows, batch.get(self.label_column))
-        if not images:
-            raise BatchDataError(f"no image of this batch of {self.source} could be decoded (indices {list(rows)[:8]})")
-        labels = batch[self.label_column]
-        labels = labels if len(kept) == len(items) else [labels[p] for p in kept]
+        while True:
+            images, kept = self.open(items, rows, labels)
+            if not images:
+                raise BatchDataError(f"no image of this batch of {self.source} could be decoded "
+                                     f"(indices {list(rows)[:8]})")
+            items, rows, labels = ([values[p] for p in kept] for values in (items, rows, labels))
+            try:
+                pixels = self.run_steps(images, generator, lend)
+                break
+            except (OSError, ValueError, SyntaxError) as exc:  # what Pillow raises on a truncated or corrupt file
+                failed = next((p for p, im in enumerate(images) if isinstance(im, LazyImage) and im.failed), None)
+                if failed is None:
+                    raise
+                # A file whose header reads but whose data does not (cut short): it fails only when
+                # decoded, so with on_corrupt "skip" the batch is built again without it.
+                self._undecodable(self._where(items[failed], rows[failed], labels[failed]), exc)
+                items, rows, labels = ([v for p, v in enumerate(values) if p != failed]
+                                       for values in (items, rows, labels))
         if self.multi_label_classes:
             labels = class_lists_to_multi_hot(labels, self.multi_label_classes, self.label_column)
         else:
             labels = torch.tensor(labels, dtype=torch.int64)
-        try:
-            pixels = self.run_steps(images, generator, lend)
-        except (OSError, ValueError, SyntaxError) as exc:  # what Pillow raises on a truncated or corrupt file
-            failed = next((p for p, im in zip(kept, images) if isinstance(im, LazyImage) and im.failed), None)
-            if failed is None:
-                raise
-            raise BatchDataError(undecodable_message(self._where(items[failed], rows[failed]), exc)) from exc
         return self.packer.pack(pixels, labels, lend)
 
     def _run_by_size(self, images: list, steps: list, generator, lend) -> torch.Tensor:
