@@ -338,23 +338,27 @@ def with_model_preprocessing(cfg):
 
 
 def check_hub_model(model, args, datasets):
-    """Before training: gradient checkpointing is supported, and each split's image size runs."""
-    from .models.hub_classifier import check_input_size
+    """Before training: gradient checkpointing is supported, each split's image size runs, and
+    the test size (the exported image processor's) is the model's own where its family needs that."""
+    from .data import StreamingSplit
+    from .data.build import batch_transform
+    from .models.hub_classifier import check_input_size, fit_position_embeddings
 
     if args.gradient_checkpointing and not model.supports_gradient_checkpointing:
         raise RecipeError(f"training_args.gradient_checkpointing: {type(model).__name__} has no gradient "
                           f"checkpointing in transformers; remove it")
-    from .data import StreamingSplit
-
+    fixed = {split: fixed_output_size(batch_transform(dataset).steps) for split, dataset in datasets.items()
+             if batch_transform(dataset) is not None}
+    size = fixed.get("test") or fixed.get("val")
+    if size and size[0] == size[1] and fit_position_embeddings(model, size[0]):
+        logger.info("%s: position embeddings resized to the %dx%d images of the test pipeline", type(model).__name__,
+                    *size)
     seen = set()
     for split, dataset in datasets.items():
-        if isinstance(dataset, StreamingSplit):  # not read before training: the size its pipeline fixes
-            size = fixed_output_size(dataset.transform.steps)
-            if size is None:
-                continue  # it follows each image's: the first batch finds out
-            height, width = size
-        elif len(dataset) == 0:
-            continue
+        if fixed.get(split):
+            height, width = fixed[split]
+        elif isinstance(dataset, StreamingSplit) or len(dataset) == 0:
+            continue  # a stream is not read before training: its first batch finds out
         else:
             height, width = dataset[:1]["pixel_values"].shape[-2:]
         if (height, width) not in seen:

@@ -162,15 +162,23 @@ TEST_PIPELINE = [{"type": "ResizeEdge", "scale": 36, "edge": "short", "backend":
                  {"type": "PackClsInputs"}]
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A work dir trained from a tiny ViT (2 updates), and image files to predict."""
+@pytest.fixture(scope="module", params=[32, 48], ids=["native_size", "other_size"])
+def trained(tmp_path_factory, request):
+    """A work dir trained from a tiny ViT (2 updates), and image files to predict. other_size: the
+    32 px ViT tested at 48 px, so the saved model's own size must become 48 (a plain pipeline()
+    does not interpolate position embeddings)."""
     from hf_finetune.run import main as run_main
 
+    size = request.param
     root = tmp_path_factory.mktemp("trained")
     source = save_tiny_vit(root / "tiny_vit")
     work_dir = str(root / "work_dir")
-    assert run_main([hub_recipe(root, source, TEST_PIPELINE), "--work-dir", work_dir]) == 0
+    pipeline = [{**TEST_PIPELINE[0], "scale": size + 4}, {**TEST_PIPELINE[1], "crop_size": size}, TEST_PIPELINE[2]]
+    assert run_main([hub_recipe(root, source, pipeline), "--work-dir", work_dir]) == 0
+    saved = json.loads(open(os.path.join(work_dir, "config.json")).read())
+    assert saved["image_size"] == size
+    assert load_file(os.path.join(work_dir, "model.safetensors"))["vit.embeddings.position_embeddings"].shape[1] \
+        == (size // 8) ** 2 + 1
     # Two updates leave the fresh head near uniform; a larger head makes confident predictions,
     # so a preprocessing difference between the two loading routes would show in the scores.
     weights = os.path.join(work_dir, "model.safetensors")

@@ -457,3 +457,52 @@ def test_unreachable_hub_fails_fast(tmp_path, monkeypatch):
                                           r"\(http://127.0.0.1:\d+\) cannot be reached, and the Hub cache"):
         build({"type": "HuggingFaceClassifier", "model_name": "acme/vit", "pretrained": True})
     assert time.monotonic() - start < 5
+
+
+@pytest.mark.parametrize("family", ["vit", "deit"])
+def test_fitting_position_embeddings_to_another_size_keeps_the_outputs(tmp_path, family):
+    """fit_position_embeddings resizes once what the family would interpolate on every forward:
+    at the new size, the fitted model without interpolation gives the original's interpolated
+    outputs, a frozen embedding stays frozen, and the saved model reloads at that size."""
+    from hf_finetune.models.hub_classifier import fit_position_embeddings
+
+    config, model_class = {"vit": (transformers.ViTConfig, transformers.ViTForImageClassification),
+                           "deit": (transformers.DeiTConfig, transformers.DeiTForImageClassification)}[family]
+    torch.manual_seed(0)
+    model = model_class(config(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                               num_attention_heads=2, intermediate_size=64, num_labels=3)).eval()
+    model.get_submodule(f"{family}.embeddings").position_embeddings.requires_grad_(False)
+    pixels = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        expected = model(pixel_values=pixels, interpolate_pos_encoding=True).logits
+    assert fit_position_embeddings(model, 48) and not fit_position_embeddings(model, 48)
+    assert not fit_position_embeddings(model, 44)  # not a multiple of the patch size: left as it is
+    with torch.no_grad():
+        torch.testing.assert_close(model(pixel_values=pixels).logits, expected)
+    assert not model.get_submodule(f"{family}.embeddings").position_embeddings.requires_grad
+    model.save_pretrained(tmp_path / "fitted")
+    reloaded = model_class.from_pretrained(tmp_path / "fitted").eval()
+    assert reloaded.config.image_size == 48
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(pixel_values=pixels).logits, expected)
+
+
+def test_resume_of_a_vit_fitted_to_the_test_size(vit, tmp_path):
+    """Trained at 32 px, tested at 48: the model's own size becomes 48 before training, and
+    --resume from a checkpoint of it ends on the same weights as the run never stopped."""
+    import shutil
+
+    evaluation = {"num_workers": 0, "dataset": {"type": "SyntheticCIFAR10", "num_samples": 8, "seed": 1,
+                                                "pipeline": [{"type": "Resize", "scale": 48}, {"type": "PackClsInputs"}]}}
+    path = recipe(tmp_path, {"type": "HuggingFaceClassifier", "model_name": vit, "pretrained": True},
+                  val_dataloader=evaluation, test_dataloader=evaluation,
+                  train_cfg={"by_epoch": False, "max_iters": 4, "val_interval": 2, "total_batch_size": 8})
+    full = str(tmp_path / "full")
+    assert main([path, "--work-dir", full]) == 0
+    assert read_json(os.path.join(full, "config.json"))["image_size"] == 48
+    resumed = str(tmp_path / "resumed")
+    shutil.copytree(os.path.join(full, "checkpoint-2"), os.path.join(resumed, "checkpoint-2"))
+    assert main([path, "--work-dir", resumed, "--resume"]) == 0
+    expected, again = (load_file(os.path.join(d, "model.safetensors")) for d in (full, resumed))
+    assert expected["vit.embeddings.position_embeddings"].shape[1] == 37  # 6 x 6 patches + the class token
+    assert all(torch.equal(again[name], tensor) for name, tensor in expected.items())

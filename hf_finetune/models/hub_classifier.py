@@ -305,8 +305,6 @@ def prepare_inputs(model, mean, std, to_rgb=False, frozen=(), norm_eval=False):
     """
     stats = {}  # device -> (mean, std) tensors, made once per device
     interpolates = "interpolate_pos_encoding" in inspect.signature(model.forward).parameters
-    image_size = getattr(model.config, "image_size", None)
-    image_size = tuple(image_size) if isinstance(image_size, (list, tuple)) else (image_size, image_size)
     keep_eval = list(frozen) + ([m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
                                 if norm_eval else [])
 
@@ -324,7 +322,7 @@ def prepare_inputs(model, mean, std, to_rgb=False, frozen=(), norm_eval=False):
             m, s = stats[pixel_values.device]
             # In the model's dtype, as the ResNet's normalize (a bf16 evaluation casts the model).
             pixel_values = ((pixel_values.float() - m) / s).to(module.dtype)
-        if interpolates and tuple(pixel_values.shape[-2:]) != image_size:
+        if interpolates and tuple(pixel_values.shape[-2:]) != _image_size(module.config):
             kwargs = {**kwargs, "interpolate_pos_encoding": True}
         if "pixel_values" in kwargs:
             return args, {**kwargs, "pixel_values": pixel_values}
@@ -332,6 +330,39 @@ def prepare_inputs(model, mean, std, to_rgb=False, frozen=(), norm_eval=False):
 
     model.register_forward_pre_hook(hook, with_kwargs=True)
     return model
+
+
+# Families whose absolute position embeddings are sized by config.image_size and used as they are
+# unless the caller passes interpolate_pos_encoding (a plain pipeline() does not).
+FIXED_POSITIONS = ("vit", "deit")
+
+
+def fit_position_embeddings(model, size: int) -> bool:
+    """Make size x size the model's own input size, as mmpretrain resizes a checkpoint's pos_embed
+    to the img_size it fine-tunes at: the position embeddings are interpolated once (the family's
+    own interpolate_pos_encoding) and config.image_size set, so training needs no interpolation
+    per step and the saved model runs at that size in a plain pipeline(). -> whether it changed."""
+    config = model.config
+    if config.model_type not in FIXED_POSITIONS or config.image_size == size or size % config.patch_size:
+        return False
+    embeddings = model.get_submodule(FAMILIES[config.model_type].embeddings)
+    old = embeddings.position_embeddings
+    special = old.shape[1] - (config.image_size // config.patch_size) ** 2  # class (and distillation) tokens
+    patches = (size // config.patch_size) ** 2
+    with torch.no_grad():
+        new = embeddings.interpolate_pos_encoding(old.new_zeros(1, patches + special, old.shape[2]), size, size)
+    embeddings.position_embeddings = nn.Parameter(new.clone(), requires_grad=old.requires_grad)
+    for module in (embeddings, embeddings.patch_embeddings):  # each checks the input against its own copy
+        if hasattr(module, "image_size"):
+            module.image_size = (size, size)
+    embeddings.patch_embeddings.num_patches = patches
+    config.image_size = size
+    return True
+
+
+def _image_size(config) -> tuple:
+    size = getattr(config, "image_size", None)  # read per batch: fit_position_embeddings may change it
+    return tuple(size) if isinstance(size, (list, tuple)) else (size, size)
 
 
 def check_input_size(model, height, width, where):
