@@ -193,6 +193,18 @@ def test_a_local_hub_format_folder_streams_with_its_info_length(tmp_path):
     for batch in build_stream_loader(dd["val"], 4):
         labels += batch["labels"].tolist()
     assert labels == [i % 3 for i in range(6)]
+    # The columns are checked as a folder's are, and a stream takes one class per image.
+    with pytest.raises(DataError, match=r"has no image column 'img' \(did you mean 'image'\?\); columns found: "
+                                        r"image \(Image\), label \(ClassLabel\)\. Set val_dataloader.dataset.image_column"):
+        build_val(tmp_path, {**dataset, "image_column": "img"})
+    tagged = datasets.Dataset.from_dict({"image": [{"bytes": encoded(0, "PNG"), "path": None}], "tags": [[0, 2]]},
+                                        features=datasets.Features({"image": datasets.Image(),
+                                                                    "tags": datasets.Sequence(datasets.ClassLabel(
+                                                                        names=CLASSES))}))
+    tagged.to_parquet(str(tmp_path / "tagged" / "data" / "test-00000-of-00001.parquet"))
+    with pytest.raises(DataError, match=r"column 'tags' of .* holds several classes per image; a streamed split "
+                                        r"needs one class per image"):
+        build_val(tmp_path, {**dataset, "data_root": str(tmp_path / "tagged"), "label_column": "tags"})
 
 
 # ---------------------------------------------------------------- training

@@ -10,10 +10,10 @@ import datasets
 import numpy as np
 
 from ..errors import DataError, RecipeError
-from ..recipe import did_you_mean, is_int
+from ..recipe import is_int
 from . import imagefolder
 from .decode import decode_image
-from .labels import label_kind_fix, label_layout, num_label_classes
+from .labels import check_columns, label_kind_fix, label_layout, num_label_classes
 from .labels import label_names as feature_label_names
 from .sources import ACCEPTED_FORMATS, SourceLoader, find_local_copy
 from .streaming import StreamingSplit, streamed_split
@@ -142,7 +142,7 @@ def _build_split(cfg, key: str, default_split: str, model, loader: SourceLoader,
     ds, source = _load_source(cfg, key, split, loader, held_out)
     image_column = getattr(cfg, "image_column", IMAGE)
     label_column = getattr(cfg, "label_column", LABEL)
-    names = _check_columns(ds, image_column, label_column, source, key)
+    names = check_columns(ds.features, image_column, label_column, source, key)
     if len(ds) == 0:
         raise DataError(f"{source} is empty (0 images); check {key}.split and the data")
     layout = label_layout(ds.features[label_column], label_column)
@@ -208,37 +208,6 @@ def _renamed(ds, cfg):
     renames = {old: new for old, new in ((IMAGE, cfg.image_column), (LABEL, cfg.label_column))
                if old != new and old in ds.column_names}
     return ds.rename_columns(renames) if renames else ds
-
-
-def _describe_feature(feature) -> str:
-    if isinstance(feature, datasets.Value):
-        return feature.dtype
-    return type(feature).__name__
-
-
-def _check_columns(ds: datasets.Dataset, image_column: str, label_column: str, source: str, key: str) -> list[str]:
-    """Image feature + ClassLabel/int label column; returns the label names (None for plain ints)."""
-    features = ds.features
-    found = ", ".join(f"{name} ({_describe_feature(f)})" for name, f in features.items())
-    for column, what, key_name in ((image_column, "image", "image_column"), (label_column, "label", "label_column")):
-        if column not in features:
-            raise DataError(f"{source} has no {what} column {column!r}{did_you_mean(column, features)}; "
-                            f"columns found: {found}. Set {key}.{key_name}")
-    if not isinstance(features[image_column], datasets.Image):
-        raise DataError(f"column {image_column!r} of {source} is {_describe_feature(features[image_column])}, "
-                        f"not an Image feature; columns found: {found}. Set {key}.image_column")
-    label = features[label_column]
-    if isinstance(label, datasets.ClassLabel):
-        return list(label.names)
-    if isinstance(label, datasets.Value) and label.dtype.startswith(("int", "uint")):
-        return None
-    try:
-        label_layout(label, label_column)
-    except DataError:
-        raise DataError(f"column {label_column!r} of {source} is {_describe_feature(label)}, not a label column "
-                        f"(ClassLabel, integer, Sequence(ClassLabel) or multi-hot); columns found: {found}. "
-                        f"Set {key}.label_column") from None
-    return feature_label_names(label)
 
 
 def _class_lists(ds, label_column, layout, num_classes, classes_key, source):

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import datasets
 import torch
 
 from hf_finetune.errors import DataError
+from hf_finetune.recipe import did_you_mean
 
 LAYOUTS = ("single_label", "class_lists", "multi_hot")
 _INTEGER_DTYPES = {f"{sign}int{bits}" for sign in ("", "u") for bits in (8, 16, 32, 64)}
@@ -104,19 +106,53 @@ def to_multi_hot(values: Sequence, layout: str, num_classes: int, column: str = 
                     "(Sequence(ClassLabel)) or 'multi_hot'")
 
 
+def label_kind_fix(model, multi_label: bool) -> str:
+    """How the recipe makes `model` single- or multi-label, for messages."""
+    if model.key("loss") == "model.head.loss":
+        return f"set model.head.type to {'MultiLabelLinearClsHead' if multi_label else 'LinearClsHead'}"
+    return f"set model.loss.use_sigmoid to {str(multi_label).lower()}"
+
+
+def describe_feature(feature) -> str:
+    if isinstance(feature, datasets.Value):
+        return feature.dtype
+    return type(feature).__name__
+
+
+def check_columns(features, image_column: str, label_column: str, source: str, key: str) -> list[str] | None:
+    """An Image feature and a label column (single- or multi-label) among a split's `datasets`
+    features, else one line naming them; -> the class names (None for plain integers)."""
+    found = ", ".join(f"{name} ({describe_feature(f)})" for name, f in features.items())
+    for column, what, key_name in ((image_column, "image", "image_column"), (label_column, "label", "label_column")):
+        if column not in features:
+            raise DataError(f"{source} has no {what} column {column!r}{did_you_mean(column, features)}; "
+                            f"columns found: {found}. Set {key}.{key_name}")
+    if not isinstance(features[image_column], datasets.Image):
+        raise DataError(f"column {image_column!r} of {source} is {describe_feature(features[image_column])}, "
+                        f"not an Image feature; columns found: {found}. Set {key}.image_column")
+    label = features[label_column]
+    if isinstance(label, datasets.ClassLabel):
+        return list(label.names)
+    if isinstance(label, datasets.Value) and label.dtype.startswith(("int", "uint")):
+        return None
+    try:
+        label_layout(label, label_column)
+    except DataError:
+        raise DataError(f"column {label_column!r} of {source} is {describe_feature(label)}, not a label column "
+                        f"(ClassLabel, integer, Sequence(ClassLabel) or multi-hot); columns found: {found}. "
+                        f"Set {key}.label_column") from None
+    return label_names(label)
+
+
 __all__ = [
     "LAYOUTS",
+    "check_columns",
     "class_lists_to_multi_hot",
+    "describe_feature",
+    "label_kind_fix",
     "label_layout",
     "label_names",
     "multi_hot_to_tensor",
     "num_label_classes",
     "to_multi_hot",
 ]
-
-
-def label_kind_fix(model, multi_label: bool) -> str:
-    """How the recipe makes `model` single- or multi-label, for messages."""
-    if model.key("loss") == "model.head.loss":
-        return f"set model.head.type to {'MultiLabelLinearClsHead' if multi_label else 'LinearClsHead'}"
-    return f"set model.loss.use_sigmoid to {str(multi_label).lower()}"

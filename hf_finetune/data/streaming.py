@@ -45,7 +45,7 @@ from accelerate.data_loader import DataLoaderShard
 from torch.utils.data import DataLoader
 
 from ..errors import DataError
-from .labels import label_kind_fix
+from .labels import check_columns, label_kind_fix, label_layout
 from .loader import return_batch, seed_worker
 from .ring import BatchRing
 from .runtime import BatchDataError, mix_seed
@@ -233,28 +233,18 @@ def _hub_stream(cfg, key, split, num_classes, classes_key, columns):
     if features is None:
         raise DataError(f"{source} declares no features, so its image and label columns are unknown; "
                         f"set {key}.streaming to false")
-    found = ", ".join(f"{name} ({type(f).__name__})" for name, f in features.items())
-    for column, what in ((image_column, "image"), (label_column, "label")):
-        if column not in features:
-            raise DataError(f"{source} has no {what} column {column!r}; columns found: {found}. "
-                            f"Set {key}.{what}_column")
-    if not isinstance(features[image_column], datasets.Image):
-        raise DataError(f"column {image_column!r} of {source} is not an Image feature; columns found: {found}. "
-                        f"Set {key}.image_column")
-    label = features[label_column]
-    if isinstance(label, datasets.ClassLabel):
-        names = list(label.names)
-        if num_classes is not None and len(names) != num_classes:
-            raise DataError(f"{source} has {len(names)} classes but {classes_key} is {num_classes}; "
-                            f"set {classes_key}={len(names)}")
-    elif isinstance(label, datasets.Value) and label.dtype.startswith(("int", "uint")):
+    names = check_columns(features, image_column, label_column, source, key)
+    if label_layout(features[label_column], label_column) != "single_label":
+        raise DataError(f"column {label_column!r} of {source} holds several classes per image; a streamed split "
+                        f"needs one class per image (ClassLabel or integer). Set {key}.label_column")
+    if names is None:  # plain integers
         if not num_classes:
             raise DataError(f"{source}: the labels in column {label_column!r} are integers without class names "
                             f"and a stream is not scanned; set {classes_key}")
         names = [str(i) for i in range(num_classes)]
-    else:
-        raise DataError(f"column {label_column!r} of {source} is {type(label).__name__}, not a single-label "
-                        f"column (ClassLabel or integer); columns found: {found}. Set {key}.label_column")
+    elif num_classes is not None and len(names) != num_classes:
+        raise DataError(f"{source} has {len(names)} classes but {classes_key} is {num_classes}; "
+                        f"set {classes_key}={len(names)}")
     stream = stream.select_columns([image_column, label_column])
     renames = {old: new for old, new in zip((image_column, label_column), columns) if old != new}
     stream = stream.rename_columns(renames) if renames else stream
