@@ -492,8 +492,9 @@ def test_resume_of_a_vit_fitted_to_the_test_size(vit, tmp_path):
     --resume from a checkpoint of it ends on the same weights as the run never stopped."""
     import shutil
 
-    evaluation = {"num_workers": 0, "dataset": {"type": "SyntheticCIFAR10", "num_samples": 8, "seed": 1,
-                                                "pipeline": [{"type": "Resize", "scale": 48}, {"type": "PackClsInputs"}]}}
+    resize = [{"type": "Resize", "scale": 48}, {"type": "PackClsInputs"}]
+    evaluation = {"num_workers": 0,
+                  "dataset": {"type": "SyntheticCIFAR10", "num_samples": 8, "seed": 1, "pipeline": resize}}
     path = recipe(tmp_path, {"type": "HuggingFaceClassifier", "model_name": vit, "pretrained": True},
                   val_dataloader=evaluation, test_dataloader=evaluation,
                   train_cfg={"by_epoch": False, "max_iters": 4, "val_interval": 2, "total_batch_size": 8})

@@ -194,8 +194,9 @@ def test_a_local_hub_format_folder_streams_with_its_info_length(tmp_path):
         labels += batch["labels"].tolist()
     assert labels == [i % 3 for i in range(6)]
     # The columns are checked as a folder's are, and a stream takes one class per image.
-    with pytest.raises(DataError, match=r"has no image column 'img' \(did you mean 'image'\?\); columns found: "
-                                        r"image \(Image\), label \(ClassLabel\)\. Set val_dataloader.dataset.image_column"):
+    with pytest.raises(DataError, match=r"has no image column 'img' \(did you mean 'image'\?\); columns "
+                                        r"found: image \(Image\), label \(ClassLabel\)\. Set "
+                                        r"val_dataloader.dataset.image_column"):
         build_val(tmp_path, {**dataset, "image_column": "img"})
     tagged = datasets.Dataset.from_dict({"image": [{"bytes": encoded(0, "PNG"), "path": None}], "tags": [[0, 2]]},
                                         features=datasets.Features({"image": datasets.Image(),
@@ -363,7 +364,8 @@ def test_a_multi_label_head_is_refused_for_a_stream(tmp_path, shards):
         "backbone": {"depth": 18, "init_cfg": None},
         "head": {"type": "MultiLabelLinearClsHead", "in_channels": 512, "num_classes": 3}},
         val_evaluator={"type": "MultiLabelMetric"}, test_evaluator={"type": "MultiLabelMetric"}))
-    with pytest.raises(DataError, match="a streamed split needs a single-label model; set model.head.type to LinearClsHead"):
+    with pytest.raises(DataError, match="a streamed split needs a single-label model; "
+                                        "set model.head.type to LinearClsHead"):
         build_datasets(config)
 
 
