@@ -29,7 +29,7 @@ import torch
 
 from hf_finetune.config import MULTI_LABEL_THR, read_config
 from hf_finetune.data.decode import LazyImage, decode_image
-from hf_finetune.data.sources import IMAGE_EXTENSIONS
+from hf_finetune.data.imagefolder import ACCEPTED_IMAGES, IMAGE_EXTENSIONS
 from hf_finetune.data.transforms import BatchTransform
 from hf_finetune.devices import default_device
 from hf_finetune.errors import CheckpointError, DataError, UserError
@@ -192,7 +192,7 @@ def find_images(inputs) -> list[str]:
     found = list(dict.fromkeys(found))
     if not found:
         raise DataError(f"no image files in {' '.join(map(str, inputs))} "
-                        f"(looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
+                        f"(looked for {ACCEPTED_IMAGES})")
     return found
 
 

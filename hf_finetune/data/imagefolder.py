@@ -26,14 +26,16 @@ import datasets
 import numpy as np
 import pyarrow as pa
 from datasets.arrow_writer import ArrowWriter
+from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
 
 from ..errors import DataError
 
 logger = logging.getLogger(__name__)
 
-# Pillow's common formats (load_dataset("imagefolder") lists every Pillow extension; these cover photos).
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".gif", ".ppm", ".pgm", ".pbm", ".pnm",
-                    ".tif", ".tiff", ".webp"}
+# What counts as an image: load_dataset("imagefolder")'s extensions (the formats Pillow opens).
+IMAGE_EXTENSIONS = frozenset(ImageFolder.EXTENSIONS)
+ACCEPTED_IMAGES = ('.bmp, .gif, .jpeg, .jpg, .png, .tif, .tiff, .webp and the other extensions '
+                   'load_dataset("imagefolder") reads')
 # Split folder names (any case); "validation" is "val".
 SPLIT_FOLDERS = {"train": "train", "val": "val", "validation": "val", "test": "test"}
 WHOLE = "all"  # the split name of every image of a folder without split folders
@@ -152,7 +154,7 @@ def fingerprint(root: Path, version: int) -> str:
                 count += 1
             if count == 0:
                 raise DataError(f"class folder {entry.path} holds no image (accepted: files ending in "
-                                f"{', '.join(sorted(IMAGE_EXTENSIONS))}, any case, in it or its subfolders); "
+                                f"{ACCEPTED_IMAGES}, any case, in it or its subfolders); "
                                 f"add images or remove the folder")
         if loose:
             logger.warning("%d image(s) directly in %s are in no class folder: left out", loose, folder)

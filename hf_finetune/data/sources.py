@@ -42,7 +42,6 @@ logger = logging.getLogger(__name__)
 
 CACHE_VERSION = 3  # bump when the converted layout or pixels change (2: EXIF orientation applied; 3: folders indexed)
 HUB_PROBE_TIMEOUT_S = 5.0
-IMAGE_EXTENSIONS = imagefolder.IMAGE_EXTENSIONS
 _SPLITS_FILE = "splits.json"
 ACCEPTED_FORMATS = (
     f"{cifar.TARBALL_NAME}, the extracted {cifar.BATCHES_DIR}/ folder, a datasets save_to_disk directory, "
