@@ -1172,7 +1172,8 @@ class BatchTransform:
             if not images:
                 raise BatchDataError(f"no image of this batch of {self.source} could be decoded "
                                      f"(indices {list(rows)[:8]})")
-            items, rows, labels = ([values[p] for p in kept] for values in (items, rows, labels))
+            if len(kept) < len(items):
+                items, rows, labels = ([values[p] for p in kept] for values in (items, rows, labels))
             try:
                 pixels = self.run_steps(images, generator, lend)
                 break

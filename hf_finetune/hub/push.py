@@ -17,7 +17,7 @@ import tempfile
 
 from hf_finetune.errors import CheckpointError, UserError
 from hf_finetune.hub.card import CARD_FILE, NATIVE_SUBFOLDER, is_generated_card, write_model_card
-from hf_finetune.hub.export import check_work_dir, export_transformers, is_hub_model, is_resnet_work_dir
+from hf_finetune.hub.export import check_work_dir, export_transformers, is_resnet_work_dir
 from hf_finetune.hub.processor import PROCESSOR_FILE, read_json, saved_config, write_image_processor_config
 
 logger = logging.getLogger("hf_finetune.hub")
@@ -293,10 +293,7 @@ def push_checkpoint(
     retry = retry_command(work_dir, repo_id, private=private, endpoint=endpoint)
     with tempfile.TemporaryDirectory(prefix="hf_finetune_push_") as tmp:
         config = read_json(files["config.json"]) if "config.json" in files else {}
-        if not is_hub_model(config):
-            files[PROCESSOR_FILE] = write_image_processor_config(tmp, config, saved_config(work_dir))
-        elif os.path.isfile(os.path.join(work_dir, PROCESSOR_FILE)):  # a Hub model's, saved with the run
-            files[PROCESSOR_FILE] = os.path.join(work_dir, PROCESSOR_FILE)
+        files[PROCESSOR_FILE] = write_image_processor_config(tmp, config, saved_config(work_dir))
         return upload_files(repo_id, files, token=token, private=private, endpoint=endpoint,
                             commit_message=commit_message or f"Training in progress: {name}",
                             retry=retry, source=checkpoint_dir)
