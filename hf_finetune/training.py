@@ -347,8 +347,8 @@ def check_hub_model(model, args, datasets):
     if args.gradient_checkpointing and not model.supports_gradient_checkpointing:
         raise RecipeError(f"training_args.gradient_checkpointing: {type(model).__name__} has no gradient "
                           f"checkpointing in transformers; remove it")
-    fixed = {split: fixed_output_size(batch_transform(dataset).steps) for split, dataset in datasets.items()
-             if batch_transform(dataset) is not None}
+    transforms = {split: batch_transform(dataset) for split, dataset in datasets.items()}
+    fixed = {split: fixed_output_size(t.steps) for split, t in transforms.items() if t is not None}
     size = fixed.get("test") or fixed.get("val")
     if size and size[0] == size[1] and fit_position_embeddings(model, size[0]):
         logger.info("%s: position embeddings resized to the %dx%d images of the test pipeline", type(model).__name__,

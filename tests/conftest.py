@@ -21,6 +21,15 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def online(monkeypatch):
+    """In-process pushes: the lines above switch huggingface_hub offline; Xet is not served here."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+
+
 def free_port() -> int:
     """A TCP port free now, for a launched process group: a fixed one collides with another run's
     (a second checkout's suite, or a port still in TIME_WAIT)."""

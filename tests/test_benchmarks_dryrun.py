@@ -7,15 +7,20 @@ from pathlib import Path
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_throughput.py"
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def load_benchmark(name):
+    """benchmarks/NAME.py as a module (the folder is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="module")
 def gpu_throughput():
-    spec = importlib.util.spec_from_file_location("gpu_throughput", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("gpu_throughput")
 
 
 @pytest.fixture(scope="module")
@@ -64,9 +69,7 @@ def test_asking_for_cuda_without_one_is_a_clear_error(gpu_throughput, capsys):
 
 def test_hub_models_dry_run_times_both_families_through_both_loops(tmp_path):
     """benchmarks/hub_models.py --dry-run: tiny ViT and ConvNeXt, ours interleaved with the bare loop."""
-    spec = importlib.util.spec_from_file_location("hub_models", SCRIPT.parent / "hub_models.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark("hub_models")
     out = tmp_path / "hub_models.json"
     threads = torch.get_num_threads()
     report = module.main(["--dry-run", "--json", str(out)])
@@ -84,10 +87,7 @@ def test_hub_models_dry_run_times_both_families_through_both_loops(tmp_path):
 
 @pytest.fixture(scope="module")
 def own_data_quick(tmp_path_factory):
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "own_data_scale.py"
-    spec = importlib.util.spec_from_file_location("own_data_scale", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark("own_data_scale")
     out = tmp_path_factory.mktemp("own_data") / "report.json"
     work = tmp_path_factory.mktemp("own_data_work")
     returned = module.main(["--quick", "--json", str(out), "--work", str(work)])
@@ -125,9 +125,7 @@ def test_own_data_summary_names_the_goals(own_data_quick, capsys):
 def test_streaming_shards_quick_reports_both_sides_and_their_ratio(tmp_path, monkeypatch, capsys):
     """benchmarks/streaming_shards.py --quick: shards and image folder side by side in one run."""
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))  # the script points it at its own folder
-    spec = importlib.util.spec_from_file_location("streaming_shards", SCRIPT.parent / "streaming_shards.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark("streaming_shards")
     out = tmp_path / "report.json"
     threads = torch.get_num_threads()
     report = module.main(["--quick", "--json", str(out)])

@@ -138,15 +138,6 @@ def hub():
     server.stop()
 
 
-@pytest.fixture
-def online(monkeypatch):
-    """In-process pushes: conftest switched huggingface_hub offline; Xet is not served here."""
-    from huggingface_hub import constants
-
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
-
-
 def sample_images(size=40, count=8):
     """Deterministic, visibly different images (solid colour + a stripe of its complement)."""
     rng = np.random.default_rng(0)

@@ -15,7 +15,7 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from hf_finetune.hub import export_transformers, main, push_work_dir
+from hf_finetune.hub import main, push_work_dir
 from hf_finetune.hub.export import is_resnet_work_dir
 from hub_server import HubServer
 
@@ -68,15 +68,6 @@ def hub():
     server = HubServer(token=TOKEN).start()
     yield server
     server.stop()
-
-
-@pytest.fixture
-def online(monkeypatch):
-    """In-process pushes: conftest switched huggingface_hub offline; Xet is not served here."""
-    from huggingface_hub import constants
-
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
 
 
 # ---------------------------------------------------------------------- export

@@ -96,10 +96,9 @@ def hub_base_model(model_cfg) -> str | None:
     """The Hub id or folder whose weights a HuggingFaceClassifier / TimmClassifier recipe fine-tunes
     (None with pretrained false: only the architecture was taken). The card's metadata names it
     as base_model when it is a Hub id."""
-    name = model_cfg.model_name
-    if model_cfg.type == "TimmClassifier" and "/" not in name and not os.path.exists(name):
-        name = f"timm/{name}"  # a bare timm name is the timm organisation's repo
-    return name if model_cfg.pretrained else None
+    from hf_finetune.models.hub_classifier import model_source  # a bare timm name is timm/<name>
+
+    return model_source(model_cfg) if model_cfg.pretrained else None
 
 
 def _hub_model_facts(cfg, config: dict) -> tuple[list, dict]:

@@ -395,11 +395,7 @@ def loss_function(model_cfg, num_labels):
         label_smoothing=loss.smoothing(), loss_weight=loss.loss_weight, focal_gamma=loss.gamma,
         focal_alpha=loss.alpha, asymmetric_gamma_pos=loss.gamma_pos, asymmetric_gamma_neg=loss.gamma_neg,
         asymmetric_clip=loss.clip)
-    return functools.partial(_loss, settings=settings)
-
-
-def _loss(logits, labels, settings):
-    return classification_loss(logits, labels, settings)
+    return functools.partial(classification_loss, config=settings)
 
 
 # ----------------------------------------------------------------------------- layers
