@@ -983,6 +983,7 @@ def _check_config(cfg, error):
         if is_streamed(ds) and isinstance(ds.indices, list):
             raise error((f"{split}_dataloader", "dataset", "indices"),
                         "a streamed split has no random access: use an int (its first N images)")
+        _check_stream_keys(ds, split, error)
     _check_load_best(cfg, error)
 
 
@@ -997,6 +998,20 @@ def _check_resnet(model, pre, error):
         pre.mean = [0.0, 0.0, 0.0]
     if pre.std is None:
         pre.std = [1.0, 1.0, 1.0]
+
+
+def _check_stream_keys(ds, split, error):
+    """num_samples and shuffle_buffer shape a stream only: elsewhere they would be read and ignored."""
+    where = (f"{split}_dataloader", "dataset")
+    if not is_streamed(ds):
+        if getattr(ds, "num_samples", None) is not None and isinstance(ds, HFImageDatasetCfg):
+            raise error(where + ("num_samples",), "only a streamed split reads it (its images per epoch); set "
+                                                  "streaming to true, or remove it (a split's size is its images)")
+        if getattr(ds, "shuffle_buffer", None) not in (None, HFImageDatasetCfg.shuffle_buffer):
+            raise error(where + ("shuffle_buffer",), "only a streamed split reads it; set streaming to true, or "
+                                                     "remove it (an indexed split is shuffled whole)")
+    elif split != "train" and ds.shuffle_buffer != HFImageDatasetCfg.shuffle_buffer:
+        raise error(where + ("shuffle_buffer",), "an evaluation split is read in order, never shuffled; remove it")
 
 
 def _check_load_best(cfg, error):

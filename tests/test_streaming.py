@@ -156,7 +156,8 @@ def test_each_rank_reads_its_own_shards(tmp_path, shards):
 
 
 def test_the_shuffle_buffer_is_reseeded_every_epoch_and_replays_with_its_seed(tmp_path, shards):
-    split = build_val(tmp_path, {**webdataset(str(shards)), "shuffle_buffer": 16})
+    dataset = {**webdataset(str(shards)), "shuffle_buffer": 16}  # a training split's (evaluation is not shuffled)
+    split = build_datasets(load_config(recipe(tmp_path, train=dataset)))["train"]
 
     def epoch(number, seed=0, workers=0):
         loader = build_stream_loader(split, 8, epoch_batches=5, shuffle=True, seed=seed, num_workers=workers)
@@ -400,3 +401,25 @@ def test_a_hub_model_trains_on_a_stream_and_its_size_is_checked_first(tmp_path, 
     assert main([path, "--work-dir", str(tmp_path / "small")]) == 2
     assert "train_dataloader.dataset.pipeline: the pipeline makes 4x4 images" in capsys.readouterr().err
     assert not (tmp_path / "small" / "checkpoint-1").exists()
+
+
+def test_stream_keys_elsewhere_and_a_streamed_training_folder_read_whole_are_refused(tmp_path, shards):
+    """No key is read and ignored: num_samples / shuffle_buffer outside a stream, a shuffle buffer on
+    an evaluation stream. A class folder streamed whole for training is not evaluated on as well."""
+    folder = tmp_path / "photos"
+    for name in CLASSES:
+        (folder / name).mkdir(parents=True)
+        for i in range(2):
+            (folder / name / f"{i}.png").write_bytes(encoded(i, "PNG"))
+    indexed = {"type": "HFImageDataset", "data_root": str(folder), "pipeline": PIPE}
+    with pytest.raises(RecipeError, match=r"val_dataloader.dataset.num_samples: only a streamed split reads it"):
+        load_config(recipe(tmp_path, val={**indexed, "num_samples": 5}))
+    with pytest.raises(RecipeError, match=r"val_dataloader.dataset.shuffle_buffer: only a streamed split reads it"):
+        load_config(recipe(tmp_path, val={**indexed, "shuffle_buffer": 5}))
+    with pytest.raises(RecipeError, match=r"val_dataloader.dataset.shuffle_buffer: an evaluation split is read in "
+                                          r"order, never shuffled"):
+        load_config(recipe(tmp_path, val=webdataset(str(shards), shuffle_buffer=5)))
+    config = load_config(recipe(tmp_path, train={**indexed, "streaming": True, "num_samples": 6}, val=indexed))
+    with pytest.raises(DataError, match=r"image folder .*photos has no 'test' split folder, and the training split "
+                                        r"streams all of its images"):
+        build_datasets(config, splits=("val",))

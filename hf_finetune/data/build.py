@@ -50,6 +50,8 @@ def preview_counts(cfg) -> list[str]:
     loader, held_out, lines = SourceLoader(), _held_out(cfg), []
     for split, section in cfg.dataloaders().items():
         dataset = section.dataset
+        if getattr(dataset, "streaming", False):
+            continue  # a stream is not read up front
         root = Path(dataset.data_root).expanduser() if getattr(dataset, "data_root", None) else None
         try:
             found = find_local_copy(root) if root else None
@@ -62,14 +64,14 @@ def preview_counts(cfg) -> list[str]:
     return lines
 
 
-def _held_out(cfg) -> tuple[Path, float] | None:
+def _held_out(cfg) -> tuple[Path, float | None] | None:
     """(folder, val_split) when the training set comes from a local folder: an image folder there
-    without val images is split, so no other split reads the training images."""
+    without val images is split, so no other split reads the training images. val_split None: the
+    training split streams the whole folder (a stream is not split)."""
     dataset = cfg.train_dataloader.dataset if cfg.train_dataloader else None
-    if dataset is None or not getattr(dataset, "data_root", None) or not hasattr(dataset, "val_split") \
-            or getattr(dataset, "streaming", False):  # a stream is read whole, not split
+    if dataset is None or not getattr(dataset, "data_root", None) or not hasattr(dataset, "val_split"):
         return None
-    return Path(dataset.data_root).expanduser().resolve(), dataset.val_split
+    return Path(dataset.data_root).expanduser().resolve(), None if dataset.streaming else dataset.val_split
 
 
 def _training_classes(held_out) -> list[str] | None:
@@ -185,8 +187,9 @@ def _load_source(cfg, key, split, loader: SourceLoader, held_out=None):
         return loader.synthetic_multilabel(cfg.num_samples, cfg.seed, split)
     if cfg.data_root:
         root = Path(cfg.data_root).expanduser()
-        val_split = held_out[1] if held_out and root.resolve() == held_out[0] else None
-        local = loader.local(root, split, key, val_split)
+        trains_here = held_out is not None and root.resolve() == held_out[0]
+        local = loader.local(root, split, key, held_out[1] if trains_here else None,
+                             whole=not (trains_here and held_out[1] is None))
         if local is not None:
             ds, description, converted = local
             return _renamed(ds, cfg) if converted else ds, description

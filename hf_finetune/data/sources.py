@@ -380,13 +380,14 @@ class SourceLoader:
             self._loaded[key] = load()
         return self._loaded[key]
 
-    def local(self, root: Path, split: str, key: str,
-              val_split: float | None = None) -> tuple[datasets.Dataset, str, bool] | None:
+    def local(self, root: Path, split: str, key: str, val_split: float | None = None,
+              whole: bool = True) -> tuple[datasets.Dataset, str, bool] | None:
         """(split, description, converted by us) from the local copy at root; None if root does not exist.
 
         val_split: set when the training split comes from root too; an image folder with no val images
         is then split into train and a held-out val (also serving test when the folder has none). None:
-        an image folder without split folders is a separate folder, used whole for any split.
+        an image folder without split folders is a separate folder, used whole for any split, unless
+        `whole` is false (the training split streams all of it).
         """
         found = find_local_copy(root)
         if found is None:
@@ -403,6 +404,11 @@ class SourceLoader:
                                lambda: _imagefolder_splits(index, f"image folder {path}", val_split))
             name = "val" if split == "validation" else split
             if name not in parts and imagefolder.WHOLE in parts and val_split is None:
+                if not whole:
+                    raise DataError(f"{key}: image folder {path} has no {split!r} split folder, and the training "
+                                    f"split streams all of its images (a stream is not split), so {key} would "
+                                    f"evaluate on them; put the images in train/ and val/ folders, or give "
+                                    f"{key}.data_root its own folder")
                 name = imagefolder.WHOLE  # a separate folder of class folders: all of it, whatever the split name
             if name not in parts:
                 raise DataError(f"split {split!r} not found in image folder {path}; available: {', '.join(parts)} "
