@@ -185,6 +185,15 @@ def test_norm_eval_keeps_batchnorm_statistics(tmp_path):
     assert not norm.training and torch.equal(norm.running_mean, before)
 
 
+def test_keys_that_would_do_nothing_are_refused(vit):
+    """norm_eval on a model without BatchNorm, a revision of a local folder: one line each."""
+    with pytest.raises(RecipeError, match=r"model.norm_eval: ViTForImageClassification has no BatchNorm layer"):
+        build({"type": "HuggingFaceClassifier", "model_name": vit, "norm_eval": True})
+    with pytest.raises(RecipeError, match=r"model.revision: model.model_name .* is a local folder, which has no "
+                                          r"revisions"):
+        build({"type": "HuggingFaceClassifier", "model_name": vit, "revision": "main"})
+
+
 def _expected_layer(family, name):
     """The documented layer of a parameter (models.hub_classifier.FAMILIES; timm: its group_matcher)."""
     blocks = {"vit": "vit.layers.", "convnext": "convnext.encoder.stages.", "timm_vit": "timm_model.blocks."}[family]

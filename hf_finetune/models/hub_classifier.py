@@ -134,6 +134,9 @@ def load_model_config(model_cfg):
 
     if model_cfg.type == "TimmClassifier":
         _require_timm()
+    if model_cfg.revision is not None and os.path.isdir(model_source(model_cfg)):
+        raise RecipeError(f"model.revision: model.model_name {model_cfg.model_name!r} is a local folder, which has "
+                          f"no revisions; remove it (or name the Hub id)")
     try:
         config = AutoConfig.from_pretrained(model_source(model_cfg), **_load_kwargs(model_cfg))
     except (OSError, ValueError, KeyError) as exc:
@@ -254,6 +257,9 @@ def build_hub_model(model_cfg, preprocessor_cfg, id2label):
     for name, param in model.named_parameters():
         if frozen(name):
             param.requires_grad_(False)
+    if model_cfg.norm_eval and not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        raise RecipeError(f"{model_cfg.key('norm_eval')}: {type(model).__name__} has no BatchNorm layer to keep in "
+                          f"eval mode; remove it")
     if model_cfg.with_cp:
         enable_checkpointing(model, model_cfg.key("with_cp"))
     prepare_inputs(model, preprocessor_cfg.mean, preprocessor_cfg.std, preprocessor_cfg.to_rgb,
